@@ -1,0 +1,157 @@
+"""The `saeclt` command line. Thin: each command parses arguments and calls one plain
+function. Heavy modules (torch, dvc, matplotlib) are imported inside commands only."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import SaecltError
+
+app = typer.Typer(
+    name="saeclt",
+    help=(
+        "Train and evaluate sparse dictionaries (SAEs, transcoders) on a network's activations, "
+        "driven by YAML specs and run as DVC stages.\n\n"
+        "Examples:\n\n"
+        "  saeclt run specs/clt_L0_L2.yaml      # the spec's whole chain, incremental\n\n"
+        "  saeclt validate                      # check every spec without running anything\n\n"
+        "  saeclt inspect specs/sae_L2.yaml     # statistics of the spec's source/target activations\n\n"
+        "  dvc repro                            # every experiment listed in params.yaml"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_state = {"debug": False}
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    _state["debug"] = debug or bool(os.environ.get("SAECLT_DEBUG"))
+
+
+def _fail(exc: BaseException) -> None:
+    """Map errors to a message and exit code in one place."""
+    if _state["debug"]:
+        raise exc
+    if isinstance(exc, SaecltError):
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code)
+    if isinstance(exc, KeyboardInterrupt):
+        typer.echo("interrupted; complete outputs were kept, partial ones discarded", err=True)
+        raise typer.Exit(130)
+    typer.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
+    raise typer.Exit(1)
+
+
+def _spec_files(specs: List[Path]) -> List[Path]:
+    if specs:
+        return specs
+    from .project import find_root
+
+    root = find_root()
+    return sorted((root / "specs").glob("*.yaml")) + sorted((root / "specs" / "datasets").glob("*.yaml")) + sorted(
+        (root / "specs" / "subjects").glob("*.yaml")
+    )
+
+
+@app.command()
+def validate(specs: List[Path] = typer.Argument(None, help="Spec files; default: every spec under specs/.")) -> None:
+    """Check specs (fields, types, cross-references, hook points, params.yaml) without running anything.
+
+    Example: saeclt validate specs/clt_L0_L2.yaml
+    """
+    try:
+        from .validation import validate_files
+
+        problems = validate_files(_spec_files(specs))
+    except BaseException as exc:  # noqa: BLE001 - mapped to a message in _fail
+        _fail(exc)
+    if problems:
+        for line in problems:
+            typer.echo(line, err=True)
+        raise typer.Exit(2)
+    typer.echo(f"ok: {len(_spec_files(specs))} spec(s) valid")
+
+
+@app.command()
+def run(
+    spec: Path = typer.Argument(..., help="Experiment spec, e.g. specs/clt_L0_L2.yaml."),
+) -> None:
+    """Run an experiment's whole chain (subject, collect, normalize, train, evaluate, report, export)
+    through DVC; stages whose inputs did not change are skipped.
+
+    Example: saeclt run specs/clt_L0_L2.yaml
+    """
+    try:
+        from .pipeline import run_experiment
+
+        run_experiment(spec)
+    except BaseException as exc:  # noqa: BLE001
+        _fail(exc)
+
+
+@app.command()
+def stage(
+    name: str = typer.Argument(..., help="subject | collect | normalize | train | evaluate | report | export"),
+    spec: Path = typer.Argument(..., help="The spec the stage reads (subject, dataset or experiment spec)."),
+) -> None:
+    """Run one stage directly (what dvc.yaml calls).
+
+    Example: saeclt stage train specs/sae_L2.yaml
+    """
+    try:
+        from .stages import run_stage
+
+        run_stage(name, spec)
+    except BaseException as exc:  # noqa: BLE001
+        _fail(exc)
+
+
+@app.command()
+def inspect(
+    spec: Path = typer.Argument(..., help="Experiment spec whose source/target activations to describe."),
+    max_rows: int = typer.Option(200_000, help="Rows of the training split to read."),
+) -> None:
+    """Print statistics of the dataset an experiment reads: norms, per-dim spread, fraction of
+    zeros, and how well the source predicts the target (correlations, linear R²).
+
+    Example: saeclt inspect specs/clt_L0_L2.yaml
+    """
+    try:
+        from .inspect_data import inspect_experiment
+
+        typer.echo(inspect_experiment(spec, max_rows))
+    except BaseException as exc:  # noqa: BLE001
+        _fail(exc)
+
+
+@app.command()
+def index(specs: List[Path] = typer.Argument(None, help="Experiment specs to list; default: those already listed.")) -> None:
+    """Rewrite params.yaml (the experiments `dvc repro` runs) from the specs.
+
+    Example: saeclt index specs/sae_L2.yaml specs/clt_L0_L2.yaml
+    """
+    try:
+        from .project import Paths, find_root, read_index, write_index
+
+        paths = Paths(find_root())
+        ids = [Path(s).stem for s in specs] if specs else list(read_index(paths)["experiments"])
+        result = write_index(paths, ids)
+        typer.echo(f"params.yaml: {len(result['experiments'])} experiment(s)")
+    except BaseException as exc:  # noqa: BLE001
+        _fail(exc)
+
+
+def entry() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(entry())

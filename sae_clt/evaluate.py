@@ -1,0 +1,142 @@
+"""Stage `evaluate`: reconstruction, sparsity and causal metrics on the validation split.
+
+- Reconstruction (raw activation space, float64): FVU, MSE, cosine, R² per target dim.
+- Sparsity: L0 and its histogram, feature density, dead / dense fractions, decoder redundancy.
+- Baseline: the dense least-squares map source -> target (with bias) fitted on the training
+  split; its FVU on the same validation rows.
+- Causal (subject task): clean; target replaced by the dictionary's output; by the linear
+  baseline's output; zero- and mean-ablated. Reported as values, % change over clean, and the
+  fraction recovered = (ablated - patched) / (ablated - clean), also against the linear map.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .dictionary import Dictionary
+from .hooks import patching
+from .io import save_safetensors, write_json
+from .metrics import ReconstructionMeter, SparsityMeter, decoder_redundancy
+from .normalize import Normalization, PairLoader
+from .progress import progress_bar
+from .provenance import output_meta
+from .spec import ExperimentSpec
+from .store import ActivationStore
+
+EVAL_SECTIONS = ["dataset", "source", "target", "model", "train", "evaluate"]
+EVAL_TENSORS = "eval.safetensors"
+
+
+def fit_linear_baseline(loader: PairLoader) -> torch.Tensor:
+    """Least squares [x, 1] @ W ≈ y on the loader's rows (normal equations in float64, a tiny
+    ridge for rank-deficient sources). Returns W [d_in + 1, d_out]."""
+    xtx = xty = None
+    for x, y in loader.epoch(0):
+        xb = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1).double()
+        xtx = xb.t() @ xb if xtx is None else xtx + xb.t() @ xb
+        xty = xb.t() @ y.double() if xty is None else xty + xb.t() @ y.double()
+    ridge = 1e-8 * xtx.diagonal().mean() * torch.eye(xtx.shape[0], dtype=torch.float64)
+    return torch.linalg.solve(xtx + ridge, xty).float()
+
+
+def apply_linear(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return x @ w[:-1] + w[-1]
+
+
+def _pct(value: float, reference: float) -> float:
+    return 100.0 * (value / reference - 1.0)
+
+
+def _recovered(ablated: float, patched: float, clean: float) -> float | None:
+    gap = ablated - clean
+    return None if abs(gap) < 1e-12 else (ablated - patched) / gap
+
+
+def causal_check(subject, model: Dictionary, w_lin: torch.Tensor, norm: Normalization, spec: ExperimentSpec) -> dict:
+    """Run the subject's task clean and with its target hook point replaced."""
+    source, target = spec.source, spec.target
+    available = subject.hook_points()
+
+    def flat(fn):
+        def replace(original: torch.Tensor, recorded: dict) -> torch.Tensor:
+            x = recorded.get(source, original) if source != target else original
+            out = fn(x.reshape(-1, x.shape[-1]))
+            return out.reshape(*original.shape[:-1], out.shape[-1]).to(original.dtype)
+        return replace
+
+    def linear(x):
+        return norm.invert(target, apply_linear(w_lin, norm.apply(source, x)))
+
+    variants = {
+        "dictionary": flat(model.predict_raw),
+        "linear_baseline": flat(linear),
+        "zero_ablation": lambda original, recorded: torch.zeros_like(original),
+        "mean_ablation": lambda original, recorded: norm.raw_mean[target].to(original.dtype).expand_as(original).clone(),
+    }
+    clean = subject.task_metric()
+    results = {"clean": clean}
+    for name, replace in variants.items():
+        with patching(subject.model, target, replace, available, read=[source]):
+            results[name] = subject.task_metric()
+
+    out: dict = {}
+    for metric, clean_value in clean.items():
+        values = {name: r[metric] for name, r in results.items()}
+        block = {"values": values, "pct_change_vs_clean": {n: _pct(v, clean_value) for n, v in values.items() if n != "clean"}}
+        block["fraction_recovered"] = {
+            "vs_zero_ablation": _recovered(values["zero_ablation"], values["dictionary"], clean_value),
+            "vs_mean_ablation": _recovered(values["mean_ablation"], values["dictionary"], clean_value),
+            "vs_linear_baseline": _recovered(values["linear_baseline"], values["dictionary"], clean_value),
+        }
+        out[metric] = block
+    return out
+
+
+@torch.no_grad()
+def evaluate(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, dictionary_dir: Path, subject,
+             out_dir: Path, metrics_path: Path) -> dict:
+    cfg = spec.evaluate
+    model = Dictionary.load(dictionary_dir)
+    source, target = spec.source, spec.target
+    train_loader = PairLoader(store, norm, source, target, "train", cfg.batch_size, seed=0, shuffle=False)
+    val_loader = PairLoader(store, norm, source, target, "val", cfg.batch_size, seed=0, shuffle=False)
+    w_lin = fit_linear_baseline(train_loader)
+
+    d_out = store.hook_dims[target]
+    recon, linear = ReconstructionMeter(d_out), ReconstructionMeter(d_out)
+    sparsity = SparsityMeter(spec.model.d_sae)
+    with progress_bar(val_loader.steps_per_epoch(), desc=f"evaluate {spec.id}", unit="batch") as bar:
+        for x, y in val_loader.epoch(0):
+            y_hat, z = model(x)
+            y_raw = norm.invert(target, y)
+            recon.update(y_raw, norm.invert(target, y_hat))
+            linear.update(y_raw, norm.invert(target, apply_linear(w_lin, x)))
+            sparsity.update(z)
+            bar.update(1)
+
+    density = sparsity.density()
+    alive = density > 0
+    metrics = {
+        "reconstruction": recon.summary(),
+        "sparsity": {**sparsity.summary(cfg.dense_threshold),
+                     "decoder_redundancy_0.9": decoder_redundancy(model.W_dec.detach(), 0.9, alive)},
+        "linear_baseline": linear.summary(),
+        "fvu_vs_linear_pct": _pct(recon.summary()["fvu"], linear.summary()["fvu"]),
+        "model": {"architecture": spec.model.architecture, "activation": spec.model.activation, "d_sae": spec.model.d_sae,
+                  "k": spec.model.k, "d_in": store.hook_dims[source], "d_out": d_out, "source": source, "target": target},
+    }
+    if cfg.causal and subject is not None:
+        metrics["causal"] = causal_check(subject, model, w_lin, norm, spec)
+    metrics["meta"] = output_meta(spec, spec.train.seed, EVAL_SECTIONS)
+
+    save_safetensors(out_dir / EVAL_TENSORS, {
+        "r2_per_dim": recon.r2_per_dim().float(),
+        "linear_r2_per_dim": linear.r2_per_dim().float(),
+        "feature_density": density.float(),
+        "l0_counts": torch.tensor([sparsity.l0_hist.get(i, 0) for i in range(max(sparsity.l0_hist, default=0) + 1)]),
+        "linear_W": w_lin,
+    })
+    write_json(metrics_path, metrics)
+    return metrics

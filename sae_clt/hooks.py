@@ -1,0 +1,121 @@
+"""Hook points on any torch module: record activations and patch them.
+
+A hook point is a module path as ``named_modules()`` spells it, meaning that module's output,
+or ``<path>:input`` for its (first positional) input. The same mechanism serves the built-in
+policy, Hugging Face models and arbitrary modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .errors import SpecError
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    module: str
+    io: str  # "output" | "input"
+
+    @classmethod
+    def parse(cls, text: str) -> "HookPoint":
+        module, _, io = text.partition(":")
+        io = io or "output"
+        if io not in ("output", "input"):
+            raise ValueError(f"hook point '{text}': suffix must be ':input' or ':output'")
+        return cls(module, io)
+
+    def __str__(self) -> str:
+        return self.module if self.io == "output" else f"{self.module}:input"
+
+
+def resolve_module(model: nn.Module, point: HookPoint, available: list[str]) -> nn.Module:
+    modules = dict(model.named_modules())
+    if point.module not in modules or point.module not in {HookPoint.parse(a).module for a in available}:
+        near = difflib.get_close_matches(str(point), available, n=5, cutoff=0.4)
+        raise SpecError(
+            str(point),
+            [f"hook point '{point}' does not exist in the subject; "
+             + (f"closest: {', '.join(near)}; " if near else "")
+             + f"available: {', '.join(available)}"],
+        )
+    return modules[point.module]
+
+
+class StopForward(Exception):
+    """Raised by the last needed hook so the rest of the forward pass is skipped."""
+
+
+def _first_tensor(value):
+    return value[0] if isinstance(value, (tuple, list)) else value
+
+
+@contextlib.contextmanager
+def recording(model: nn.Module, points: list[str], available: list[str], stop_after: bool = False) -> Iterator[dict]:
+    """Record every hook point's activation in one forward pass into the yielded dict.
+
+    With ``stop_after`` the forward pass is cut (StopForward) once all points are recorded;
+    the caller runs the model inside ``contextlib.suppress(StopForward)``.
+    """
+    store: dict[str, torch.Tensor] = {}
+    handles = []
+    wanted = set(points)
+
+    def done() -> None:
+        if stop_after and wanted <= store.keys():
+            raise StopForward
+
+    for text in points:
+        point = HookPoint.parse(text)
+        module = resolve_module(model, point, available)
+        if point.io == "output":
+            def hook(mod, args, output, name=text):
+                store[name] = _first_tensor(output).detach()
+                done()
+            handles.append(module.register_forward_hook(hook))
+        else:
+            def pre_hook(mod, args, name=text):
+                store[name] = _first_tensor(args).detach()
+                done()
+            handles.append(module.register_forward_pre_hook(pre_hook))
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def patching(
+    model: nn.Module,
+    target: str,
+    replace: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor],
+    available: list[str],
+    read: list[str] = (),
+) -> Iterator[None]:
+    """Replace the activation at ``target`` by ``replace(original, recorded)``, where
+    ``recorded`` holds the activations of the ``read`` hook points from the same forward pass
+    (a transcoder reads its source there)."""
+    point = HookPoint.parse(target)
+    module = resolve_module(model, point, available)
+    with recording(model, [r for r in read if r != target], available) as recorded:
+        if point.io == "output":
+            def hook(mod, args, output):
+                if isinstance(output, tuple):
+                    return (replace(output[0], recorded), *output[1:])
+                return replace(output, recorded)
+            handle = module.register_forward_hook(hook)
+        else:
+            def pre_hook(mod, args):
+                return (replace(args[0], recorded), *args[1:])
+            handle = module.register_forward_pre_hook(pre_hook)
+        try:
+            yield
+        finally:
+            handle.remove()

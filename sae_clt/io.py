@@ -1,0 +1,61 @@
+"""Atomic, deterministic file output.
+
+Every artefact is written to a temporary file in the same folder and renamed into place, so a
+killed stage leaves the old complete file or none, never a partial one that looks complete.
+JSON is written with sorted keys so the same numbers give the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf become null (JSON has no such numbers), tuples become lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(_clean(data), indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def save_safetensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """safetensors.torch.save to bytes, then an atomic write."""
+    from safetensors.torch import save
+
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(path, save(tensors, metadata=metadata))

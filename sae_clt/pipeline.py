@@ -1,0 +1,70 @@
+"""`saeclt run`: a spec's whole chain through DVC, so every stage is incremental.
+
+DVC is run as a subprocess (``python -m dvc``), never imported here: it is slow to import and
+its lock, cache and lock file do the bookkeeping we want (a second run with nothing changed
+reruns nothing; a changed spec section reruns only what depends on it).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .errors import PipelineError
+from .project import Paths, find_root, read_index, resolve_experiment, write_index
+
+
+def dvc_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    # Stage commands call `saeclt`: make sure this interpreter's scripts are found first.
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def dvc(root: Path, *args: str, check: bool = True) -> int:
+    """Run DVC, streaming its output (and the stages') to our stderr as it comes."""
+    cmd = [sys.executable, "-m", "dvc", *args]
+    tail: list[str] = []
+    with subprocess.Popen(cmd, cwd=root, env=dvc_env(), stdout=None, stderr=subprocess.PIPE, text=True) as proc:
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            tail = (tail + [line])[-50:]
+    if check and proc.returncode != 0:
+        err = "".join(tail)
+        if "Unable to acquire lock" in err or "is locked" in err:
+            raise PipelineError("another saeclt/dvc run holds this project's lock; wait for it to finish "
+                                "(if none is running, remove the stale .dvc/tmp/lock)")
+        raise PipelineError(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}); the stage's own error is above")
+    return proc.returncode
+
+
+def ensure_indexed(paths: Paths, experiment_id: str) -> bool:
+    """Add the experiment to params.yaml (rewriting the index from the specs); True if changed."""
+    current = read_index(paths)
+    ids = sorted(set(current["experiments"]) | {experiment_id})
+    before = (paths.root / "params.yaml").read_text() if (paths.root / "params.yaml").exists() else ""
+    write_index(paths, ids)
+    return (paths.root / "params.yaml").read_text() != before
+
+
+def run_experiment(spec_path: Path, force: bool = False) -> None:
+    resolved = resolve_experiment(spec_path)
+    paths = resolved.paths
+    if not (paths.root / "dvc.yaml").exists():
+        raise PipelineError(f"{paths.root}: no dvc.yaml; run saeclt from a saeclt project")
+    if not (paths.root / ".dvc").is_dir():
+        dvc(paths.root, "init", "--quiet")
+    if ensure_indexed(paths, resolved.experiment.id):
+        print(f"params.yaml: indexed experiment '{resolved.experiment.id}'", file=sys.stderr)
+    eid = resolved.experiment.id
+    args = ["repro", f"report@{eid}", f"export@{eid}"]
+    if force:
+        args.insert(1, "--force")
+    dvc(paths.root, *args)
+
+
+def run_all(root: Path | None = None) -> None:
+    dvc(find_root(root), "repro")

@@ -1,0 +1,178 @@
+"""Where things live in a saeclt project, and the spec index in params.yaml.
+
+A project is a folder with ``specs/`` (and, once set up, ``params.yaml``, ``dvc.yaml``). Every
+path below is relative to its root so DVC stages and ``saeclt run`` agree. The index in
+``params.yaml`` drives ``dvc.yaml``'s ``foreach`` stages; it is derived from the specs and
+checked against them, never edited by hand into disagreement.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .errors import SpecError
+from .spec import DatasetSpec, ExperimentSpec, SubjectSpec, load_spec
+
+
+def find_root(start: Path | None = None) -> Path:
+    """The project root: the nearest folder at or above ``start`` holding ``specs/``."""
+    here = (start or Path.cwd()).resolve()
+    for folder in [here, *here.parents]:
+        if (folder / "specs").is_dir():
+            return folder
+    return Path.cwd().resolve()
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Every on-disk location of the pipeline, relative to ``root``."""
+
+    root: Path
+
+    def subject_spec(self, sid: str) -> Path:
+        return self.root / "specs" / "subjects" / f"{sid}.yaml"
+
+    def dataset_spec(self, did: str) -> Path:
+        return self.root / "specs" / "datasets" / f"{did}.yaml"
+
+    def experiment_spec(self, eid: str) -> Path:
+        return self.root / "specs" / f"{eid}.yaml"
+
+    def subject_dir(self, sid: str) -> Path:
+        return self.root / "runs" / "subjects" / sid
+
+    def subject_metrics(self, sid: str) -> Path:
+        return self.root / "metrics" / "subjects" / f"{sid}.json"
+
+    def store_dir(self, did: str) -> Path:
+        """Raw activation store (may live under $ACTIVATIONS_ROOT)."""
+        base = os.environ.get("ACTIVATIONS_ROOT")
+        return Path(base) / did if base else self.root / "runs" / "datasets" / did / "store"
+
+    def norm_dir(self, did: str) -> Path:
+        return self.root / "runs" / "datasets" / did / "normalize"
+
+    def dataset_metrics(self, did: str) -> Path:
+        return self.root / "metrics" / "datasets" / f"{did}.json"
+
+    def dictionary_dir(self, eid: str) -> Path:
+        return self.root / "runs" / "experiments" / eid / "dictionary"
+
+    def curves_dir(self, eid: str) -> Path:
+        return self.root / "metrics" / eid / "curves"
+
+    def eval_dir(self, eid: str) -> Path:
+        return self.root / "runs" / "experiments" / eid / "eval"
+
+    def eval_metrics(self, eid: str) -> Path:
+        return self.root / "metrics" / eid / "eval.json"
+
+    def train_metrics(self, eid: str) -> Path:
+        return self.root / "metrics" / eid / "train.json"
+
+    def report_dir(self, eid: str) -> Path:
+        return self.root / "reports" / eid
+
+    def export_dir(self, eid: str) -> Path:
+        return self.root / "runs" / "experiments" / eid / "export"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """An experiment spec with the dataset and subject specs it names."""
+
+    experiment: ExperimentSpec
+    dataset: DatasetSpec
+    subject: SubjectSpec
+    paths: Paths
+
+
+def resolve_dataset(paths: Paths, dataset_id: str, named_in: Path | None = None) -> tuple[DatasetSpec, SubjectSpec]:
+    dpath = paths.dataset_spec(dataset_id)
+    if not dpath.exists():
+        where = f"{named_in}: dataset" if named_in else "dataset"
+        raise SpecError(str(named_in or dpath), [f"{where}: no dataset spec '{dataset_id}' (expected {dpath.relative_to(paths.root)})"])
+    dataset = load_spec(dpath, "datasets")
+    spath = paths.subject_spec(dataset.subject)
+    if not spath.exists():
+        raise SpecError(str(dpath), [f"{dpath}: subject: no subject spec '{dataset.subject}' (expected {spath.relative_to(paths.root)})"])
+    return dataset, load_spec(spath, "subjects")
+
+
+def resolve_experiment(spec_path: str | Path) -> Resolved:
+    """Load an experiment spec and everything it names; cross-check hook points."""
+    spec_path = Path(spec_path)
+    paths = Paths(find_root(spec_path.parent))
+    experiment = load_spec(spec_path, "experiments")
+    dataset, subject = resolve_dataset(paths, experiment.dataset, spec_path)
+    collected = dataset.collect.hook_points
+    for field in ("source", "target"):
+        point = getattr(experiment, field)
+        if point not in collected:
+            raise SpecError(
+                str(spec_path),
+                [
+                    f"{spec_path}: {field}: hook point '{point}' is not collected by dataset '{dataset.id}'; "
+                    f"collected: {', '.join(collected)} (add it to {paths.dataset_spec(dataset.id).relative_to(paths.root)} collect.hook_points)"
+                ],
+            )
+    return Resolved(experiment, dataset, subject, paths)
+
+
+# --------------------------------------------------------------------------- params.yaml index
+
+
+def build_index(paths: Paths, experiment_ids: list[str]) -> dict:
+    """The params.yaml index for these experiments, derived from their specs (sorted)."""
+    index: dict = {"subjects": {}, "datasets": {}, "experiments": {}}
+    for eid in sorted(set(experiment_ids)):
+        spec_path = paths.experiment_spec(eid)
+        exp = load_spec(spec_path, "experiments")
+        dataset, subject = resolve_dataset(paths, exp.dataset, spec_path)
+        index["experiments"][exp.id] = {"dataset": dataset.id, "subject": subject.id}
+        index["datasets"][dataset.id] = {"subject": subject.id}
+        index["subjects"][subject.id] = {"kind": subject.kind}
+    return index
+
+
+def read_index(paths: Paths) -> dict:
+    path = paths.root / "params.yaml"
+    if not path.exists():
+        return {"subjects": {}, "datasets": {}, "experiments": {}}
+    data = yaml.safe_load(path.read_text()) or {}
+    return {k: dict(data.get(k) or {}) for k in ("subjects", "datasets", "experiments")}
+
+
+def index_problems(paths: Paths) -> list[str]:
+    """Disagreements between params.yaml and the specs it lists."""
+    problems = []
+    current = read_index(paths)
+    for eid, entry in current["experiments"].items():
+        spec_path = paths.experiment_spec(eid)
+        if not spec_path.exists():
+            problems.append(f"params.yaml: experiments.{eid}: no spec file {spec_path.relative_to(paths.root)}")
+            continue
+        exp = load_spec(spec_path, "experiments")
+        dataset, subject = resolve_dataset(paths, exp.dataset, spec_path)
+        want = {"dataset": dataset.id, "subject": subject.id}
+        if entry != want:
+            problems.append(f"params.yaml: experiments.{eid}: says {entry}, the specs say {want} (run `saeclt index`)")
+    return problems
+
+
+INDEX_HEADER = (
+    "# The experiments `dvc repro` runs, and the dataset and subject each one uses.\n"
+    "# Written by `saeclt index` / `saeclt run` from the specs; `saeclt validate` checks it.\n"
+)
+
+
+def write_index(paths: Paths, experiment_ids: list[str]) -> dict:
+    from .io import atomic_write_text
+
+    index = build_index(paths, experiment_ids)
+    atomic_write_text(paths.root / "params.yaml", INDEX_HEADER + yaml.safe_dump(index, sort_keys=True))
+    return index

@@ -1,0 +1,122 @@
+"""Stage `report`: render reports/<id>/report.md and report.html from the metrics on disk.
+
+Deterministic by construction: no timestamps, sorted inputs, matplotlib SVG with a fixed hash
+salt and no date, so the same inputs give byte-identical files and a report diff across
+commits shows only real changes. The HTML embeds its plots (no external resources) and
+autoescapes everything that comes from data.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+
+from .io import atomic_write_text, read_json
+from .spec import ExperimentSpec, dump_spec_yaml
+
+
+def _svg(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None}, bbox_inches="tight")
+    plt.close(fig)
+    text = buf.getvalue()
+    return text[text.index("<svg"):]  # drop the XML prolog and doctype so it embeds inline
+
+
+def _read_curve(path: Path) -> tuple[list[int], list[float]]:
+    steps, values = [], []
+    for line in path.read_text().splitlines()[1:]:
+        s, v = line.split("\t")
+        steps.append(int(s))
+        values.append(float(v))
+    return steps, values
+
+
+def make_plots(curves_dir: Path, eval_tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"svg.hashsalt": "saeclt", "svg.fonttype": "none", "font.size": 9})
+    plots = {}
+
+    fig, axes = plt.subplots(1, 4, figsize=(12, 2.6))
+    for ax, name in zip(axes, ("loss", "fvu", "l0", "dead_fraction")):
+        steps, values = _read_curve(curves_dir / f"{name}.tsv")
+        ax.plot(steps, values, lw=1)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        if name in ("loss", "fvu") and min(values) > 0:
+            ax.set_yscale("log")
+    fig.tight_layout()
+    plots["curves"] = _svg(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 2.6))
+    counts = eval_tensors["l0_counts"].double()
+    axes[0].bar(range(counts.numel()), counts.tolist(), width=1.0)
+    axes[0].set_title("L0 per row (validation)")
+    axes[0].set_xlabel("active latents")
+    density = eval_tensors["feature_density"].double()
+    alive = density[density > 0]
+    dead = int((density == 0).sum())
+    if alive.numel():
+        axes[1].hist(alive.log10().tolist(), bins=50)
+    axes[1].set_title(f"log10 feature density ({dead} dead not shown)")
+    fig.tight_layout()
+    plots["histograms"] = _svg(fig)
+
+    fig, ax = plt.subplots(figsize=(9, 2.6))
+    r2 = eval_tensors["r2_per_dim"].double()
+    lin = eval_tensors["linear_r2_per_dim"].double()
+    order = torch.argsort(r2)
+    ax.plot(r2[order].tolist(), label="dictionary", lw=1)
+    ax.plot(lin[order].tolist(), label="linear baseline", lw=1)
+    ax.set_title("R² per target dim (sorted by the dictionary's)")
+    ax.set_xlabel("target dim (sorted)")
+    ax.legend()
+    fig.tight_layout()
+    plots["r2"] = _svg(fig)
+    return plots
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def render_report(spec: ExperimentSpec, eval_metrics_path: Path, train_metrics_path: Path, eval_tensors_path: Path,
+                  curves_dir: Path, subject_metrics_path: Path | None, out_dir: Path) -> list[Path]:
+    from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+    from safetensors.torch import load_file
+
+    metrics = read_json(eval_metrics_path)
+    context = {
+        "spec": spec,
+        "spec_yaml": dump_spec_yaml(spec),
+        "metrics": metrics,
+        "train": read_json(train_metrics_path),
+        "subject": read_json(subject_metrics_path) if subject_metrics_path and subject_metrics_path.exists() else None,
+        "plots": make_plots(curves_dir, load_file(eval_tensors_path)),
+    }
+    written = []
+    for fmt in ("md", "html"):
+        env = Environment(
+            loader=PackageLoader("sae_clt", "templates"),
+            undefined=StrictUndefined,
+            autoescape=select_autoescape(enabled_extensions=("html", "html.j2"), default_for_string=False),
+            keep_trailing_newline=True,
+        )
+        env.filters["fmt"] = _fmt
+        text = env.get_template(f"report.{fmt}.j2").render(**context)
+        path = out_dir / f"report.{fmt}"
+        atomic_write_text(path, text)
+        written.append(path)
+    return written

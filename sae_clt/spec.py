@@ -1,0 +1,287 @@
+"""Spec files: Pydantic models, a YAML loader that remembers line numbers, and cross-checks.
+
+Three kinds of spec, so that a subject is trained once and its activations collected once for
+every experiment that uses them ("collect once, train many"):
+
+- ``specs/subjects/<id>.yaml``  a subject model (the built-in TSP policy: how to train it);
+- ``specs/datasets/<id>.yaml``  an activation store: which subject, which hook points, how many
+  rows, and how to normalise and split them;
+- ``specs/<id>.yaml``           an experiment: a dictionary trained on one dataset from a source
+  hook point to a target hook point, then evaluated, reported and exported.
+
+Defaults live only in these models. Everything derived (paths, sizes) is computed elsewhere.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import SpecError
+
+SPEC_ID_PATTERN = r"^[A-Za-z0-9_-]+$"  # DVC stage names allow letters, digits, _ and -
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- subjects
+
+
+class TSPPolicyArch(StrictModel):
+    d_model: int = Field(128, ge=8, description="Width of the residual stream.")
+    n_layers: int = Field(3, ge=1, le=12, description="Self-attention blocks in the encoder.")
+    n_heads: int = Field(8, ge=1, description="Attention heads; must divide d_model.")
+    d_ff: int = Field(256, ge=8, description="Hidden width of each block's MLP.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model})")
+        return self
+
+
+class TSPPolicyTraining(StrictModel):
+    n_teacher_instances: int = Field(50_000, ge=100, description="Instances solved by the teacher heuristic.")
+    teacher_starts: int = Field(4, ge=1, description="Nearest-neighbour + 2-opt restarts per teacher tour.")
+    batch_size: int = Field(128, ge=1)
+    steps: int = Field(1600, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+
+
+class TSPEvaluation(StrictModel):
+    n_instances: int = Field(1000, ge=10, description="Held-out random instances for tour-length metrics.")
+    seed: int = Field(20_000, description="Seed of the held-out instances (disjoint from training and collection seeds).")
+
+
+class TSPSubjectSpec(StrictModel):
+    id: str = Field(pattern=SPEC_ID_PATTERN)
+    kind: Literal["tsp"] = "tsp"
+    n_nodes: int = Field(20, ge=4, le=200, description="Cities per instance.")
+    seed: int = 0
+    policy: TSPPolicyArch = TSPPolicyArch()
+    train: TSPPolicyTraining = TSPPolicyTraining()
+    evaluate: TSPEvaluation = TSPEvaluation()
+
+
+SubjectSpec = TSPSubjectSpec  # later kinds (hf, torch) join as a discriminated union on `kind`
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+class CollectSection(StrictModel):
+    n_instances: int = Field(ge=10, description="Subject inputs to run; rows = instances x positions.")
+    seed: int = Field(1, description="Seed of the collected inputs.")
+    hook_points: list[str] = Field(min_length=1, description="Module paths; append ':input' for a module's input.")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    instances_per_shard: int = Field(2048, ge=1)
+    batch_size: int = Field(512, ge=1, description="Subject forward-pass batch size.")
+
+    @field_validator("hook_points")
+    def _unique(cls, value: list[str]) -> list[str]:
+        dupes = sorted({v for v in value if value.count(v) > 1})
+        if dupes:
+            raise ValueError(f"hook points listed twice: {dupes}")
+        return value
+
+
+class NormalizeSection(StrictModel):
+    center: bool = Field(True, description="Subtract the per-dim mean of the training split.")
+    scale: Literal["mean_norm", "per_dim_std", "none"] = Field(
+        "mean_norm", description="mean_norm: one scalar so rows have unit mean norm; per_dim_std: divide each dim by its std."
+    )
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Fraction of instances (not rows) held out for validation.")
+    seed: int = 0
+
+
+class DatasetSpec(StrictModel):
+    id: str = Field(pattern=SPEC_ID_PATTERN)
+    subject: str = Field(pattern=SPEC_ID_PATTERN, description="Id of a spec under specs/subjects/.")
+    collect: CollectSection
+    normalize: NormalizeSection = NormalizeSection()
+
+
+# --------------------------------------------------------------------------- experiments
+
+
+class ModelSection(StrictModel):
+    architecture: Literal["sae", "transcoder"] = Field(description="sae: source == target; transcoder: source -> target.")
+    d_sae: int = Field(4096, ge=1, description="Number of latents (dictionary size).")
+    activation: Literal["topk", "relu"] = Field("topk", description="topk: keep the k largest; relu: ReLU with an L1 penalty.")
+    k: int = Field(32, ge=1, description="Active latents per row for topk.")
+
+    @model_validator(mode="after")
+    def _k_fits(self):
+        if self.activation == "topk" and self.k > self.d_sae:
+            raise ValueError(f"k ({self.k}) must be <= d_sae ({self.d_sae})")
+        return self
+
+
+class TrainSection(StrictModel):
+    seed: int = 0
+    batch_size: int = Field(4096, ge=1)
+    epochs: float = Field(4.0, gt=0, description="Passes over the training split.")
+    lr: float = Field(4e-3, gt=0, description="Peak Adam learning rate.")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    warmup_frac: float = Field(0.1, ge=0, le=1, description="Fraction of steps with a linear learning-rate warm-up.")
+    decay: Literal["linear", "constant"] = Field("linear", description="linear: decay to zero after warm-up.")
+    l1_coeff: float = Field(0.0, ge=0, description="Coefficient of the L1 penalty on latents (x decoder row norms).")
+    aux_k: int = Field(256, ge=0, description="AuxK: dead latents used to model the residual (topk only; 0 = off).")
+    aux_coeff: float = Field(1 / 32, ge=0)
+    dead_after_rows: int = Field(200_000, ge=1, description="A latent silent for this many rows counts as dead.")
+    grad_clip: float = Field(1.0, gt=0)
+    log_every: int = Field(10, ge=1, description="Training curves get a row every this many steps.")
+
+
+class EvaluateSection(StrictModel):
+    causal: bool = Field(True, description="Patch the subject with the dictionary and measure its task.")
+    batch_size: int = Field(8192, ge=1)
+    dense_threshold: float = Field(0.3, gt=0, le=1, description="Latents firing on more rows than this are dense.")
+
+
+class ExportSection(StrictModel):
+    top_k: int = Field(8, ge=1, description="Strongest source and target dims kept per feature.")
+    threshold: float = Field(0.0, ge=0, description="Drop edges with |weight| below this.")
+    include_dead: bool = False
+
+
+class ExperimentSpec(StrictModel):
+    id: str = Field(pattern=SPEC_ID_PATTERN)
+    dataset: str = Field(pattern=SPEC_ID_PATTERN, description="Id of a spec under specs/datasets/.")
+    source: str = Field(description="Hook point read by the encoder.")
+    target: str = Field(description="Hook point the decoder reconstructs (= source for an SAE).")
+    model: ModelSection
+    train: TrainSection = TrainSection()
+    evaluate: EvaluateSection = EvaluateSection()
+    export: ExportSection = ExportSection()
+
+    @model_validator(mode="after")
+    def _sae_reads_and_writes_one_point(self):
+        if self.model.architecture == "sae" and self.source != self.target:
+            raise ValueError(f"an sae reconstructs its input: source ({self.source}) and target ({self.target}) must be equal")
+        return self
+
+
+SPEC_KINDS = {"subjects": SubjectSpec, "datasets": DatasetSpec, "experiments": ExperimentSpec}
+AnySpec = Union[SubjectSpec, DatasetSpec, ExperimentSpec]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _line_index(node: yaml.Node, path: tuple = ()) -> dict[tuple, int]:
+    """Map every field path in a composed YAML document to its 1-based line."""
+    index = {path: node.start_mark.line + 1}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            sub = path + (key.value,)
+            index[sub] = key.start_mark.line + 1
+            index.update({k: v for k, v in _line_index(value, sub).items() if k != sub})
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            index.update(_line_index(item, path + (i,)))
+    return index
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The Pydantic model that owns the last element of ``loc`` (for did-you-mean)."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if isinstance(part, str) else None
+        ann = getattr(field, "annotation", None)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return None
+    return model
+
+
+def _describe(err: dict, model: type[BaseModel]) -> str:
+    loc = tuple(err["loc"])
+    given = err.get("input")
+    if err["type"] == "extra_forbidden":
+        owner = _model_at(model, loc)
+        allowed = sorted(owner.model_fields) if owner else []
+        hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        msg = f"unknown key '{loc[-1]}'"
+        if hint:
+            msg += f" (did you mean '{hint[0]}'?)"
+        return msg + (f"; allowed keys: {', '.join(allowed)}" if allowed else "")
+    msg = err["msg"]
+    if err["type"] == "literal_error" and isinstance(given, str):
+        choices = re.findall(r"'([^']*)'", msg)
+        hint = difflib.get_close_matches(given, choices, n=1)
+        if hint:
+            msg += f" (did you mean '{hint[0]}'?)"
+    if err["type"] != "missing" and not isinstance(given, (dict, list)):
+        msg += f"; got {given!r}"
+    return msg
+
+
+def _spec_kind(path: Path) -> str:
+    parent = path.parent.name
+    return parent if parent in ("subjects", "datasets") else "experiments"
+
+
+def read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
+    """Safe-load a YAML file and index its line numbers. Errors name the file and line."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(str(path), [f"{path}: file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(str(path), [f"{path}: cannot read: {exc}"]) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise SpecError(str(path), [f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    return data, (_line_index(node) if node is not None else {})
+
+
+def load_spec(path: str | Path, kind: str | None = None) -> AnySpec:
+    """Load and validate one spec file; the kind follows from its folder unless given."""
+    path = Path(path)
+    kind = kind or _spec_kind(path)
+    model = SPEC_KINDS[kind]
+    data, lines = read_yaml(path)
+    if not isinstance(data, dict):
+        raise SpecError(str(path), [f"{path}:1: expected a mapping of fields at the top level, got {type(data).__name__}"])
+    try:
+        spec = model.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            line = next((lines[loc[:i]] for i in range(len(loc), -1, -1) if loc[:i] in lines), 1)
+            field = ".".join(str(p) for p in loc) or "(top level)"
+            problems.append(f"{path}:{line}: {field}: {_describe(err, model)}")
+        raise SpecError(str(path), problems) from None
+    if spec.id != path.stem:
+        raise SpecError(str(path), [f"{path}:{lines.get(('id',), 1)}: id: '{spec.id}' must match the file name '{path.stem}'"])
+    return spec
+
+
+def spec_hash(spec: BaseModel, sections: list[str] | None = None) -> str:
+    """Hash of the validated spec (defaults filled in), or of just some of its sections."""
+    data = spec.model_dump(mode="json")
+    if sections is not None:
+        data = {k: data[k] for k in sections}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def dump_spec_yaml(spec: BaseModel) -> str:
+    """The resolved spec (every default written out) as YAML, keys in declaration order."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)

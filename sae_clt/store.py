@@ -1,0 +1,182 @@
+"""The activation store: sharded safetensors + manifest.json, written once, read many times.
+
+Layout of a store folder::
+
+    manifest.json           schema, hook points and dims, dtype, shards (rows, sha256),
+                            subject fingerprint, seed, provenance fields, per-hook stats
+    shard_00000.safetensors one tensor per hook point [rows, dim] (rows aligned across hook
+                            points) + provenance tensors (instance_id, position)
+
+Rows are shuffled within each shard at write time and again at read time. Shards are read one
+at a time through safetensors' memory map, so memory does not grow with the store's size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import DataError
+from .io import read_json, save_safetensors, write_json
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+PROVENANCE_FIELDS = ("instance_id", "position")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class RunningStats:
+    """Per-dim mean / variance and mean row norm, accumulated in float64."""
+
+    def __init__(self, dim: int):
+        self.n = 0
+        self.sum = torch.zeros(dim, dtype=torch.float64)
+        self.sumsq = torch.zeros(dim, dtype=torch.float64)
+        self.norm_sum = 0.0
+        self.zeros = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.double()
+        self.n += x.shape[0]
+        self.sum += x.sum(0)
+        self.sumsq += (x * x).sum(0)
+        self.norm_sum += float(x.norm(dim=1).sum())
+        self.zeros += int((x == 0).sum())
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.n, 1)
+
+    @property
+    def var(self) -> torch.Tensor:
+        return (self.sumsq / max(self.n, 1) - self.mean**2).clamp_min(0)
+
+    def summary(self) -> dict:
+        std = self.var.sqrt()
+        return {
+            "rows": self.n,
+            "mean_norm": self.norm_sum / max(self.n, 1),
+            "centered_rms_norm": float(self.var.sum().sqrt()),
+            "std_min": float(std.min()),
+            "std_median": float(std.median()),
+            "std_max": float(std.max()),
+            "frac_zeros": self.zeros / max(self.n * self.sum.numel(), 1),
+        }
+
+
+class StoreWriter:
+    """Writes shards atomically and the manifest last, so a store with a manifest is complete."""
+
+    def __init__(self, folder: Path, hook_dims: dict[str, int], dtype: str, meta: dict):
+        self.folder = Path(folder)
+        self.hook_dims = dict(hook_dims)
+        self.dtype = dtype
+        self.meta = meta
+        self.shards: list[dict] = []
+        self.stats = {name: RunningStats(dim) for name, dim in hook_dims.items()}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / MANIFEST).unlink(missing_ok=True)  # the store is incomplete until finish()
+
+    def write_shard(self, acts: dict[str, torch.Tensor], provenance: dict[str, torch.Tensor], perm: torch.Tensor) -> None:
+        index = len(self.shards)
+        name = f"shard_{index:05d}.safetensors"
+        for hook, x in acts.items():
+            bad = ~torch.isfinite(x).all(dim=1)
+            if bad.any():
+                row = int(bad.nonzero()[0])
+                raise DataError(f"{self.folder / name}: hook '{hook}' has NaN or inf in row {row} "
+                                f"(instance {int(provenance['instance_id'][row])}); nothing after shard {index - 1} was kept")
+            self.stats[hook].update(x)
+        tensors = {hook: x[perm].to(DTYPES[self.dtype]) for hook, x in acts.items()}
+        tensors.update({k: v[perm] for k, v in provenance.items()})
+        save_safetensors(self.folder / name, tensors)
+        rows = int(perm.numel())
+        self.shards.append({"file": name, "rows": rows, "sha256": sha256_file(self.folder / name)})
+
+    def finish(self) -> dict:
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "hook_points": self.hook_dims,
+            "dtype": self.dtype,
+            "n_rows": sum(s["rows"] for s in self.shards),
+            "shards": self.shards,
+            "provenance_fields": list(PROVENANCE_FIELDS),
+            "stats": {hook: s.summary() for hook, s in self.stats.items()},
+            **self.meta,
+        }
+        write_json(self.folder / MANIFEST, manifest)
+        return manifest
+
+
+@dataclass
+class ActivationStore:
+    folder: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, folder: Path) -> "ActivationStore":
+        folder = Path(folder)
+        path = folder / MANIFEST
+        if not path.exists():
+            raise DataError(f"{folder}: no activation store here ({MANIFEST} missing; the collect stage has not finished)")
+        try:
+            manifest = read_json(path)
+        except ValueError as exc:
+            raise DataError(f"{path}: not valid JSON: {exc}") from None
+        if manifest.get("schema_version") != SCHEMA_VERSION:
+            raise DataError(f"{path}: schema_version {manifest.get('schema_version')!r}, this saeclt reads {SCHEMA_VERSION}")
+        return cls(folder, manifest)
+
+    @property
+    def hook_dims(self) -> dict[str, int]:
+        return self.manifest["hook_points"]
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.manifest["shards"])
+
+    def check_hooks(self, names: list[str], where: str) -> None:
+        for name in names:
+            if name not in self.hook_dims:
+                raise DataError(f"{self.folder / MANIFEST}: hook point '{name}' (from {where}) is not in this store; "
+                                f"it has: {', '.join(self.hook_dims)}")
+
+    def verify(self) -> None:
+        """Check every shard's size and checksum against the manifest."""
+        for shard in self.manifest["shards"]:
+            path = self.folder / shard["file"]
+            if not path.exists():
+                raise DataError(f"{path}: shard listed in the manifest is missing")
+            if sha256_file(path) != shard["sha256"]:
+                raise DataError(f"{path}: checksum does not match the manifest (truncated or corrupted shard); recollect")
+
+    def read_shard(self, index: int, names: list[str]) -> dict[str, torch.Tensor]:
+        """Tensors of one shard (hook points as float32, provenance as stored)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import safe_open
+
+        shard = self.manifest["shards"][index]
+        path = self.folder / shard["file"]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                out = {}
+                for name in names:
+                    x = f.get_tensor(name)
+                    out[name] = x.float() if x.is_floating_point() else x
+        except (SafetensorError, OSError, KeyError, RuntimeError) as exc:
+            raise DataError(f"{path}: cannot read shard ({exc}); it may be truncated or corrupted") from None
+        for name, x in out.items():
+            if x.shape[0] != shard["rows"]:
+                raise DataError(f"{path}: tensor '{name}' has {x.shape[0]} rows, the manifest says {shard['rows']}")
+        return out

@@ -1,0 +1,167 @@
+"""Stage `train`: fit a dictionary on the training split of a dataset.
+
+Recipe (defaults in spec.TrainSection): Adam with a linear warm-up and a linear decay to zero,
+encoder initialised as the decoder transpose, unit-norm decoder rows (gradient along each row
+removed, rows renormalised after each step), loss = MSE (summed over dims, mean over rows)
++ l1_coeff · Σ|z|·‖W_dec‖ + aux_coeff · AuxK (topk: dead latents model the residual).
+Curves go to one TSV per metric (columns step, <name>), which `dvc plots` renders.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from .dictionary import Dictionary, DictionaryConfig
+from .errors import PipelineError
+from .io import atomic_write_text, write_json
+from .metrics import fvu_batch
+from .normalize import Normalization, PairLoader
+from .progress import progress_bar
+from .provenance import output_meta
+from .spec import ExperimentSpec
+from .store import ActivationStore
+
+TRAIN_SECTIONS = ["dataset", "source", "target", "model", "train"]
+CURVES = ("loss", "mse", "aux_loss", "fvu", "l0", "dead_fraction", "lr")
+
+
+def make_dictionary(spec: ExperimentSpec, store: ActivationStore, norm: Normalization) -> Dictionary:
+    cfg = DictionaryConfig(
+        architecture=spec.model.architecture,
+        d_in=store.hook_dims[spec.source],
+        d_out=store.hook_dims[spec.target],
+        d_sae=spec.model.d_sae,
+        activation=spec.model.activation,
+        k=spec.model.k,
+        source=spec.source,
+        target=spec.target,
+    )
+    model = Dictionary(cfg, seed=spec.train.seed)
+    model.set_normalization(norm.mean[spec.source], norm.scale[spec.source], norm.mean[spec.target], norm.scale[spec.target])
+    return model
+
+
+def lr_factor(step: int, total: int, warmup: int, decay: str) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay == "constant":
+        return 1.0
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def aux_k_loss(model: Dictionary, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, aux_k: int) -> torch.Tensor:
+    """AuxK: the top-``aux_k`` dead latents (by pre-activation) reconstruct the main residual;
+    normalised by the residual's variance so its scale does not drift with training."""
+    n_dead = int(dead.sum())
+    if n_dead == 0 or aux_k == 0:
+        return pre.new_zeros(())
+    k = min(aux_k, n_dead)
+    masked = pre.masked_fill(~dead, float("-inf"))
+    values, indices = masked.topk(k, dim=-1, sorted=False)
+    recon = torch.nn.functional.embedding_bag(indices, model.W_dec, per_sample_weights=torch.relu(values), mode="sum")
+    target = residual.detach()
+    return ((recon - target) ** 2).sum(-1).mean() / ((target - target.mean(0)) ** 2).sum(-1).mean().clamp_min(1e-12)
+
+
+class CurveWriter:
+    """One TSV per metric under ``folder`` (columns: step, <metric>), rewritten atomically."""
+
+    def __init__(self, folder: Path, names: tuple[str, ...]):
+        self.folder = Path(folder)
+        self.rows: dict[str, list[str]] = {name: [f"step\t{name}"] for name in names}
+
+    def add(self, step: int, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            self.rows[name].append(f"{step}\t{value:.6g}")
+
+    def flush(self) -> None:
+        for name, lines in self.rows.items():
+            atomic_write_text(self.folder / f"{name}.tsv", "\n".join(lines) + "\n")
+
+
+def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out_dir: Path, curves_dir: Path,
+          metrics_path: Path, log=print) -> dict:
+    cfg = spec.train
+    torch.manual_seed(cfg.seed)
+    loader = PairLoader(store, norm, spec.source, spec.target, "train", cfg.batch_size, cfg.seed, drop_last=True)
+    steps_per_epoch = loader.steps_per_epoch()
+    if steps_per_epoch == 0:
+        raise PipelineError(f"train.batch_size {cfg.batch_size} exceeds the {loader.rows_per_epoch} training rows of dataset '{spec.dataset}'")
+    total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    warmup = int(cfg.warmup_frac * total_steps)
+
+    model = make_dictionary(spec, store, norm)
+    opt = torch.optim.Adam([model.W_enc, model.b_enc, model.W_dec, model.b_dec], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    topk = spec.model.activation == "topk"
+    rows_since_fired = torch.zeros(spec.model.d_sae, dtype=torch.long)
+    curves = CurveWriter(curves_dir, CURVES)
+    started, step, epoch = time.perf_counter(), 0, 0
+    last = {}
+
+    with progress_bar(total_steps, desc=f"train {spec.id}", unit="step") as bar:
+        while step < total_steps:
+            for x, y in loader.epoch(epoch):
+                if step >= total_steps:
+                    break
+                lr = cfg.lr * lr_factor(step, total_steps, warmup, cfg.decay)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+
+                # Forward: encoder, sparse code, decoder
+                pre = model.pre_acts(x)  # [B, d_sae]
+                if topk:
+                    values, indices = model.sparse_code(pre)  # [B, k] each
+                    y_hat = model.decode_sparse(values, indices)
+                    fired = torch.zeros(spec.model.d_sae, dtype=torch.bool)
+                    fired[indices[values > 0]] = True
+                    l1 = values.sum(-1).mean()
+                    l0 = float((values > 0).sum(-1).float().mean())
+                else:
+                    z = torch.relu(pre)
+                    y_hat = model.decode(z)
+                    fired = (z > 0).any(0)
+                    l1 = (z * model.W_dec.norm(dim=1)).sum(-1).mean()
+                    l0 = float((z > 0).sum(-1).float().mean())
+
+                # Loss: reconstruction + sparsity + AuxK on latents silent for too long
+                rows_since_fired += x.shape[0]
+                rows_since_fired[fired] = 0
+                dead = rows_since_fired >= cfg.dead_after_rows
+                mse = ((y_hat - y) ** 2).sum(-1).mean()
+                loss = mse + cfg.l1_coeff * l1
+                aux = aux_k_loss(model, pre, y - y_hat, dead, cfg.aux_k) if topk and cfg.aux_k else pre.new_zeros(())
+                loss = loss + cfg.aux_coeff * aux
+                if not torch.isfinite(loss):
+                    raise PipelineError(f"train {spec.id}: loss became {float(loss)} at step {step}; lower train.lr (now {cfg.lr})")
+
+                # Backward and update, keeping decoder rows at unit norm
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                model.remove_parallel_grad()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                model.normalize_decoder()
+
+                if step % cfg.log_every == 0 or step == total_steps - 1:
+                    last = {"loss": float(loss), "mse": float(mse), "aux_loss": float(aux), "fvu": fvu_batch(y, y_hat.detach()),
+                            "l0": l0, "dead_fraction": float(dead.double().mean()), "lr": lr}
+                    curves.add(step, last)
+                    bar.set_postfix(fvu=f"{last['fvu']:.4f}", l0=f"{l0:.1f}", dead=f"{last['dead_fraction']:.3f}")
+                step += 1
+                bar.update(1)
+            epoch += 1
+
+    seconds = time.perf_counter() - started
+    curves.flush()
+    meta = output_meta(spec, cfg.seed, TRAIN_SECTIONS)
+    model.save(out_dir, meta, extra_cfg={"dataset": spec.dataset, "steps": total_steps})
+    rows_seen = total_steps * cfg.batch_size
+    write_json(out_dir / "train_log.json", {"seconds": seconds, "rows_per_second": rows_seen / seconds})
+    summary = {"steps": total_steps, "rows_seen": rows_seen, "final": last, "meta": meta}
+    write_json(metrics_path, summary)
+    log(f"trained {spec.id}: {total_steps} steps, {rows_seen / seconds:,.0f} rows/s, last batch FVU {last.get('fvu', float('nan')):.4f}")
+    return summary

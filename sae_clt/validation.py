@@ -1,0 +1,58 @@
+"""`saeclt validate`: every check that needs no activations or training.
+
+Per file: schema (unknown keys, types, choices), id = file name, cross-references (experiment ->
+dataset -> subject), hook points (an experiment's are collected by its dataset; a dataset's
+exist in its subject's architecture), and params.yaml agreeing with the specs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import SpecError
+from .project import Paths, find_root, index_problems, resolve_dataset, resolve_experiment
+from .spec import _spec_kind, load_spec, read_yaml
+
+
+def _check_dataset_hooks(path: Path, paths: Paths) -> list[str]:
+    from .subjects import subject_architecture
+
+    dataset, subject_spec = resolve_dataset(paths, path.stem)
+    available = subject_architecture(subject_spec).hook_points()
+    _, lines = read_yaml(path)
+    problems = []
+    for i, point in enumerate(dataset.collect.hook_points):
+        if point not in available:
+            import difflib
+
+            near = difflib.get_close_matches(point, available, n=3, cutoff=0.5)
+            line = lines.get(("collect", "hook_points", i), 1)
+            problems.append(f"{path}:{line}: collect.hook_points.{i}: subject '{subject_spec.id}' has no hook point '{point}'"
+                            + (f" (did you mean '{near[0]}'?)" if near else "") + f"; available: {', '.join(available)}")
+    return problems
+
+
+def validate_files(files: list[Path]) -> list[str]:
+    problems: list[str] = []
+    roots = set()
+    for path in files:
+        path = Path(path)
+        paths = Paths(find_root(path.parent))
+        roots.add(paths.root)
+        try:
+            kind = _spec_kind(path)
+            if kind == "experiments":
+                resolved = resolve_experiment(path)
+                problems += _check_dataset_hooks(paths.dataset_spec(resolved.dataset.id), paths)
+            elif kind == "datasets":
+                problems += _check_dataset_hooks(path, paths)
+            else:
+                load_spec(path, kind)
+        except SpecError as exc:
+            problems += exc.problems
+    for root in sorted(roots):
+        try:
+            problems += index_problems(Paths(root))
+        except SpecError as exc:
+            problems += exc.problems
+    return list(dict.fromkeys(problems))  # a dataset problem reported once, not per experiment

@@ -147,7 +147,7 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
                 model.normalize_decoder()
 
                 if step % cfg.log_every == 0 or step == total_steps - 1:
-                    last = {"loss": float(loss), "mse": float(mse), "aux_loss": float(aux), "fvu": fvu_batch(y, y_hat.detach()),
+                    last = {"loss": float(loss.detach()), "mse": float(mse.detach()), "aux_loss": float(aux.detach()), "fvu": fvu_batch(y, y_hat.detach()),
                             "l0": l0, "dead_fraction": float(dead.double().mean()), "lr": lr}
                     curves.add(step, last)
                     bar.set_postfix(fvu=f"{last['fvu']:.4f}", l0=f"{l0:.1f}", dead=f"{last['dead_fraction']:.3f}")

@@ -1,0 +1,94 @@
+"""Shared fixtures: a tiny saeclt project (small subject, small dataset) built in a temp dir."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+TINY_SUBJECT = """\
+id: tiny
+kind: tsp
+n_nodes: 10
+seed: 0
+policy: {d_model: 16, n_layers: 2, n_heads: 2, d_ff: 32}
+train: {n_teacher_instances: 200, teacher_starts: 1, batch_size: 32, steps: 20, lr: 1.0e-3, warmup_steps: 5}
+evaluate: {n_instances: 50, seed: 123}
+"""
+
+TINY_DATASET = """\
+id: tiny_acts
+subject: tiny
+collect:
+  n_instances: 300
+  seed: 1
+  hook_points: [encoder.layers.0, encoder.layers.1, "encoder.layers.1:input"]
+  instances_per_shard: 64
+  batch_size: 50
+normalize: {val_fraction: 0.2}
+"""
+
+TINY_SAE = """\
+id: tiny_sae
+dataset: tiny_acts
+source: encoder.layers.1
+target: encoder.layers.1
+model: {architecture: sae, d_sae: 64, activation: topk, k: 4}
+train: {batch_size: 256, epochs: 2, lr: 3.0e-3, log_every: 2, dead_after_rows: 1000}
+evaluate: {batch_size: 500}
+export: {top_k: 3}
+"""
+
+TINY_TC = """\
+id: tiny_tc
+dataset: tiny_acts
+source: encoder.layers.0
+target: encoder.layers.1
+model: {architecture: transcoder, d_sae: 64, activation: relu}
+train: {batch_size: 256, epochs: 2, lr: 3.0e-3, l1_coeff: 1.0e-3, log_every: 2}
+evaluate: {batch_size: 500}
+"""
+
+
+def write_project(root: Path) -> Path:
+    (root / "specs" / "subjects").mkdir(parents=True)
+    (root / "specs" / "datasets").mkdir(parents=True)
+    (root / "specs" / "subjects" / "tiny.yaml").write_text(TINY_SUBJECT)
+    (root / "specs" / "datasets" / "tiny_acts.yaml").write_text(TINY_DATASET)
+    (root / "specs" / "tiny_sae.yaml").write_text(TINY_SAE)
+    (root / "specs" / "tiny_tc.yaml").write_text(TINY_TC)
+    return root
+
+
+@pytest.fixture
+def tiny_project(tmp_path, monkeypatch) -> Path:
+    root = write_project(tmp_path / "proj")
+    monkeypatch.chdir(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def built_project(tmp_path_factory) -> Path:
+    """A tiny project with every stage run once (shared by read-only tests)."""
+    from sae_clt.stages import run_stage
+
+    root = write_project(tmp_path_factory.mktemp("built") / "proj")
+    run_stage("subject", root / "specs/subjects/tiny.yaml")
+    run_stage("collect", root / "specs/datasets/tiny_acts.yaml")
+    run_stage("normalize", root / "specs/datasets/tiny_acts.yaml")
+    for eid in ("tiny_sae", "tiny_tc"):
+        for stage in ("train", "evaluate", "report", "export"):
+            run_stage(stage, root / f"specs/{eid}.yaml")
+    return root
+
+
+def copy_package(root: Path) -> None:
+    """dvc.yaml names the package's source files as dependencies; give the project a copy."""
+    shutil.copytree(REPO / "sae_clt", root / "sae_clt", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")

@@ -1,0 +1,130 @@
+"""The chain on a tiny project: subject -> collect -> normalize -> train -> evaluate -> report -> export."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from sae_clt.dictionary import Dictionary
+from sae_clt.normalize import Normalization, PairLoader
+from sae_clt.project import Paths
+from sae_clt.stages import run_stage
+from sae_clt.store import ActivationStore
+
+
+def _store(root):
+    return ActivationStore.open(Paths(root).store_dir("tiny_acts"))
+
+
+def test_store_rows_cover_every_instance_position_once(built_project):
+    store = _store(built_project)
+    m = store.manifest
+    assert m["n_rows"] == 300 * 10 and sum(s["rows"] for s in m["shards"]) == m["n_rows"]
+    assert m["hook_points"] == {"encoder.layers.0": 16, "encoder.layers.1": 16, "encoder.layers.1:input": 16}
+    keys = []
+    for i in range(store.n_shards):
+        shard = store.read_shard(i, ["instance_id", "position"])
+        keys += (shard["instance_id"] * 10 + shard["position"]).tolist()
+    assert sorted(keys) == list(range(3000))
+    store.verify()
+
+
+def test_rows_are_aligned_across_hook_points(built_project):
+    # Layer 1's input is layer 0's output: recorded by a pre-hook and a hook in the same pass,
+    # the two tensors must agree row by row.
+    store = _store(built_project)
+    shard = store.read_shard(0, ["encoder.layers.0", "encoder.layers.1:input"])
+    assert torch.equal(shard["encoder.layers.0"], shard["encoder.layers.1:input"])
+
+
+def test_split_is_by_instance_and_loader_yields_each_train_row_once(built_project):
+    store = _store(built_project)
+    norm = Normalization.load(Paths(built_project).norm_dir("tiny_acts"))
+    assert int(norm.val_instances.sum()) == 60
+    seen = {}
+    for split in ("train", "val"):
+        loader = PairLoader(store, norm, "encoder.layers.0", "encoder.layers.1", split, batch_size=77, seed=0)
+        ids = torch.cat([b[2] * 10 + b[3] for b in loader.epoch(0, with_provenance=True)])
+        assert ids.unique().numel() == ids.numel() == loader.rows_per_epoch
+        seen[split] = set((ids // 10).tolist())
+    assert not seen["train"] & seen["val"]
+    assert len(seen["val"]) == 60
+
+
+def test_normalised_training_rows_have_unit_rms_norm(built_project):
+    store = _store(built_project)
+    norm = Normalization.load(Paths(built_project).norm_dir("tiny_acts"))
+    loader = PairLoader(store, norm, "encoder.layers.1", "encoder.layers.1", "train", batch_size=10_000, seed=0)
+    x = torch.cat([b[0] for b in loader.epoch(0)])
+    assert abs(float(x.pow(2).sum(1).mean()) - 1.0) < 1e-3
+    assert float(x.mean(0).abs().max()) < 1e-4
+
+
+def test_saved_dictionary_reloads_with_unit_norm_decoder_and_same_outputs(built_project):
+    model = Dictionary.load(Paths(built_project).dictionary_dir("tiny_sae"))
+    norms = model.W_dec.norm(dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+    x = torch.randn(5, 16)
+    again = Dictionary.load(Paths(built_project).dictionary_dir("tiny_sae"))
+    assert torch.equal(model.predict_raw(x), again.predict_raw(x))
+    z = model.encode(x)
+    assert bool(((z != 0).sum(1) <= 4).all())
+
+
+def test_eval_metrics_have_every_section(built_project):
+    metrics = json.loads(Paths(built_project).eval_metrics("tiny_tc").read_text())
+    assert 0 < metrics["reconstruction"]["fvu"] < 1.5
+    assert metrics["linear_baseline"]["fvu"] > 0
+    causal = metrics["causal"]["mean_tour_length"]
+    assert set(causal["values"]) == {"clean", "dictionary", "linear_baseline", "zero_ablation", "mean_ablation"}
+    assert causal["values"]["zero_ablation"] != causal["values"]["clean"]
+    assert metrics["meta"]["seed"] == 0 and "torch" in metrics["meta"]["versions"]
+    tensors = load_file(Paths(built_project).eval_dir("tiny_tc") / "eval.safetensors")
+    assert tensors["r2_per_dim"].shape == (16,) and tensors["feature_density"].shape == (64,)
+
+
+def test_identity_patch_leaves_the_task_unchanged(built_project):
+    from sae_clt.hooks import patching
+    from sae_clt.project import resolve_experiment
+    from sae_clt.subjects import load_subject
+
+    r = resolve_experiment(built_project / "specs" / "tiny_sae.yaml")
+    subject = load_subject(r.subject, r.paths.subject_dir("tiny"))
+    clean = subject.task_metric()
+    with patching(subject.model, "encoder.layers.1", lambda out, rec: out.clone(), subject.hook_points()):
+        assert subject.task_metric() == clean
+
+
+def test_report_is_byte_identical_when_rerendered(built_project):
+    folder = Paths(built_project).report_dir("tiny_sae")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    run_stage("report", built_project / "specs" / "tiny_sae.yaml")
+    after = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert set(before) == {"report.md", "report.html"} and before == after
+    html = after["report.html"].decode()
+    assert "<svg" in html
+    # Opens offline: nothing fetched from elsewhere (XML namespace URIs are names, not fetches).
+    assert "<script" not in html and "<link" not in html and 'src="http' not in html and 'href="http' not in html
+
+
+def test_same_seed_gives_identical_metrics(built_project):
+    paths = Paths(built_project)
+    before = paths.eval_metrics("tiny_sae").read_bytes(), paths.train_metrics("tiny_sae").read_bytes()
+    run_stage("train", built_project / "specs" / "tiny_sae.yaml")
+    run_stage("evaluate", built_project / "specs" / "tiny_sae.yaml")
+    assert (paths.eval_metrics("tiny_sae").read_bytes(), paths.train_metrics("tiny_sae").read_bytes()) == before
+
+
+def test_edges_json_and_csv_agree_and_respect_top_k(built_project):
+    folder = Paths(built_project).export_dir("tiny_sae")
+    doc = json.loads((folder / "edges.json").read_text())
+    rows = list(csv.DictReader((folder / "edges.csv").open()))
+    assert len(rows) == doc["n_edges"] == len(doc["edges"]) > 0
+    per_feature = {}
+    for e in doc["edges"]:
+        key = (e["kind"], e["target"] if e["kind"] == "encoder" else e["source"])
+        per_feature[key] = per_feature.get(key, 0) + 1
+    assert max(per_feature.values()) <= 3

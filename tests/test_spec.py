@@ -1,0 +1,84 @@
+"""Spec loading: bad specs fail fast, naming the file, line, field and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+
+from sae_clt.errors import SpecError
+from sae_clt.project import resolve_experiment
+from sae_clt.spec import load_spec
+from sae_clt.validation import validate_files
+
+
+def _error(path) -> str:
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    return str(info.value)
+
+
+def test_typo_in_key_names_file_line_field_and_suggestion(tiny_project):
+    path = tiny_project / "specs" / "tiny_sae.yaml"
+    path.write_text(path.read_text().replace("train: {batch_size", "train: {bacth_size"))
+    msg = _error(path)
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if text.startswith("train:"))
+    assert f"tiny_sae.yaml:{line}: train.bacth_size: unknown key 'bacth_size'" in msg
+    assert "did you mean 'batch_size'" in msg
+
+
+def test_wrong_type_names_field_and_given_value(tiny_project):
+    path = tiny_project / "specs" / "tiny_sae.yaml"
+    path.write_text(path.read_text().replace("lr: 3.0e-3", "lr: fast"))
+    msg = _error(path)
+    assert "train.lr" in msg and "'fast'" in msg and "valid number" in msg
+
+
+def test_bad_choice_lists_choices_and_suggests(tiny_project):
+    path = tiny_project / "specs" / "tiny_sae.yaml"
+    path.write_text(path.read_text().replace("activation: topk", "activation: topkk"))
+    msg = _error(path)
+    assert "model.activation" in msg and "'topk' or 'relu'" in msg and "did you mean 'topk'" in msg
+
+
+def test_k_larger_than_dictionary_is_rejected(tiny_project):
+    path = tiny_project / "specs" / "tiny_sae.yaml"
+    path.write_text(path.read_text().replace("k: 4", "k: 100"))
+    assert "k (100) must be <= d_sae (64)" in _error(path)
+
+
+def test_id_must_match_file_name(tiny_project):
+    path = tiny_project / "specs" / "tiny_sae.yaml"
+    path.write_text(path.read_text().replace("id: tiny_sae", "id: other"))
+    assert "must match the file name 'tiny_sae'" in _error(path)
+
+
+def test_invalid_yaml_reports_line(tiny_project):
+    path = tiny_project / "specs" / "tiny_sae.yaml"
+    path.write_text("id: tiny_sae\nmodel: [unclosed\n")
+    assert "tiny_sae.yaml:" in _error(path) and "not valid YAML" in _error(path)
+
+
+def test_hook_point_not_collected_names_collected_points(tiny_project):
+    path = tiny_project / "specs" / "tiny_sae.yaml"
+    path.write_text(path.read_text().replace("encoder.layers.1\n", "encoder.layers.7\n"))
+    with pytest.raises(SpecError) as info:
+        resolve_experiment(path)
+    assert "hook point 'encoder.layers.7' is not collected" in str(info.value)
+    assert "encoder.layers.0" in str(info.value)
+
+
+def test_validate_rejects_hook_point_the_subject_lacks(tiny_project):
+    path = tiny_project / "specs" / "datasets" / "tiny_acts.yaml"
+    path.write_text(path.read_text().replace("encoder.layers.0,", "encoder.layer.0,"))
+    problems = validate_files([path])
+    assert len(problems) == 1
+    assert "tiny_acts.yaml:6: collect.hook_points.0" in problems[0]
+    assert "did you mean 'encoder.layers.0'" in problems[0] and "available:" in problems[0]
+
+
+def test_shipped_specs_validate():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = sorted((root / "specs").rglob("*.yaml"))
+    assert len(files) >= 4
+    assert validate_files(files) == []

@@ -174,6 +174,14 @@ class ExperimentSpec(StrictModel):
 
 
 SPEC_KINDS = {"subjects": SubjectSpec, "datasets": DatasetSpec, "experiments": ExperimentSpec}
+
+# Top-level keys dvc.yaml tracks as stage parameters. DVC fails on a tracked key that is
+# absent from the file, so these must be written out (an empty mapping takes every default).
+TRACKED_SECTIONS = {
+    "subjects": ["n_nodes", "seed", "policy", "train", "evaluate"],
+    "datasets": ["subject", "collect", "normalize"],
+    "experiments": ["dataset", "source", "target", "model", "train", "evaluate", "export"],
+}
 AnySpec = Union[SubjectSpec, DatasetSpec, ExperimentSpec]
 
 
@@ -228,6 +236,11 @@ def _describe(err: dict, model: type[BaseModel]) -> str:
     return msg
 
 
+def _is_section(model: type[BaseModel], key: str) -> bool:
+    ann = model.model_fields[key].annotation
+    return isinstance(ann, type) and issubclass(ann, BaseModel)
+
+
 def _spec_kind(path: Path) -> str:
     parent = path.parent.name
     return parent if parent in ("subjects", "datasets") else "experiments"
@@ -269,6 +282,13 @@ def load_spec(path: str | Path, kind: str | None = None) -> AnySpec:
             field = ".".join(str(p) for p in loc) or "(top level)"
             problems.append(f"{path}:{line}: {field}: {_describe(err, model)}")
         raise SpecError(str(path), problems) from None
+    missing = [key for key in TRACKED_SECTIONS[kind] if key not in data]
+    if missing:
+        raise SpecError(str(path), [
+            f"{path}:1: {key}: missing; DVC tracks this key as a stage parameter, so write it out"
+            + (f" (`{key}: {{}}` takes every default)" if _is_section(model, key) else f" (default: {model.model_fields[key].default!r})")
+            for key in missing
+        ])
     if spec.id != path.stem:
         raise SpecError(str(path), [f"{path}:{lines.get(('id',), 1)}: id: '{spec.id}' must match the file name '{path.stem}'"])
     return spec

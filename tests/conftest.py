@@ -53,6 +53,7 @@ target: encoder.layers.1
 model: {architecture: transcoder, d_sae: 64, activation: relu}
 train: {batch_size: 256, epochs: 2, lr: 3.0e-3, l1_coeff: 1.0e-3, log_every: 2}
 evaluate: {batch_size: 500}
+export: {}
 """
 
 
@@ -88,7 +89,16 @@ def built_project(tmp_path_factory) -> Path:
     return root
 
 
-def copy_package(root: Path) -> None:
-    """dvc.yaml names the package's source files as dependencies; give the project a copy."""
+@pytest.fixture
+def dvc_project(tiny_project) -> Path:
+    """The tiny project as a git + DVC repository with saeclt's dvc.yaml. dvc.yaml names the
+    package's source files as dependencies, so the project gets a copy of them."""
+    import subprocess
+    import sys
+
+    root = tiny_project
     shutil.copytree(REPO / "sae_clt", root / "sae_clt", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True, env=dict(os.environ, DVC_NO_ANALYTICS="1"))
+    return root

@@ -82,3 +82,10 @@ def test_shipped_specs_validate():
     files = sorted((root / "specs").rglob("*.yaml"))
     assert len(files) >= 4
     assert validate_files(files) == []
+
+
+def test_missing_tracked_section_says_how_to_take_defaults(tiny_project):
+    path = tiny_project / "specs" / "tiny_tc.yaml"
+    path.write_text(path.read_text().replace("export: {}\n", ""))
+    msg = _error(path)
+    assert "export: missing" in msg and "`export: {}` takes every default" in msg

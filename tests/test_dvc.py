@@ -1,0 +1,63 @@
+"""`saeclt run` through the real DVC on a tiny project: incremental, shared upstream stages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+pytestmark = pytest.mark.skipif(subprocess.run([sys.executable, "-m", "dvc", "--version"], capture_output=True).returncode != 0,
+                                reason="dvc not installed")
+
+
+def saeclt(root, *args):
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    return subprocess.run([sys.executable, "-m", "sae_clt", *args], cwd=root, env=env, capture_output=True, text=True)
+
+
+def _ran(proc) -> set[str]:
+    """Stages DVC says it ran ("Running stage 'x':")."""
+    out = proc.stdout + proc.stderr
+    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}
+
+
+def test_run_is_incremental_and_shares_subject_and_dataset(dvc_project):
+    root = dvc_project
+    first = saeclt(root, "run", "specs/tiny_sae.yaml")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert {"subject@tiny", "collect@tiny_acts", "normalize@tiny_acts", "train@tiny_sae", "evaluate@tiny_sae",
+            "report@tiny_sae", "export@tiny_sae"} <= _ran(first)
+    assert (root / "reports/tiny_sae/report.html").exists()
+    assert "tiny_sae" in (root / "params.yaml").read_text()
+
+    # A second experiment on the same dataset: neither retrains the subject nor recollects.
+    second = saeclt(root, "run", "specs/tiny_tc.yaml")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert not _ran(second) & {"subject@tiny", "collect@tiny_acts", "normalize@tiny_acts"}
+    assert "train@tiny_tc" in _ran(second)
+
+    # Nothing changed: nothing reruns.
+    again = saeclt(root, "run", "specs/tiny_sae.yaml")
+    assert again.returncode == 0 and _ran(again) == set()
+
+    # A changed learning rate reruns train and what follows, nothing upstream.
+    spec = root / "specs/tiny_sae.yaml"
+    spec.write_text(spec.read_text().replace("lr: 3.0e-3", "lr: 2.0e-3"))
+    changed = saeclt(root, "run", "specs/tiny_sae.yaml")
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert _ran(changed) == {"train@tiny_sae", "evaluate@tiny_sae", "report@tiny_sae", "export@tiny_sae"}
+    metrics = json.loads((root / "metrics/tiny_sae/eval.json").read_text())
+    assert "fvu" in metrics["reconstruction"]
+
+
+def test_run_with_bad_spec_fails_fast_without_traceback(dvc_project):
+    spec = dvc_project / "specs/tiny_sae.yaml"
+    spec.write_text(spec.read_text().replace("model: {", "modle: {"))
+    proc = saeclt(dvc_project, "run", "specs/tiny_sae.yaml")
+    assert proc.returncode == 2
+    assert "tiny_sae.yaml:" in proc.stderr and "unknown key 'modle'" in proc.stderr and "did you mean 'model'" in proc.stderr
+    assert "Traceback" not in proc.stderr

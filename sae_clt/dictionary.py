@@ -100,6 +100,16 @@ class Dictionary(nn.Module):
         y, _ = self(x)
         return y * self.target_scale + self.target_mean
 
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Data initialisation: latent i starts as the pair (x_i, y_i) of a sampled row: its
+        encoder column is x_i's direction and its decoder row y_i's. Every latent then fires
+        somewhere on the data from the first step, even on a low-dimensional manifold."""
+        x_dir = F.normalize(x, dim=1)
+        y_dir = F.normalize(y - self.b_dec, dim=1)
+        self.W_enc.copy_(x_dir.t())
+        self.W_dec.copy_(y_dir)
+
     # ------------------------------------------------------------------ decoder constraint
 
     @torch.no_grad()

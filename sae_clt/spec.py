@@ -136,6 +136,9 @@ class TrainSection(StrictModel):
     beta2: float = Field(0.99, ge=0, lt=1)
     warmup_frac: float = Field(0.1, ge=0, le=1, description="Fraction of steps with a linear learning-rate warm-up.")
     decay: Literal["linear", "constant"] = Field("linear", description="linear: decay to zero after warm-up.")
+    init: Literal["data", "transpose"] = Field(
+        "data", description="data: latent i starts as a sampled (source, target) row pair; transpose: random decoder, encoder = its transpose."
+    )
     l1_coeff: float = Field(0.0, ge=0, description="Coefficient of the L1 penalty on latents (x decoder row norms).")
     aux_k: int = Field(256, ge=0, description="AuxK: dead latents used to model the residual (topk only; 0 = off).")
     aux_coeff: float = Field(1 / 32, ge=0)

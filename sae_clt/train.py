@@ -45,6 +45,22 @@ def make_dictionary(spec: ExperimentSpec, store: ActivationStore, norm: Normaliz
     return model
 
 
+def sample_rows(loader: PairLoader, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` distinct training rows (x, y) drawn from the start of a seeded epoch."""
+    xs, ys, got = [], [], 0
+    for x, y in loader.epoch(10_000 + seed):
+        xs.append(x)
+        ys.append(y)
+        got += x.shape[0]
+        if got >= n:
+            break
+    x, y = torch.cat(xs), torch.cat(ys)
+    if x.shape[0] < n:  # fewer rows than latents: reuse rows (their latents start identical)
+        idx = torch.arange(n) % x.shape[0]
+        return x[idx], y[idx]
+    return x[:n], y[:n]
+
+
 def lr_factor(step: int, total: int, warmup: int, decay: str) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -56,13 +72,12 @@ def lr_factor(step: int, total: int, warmup: int, decay: str) -> float:
 def aux_k_loss(model: Dictionary, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, aux_k: int) -> torch.Tensor:
     """AuxK: the top-``aux_k`` dead latents (by pre-activation) reconstruct the main residual;
     normalised by the residual's variance so its scale does not drift with training."""
-    n_dead = int(dead.sum())
-    if n_dead == 0 or aux_k == 0:
+    dead_idx = dead.nonzero().squeeze(1)
+    if dead_idx.numel() == 0 or aux_k == 0:
         return pre.new_zeros(())
-    k = min(aux_k, n_dead)
-    masked = pre.masked_fill(~dead, float("-inf"))
-    values, indices = masked.topk(k, dim=-1, sorted=False)
-    recon = torch.nn.functional.embedding_bag(indices, model.W_dec, per_sample_weights=torch.relu(values), mode="sum")
+    k = min(aux_k, dead_idx.numel())
+    values, local = pre[:, dead_idx].topk(k, dim=-1, sorted=False)  # only the dead columns
+    recon = torch.nn.functional.embedding_bag(dead_idx[local], model.W_dec, per_sample_weights=torch.relu(values), mode="sum")
     target = residual.detach()
     return ((recon - target) ** 2).sum(-1).mean() / ((target - target.mean(0)) ** 2).sum(-1).mean().clamp_min(1e-12)
 
@@ -95,6 +110,9 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
     warmup = int(cfg.warmup_frac * total_steps)
 
     model = make_dictionary(spec, store, norm)
+    if cfg.init == "data":
+        x0, y0 = sample_rows(loader, spec.model.d_sae, cfg.seed)
+        model.init_from_data(x0, y0)
     opt = torch.optim.Adam([model.W_enc, model.b_enc, model.W_dec, model.b_dec], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     topk = spec.model.activation == "topk"
     rows_since_fired = torch.zeros(spec.model.d_sae, dtype=torch.long)

@@ -107,7 +107,8 @@ class Dictionary(nn.Module):
         somewhere on the data from the first step, even on a low-dimensional manifold."""
         x_dir = F.normalize(x, dim=1)
         y_dir = F.normalize(y - self.b_dec, dim=1)
-        self.W_enc.copy_(x_dir.t())
+        # Scaled so the k active latents together start near the target's norm, not k times it.
+        self.W_enc.copy_(x_dir.t() / self.cfg.k)
         self.W_dec.copy_(y_dir)
 
     # ------------------------------------------------------------------ decoder constraint

@@ -29,14 +29,27 @@ EVAL_SECTIONS = ["dataset", "source", "target", "model", "train", "evaluate"]
 EVAL_TENSORS = "eval.safetensors"
 
 
-def fit_linear_baseline(loader: PairLoader) -> torch.Tensor:
+def fit_linear_baseline(loader: PairLoader, rank: int | None = None) -> torch.Tensor:
     """Least squares [x, 1] @ W ≈ y on the loader's rows (normal equations in float64, a tiny
-    ridge for rank-deficient sources). Returns W [d_in + 1, d_out]."""
+    ridge for rank-deficient sources). Returns W [d_in + 1, d_out].
+
+    With ``rank`` (SAEs, where the full map is the identity), the baseline is instead the
+    best rank-``rank`` linear reconstruction: projection onto the top principal components,
+    a dense code with as many numbers per row as the dictionary's L0.
+    """
     xtx = xty = None
     for x, y in loader.epoch(0):
         xb = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1).double()
         xtx = xb.t() @ xb if xtx is None else xtx + xb.t() @ xb
         xty = xb.t() @ y.double() if xty is None else xty + xb.t() @ y.double()
+    if rank is not None:
+        n = xtx[-1, -1]
+        mean = xtx[-1, :-1] / n
+        cov = xtx[:-1, :-1] / n - torch.outer(mean, mean)
+        _, vecs = torch.linalg.eigh(cov)
+        top = vecs[:, -rank:]  # [d, rank]
+        proj = top @ top.t()
+        return torch.cat([proj, (mean - mean @ proj).unsqueeze(0)]).float()
     ridge = 1e-8 * xtx.diagonal().mean() * torch.eye(xtx.shape[0], dtype=torch.float64)
     return torch.linalg.solve(xtx + ridge, xty).float()
 
@@ -102,7 +115,9 @@ def evaluate(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, 
     source, target = spec.source, spec.target
     train_loader = PairLoader(store, norm, source, target, "train", cfg.batch_size, seed=0, shuffle=False)
     val_loader = PairLoader(store, norm, source, target, "val", cfg.batch_size, seed=0, shuffle=False)
-    w_lin = fit_linear_baseline(train_loader)
+    is_sae = spec.model.architecture == "sae"
+    baseline_rank = min(spec.model.k, store.hook_dims[source]) if is_sae else None
+    w_lin = fit_linear_baseline(train_loader, rank=baseline_rank)
 
     d_out = store.hook_dims[target]
     recon, linear = ReconstructionMeter(d_out), ReconstructionMeter(d_out)
@@ -122,7 +137,8 @@ def evaluate(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, 
         "reconstruction": recon.summary(),
         "sparsity": {**sparsity.summary(cfg.dense_threshold),
                      "decoder_redundancy_0.9": decoder_redundancy(model.W_dec.detach(), 0.9, alive)},
-        "linear_baseline": linear.summary(),
+        "linear_baseline": {**linear.summary(),
+                            "kind": f"top-{baseline_rank} principal components" if is_sae else "least squares source -> target"},
         "fvu_vs_linear_pct": _pct(recon.summary()["fvu"], linear.summary()["fvu"]),
         "model": {"architecture": spec.model.architecture, "activation": spec.model.activation, "d_sae": spec.model.d_sae,
                   "k": spec.model.k, "d_in": store.hook_dims[source], "d_out": d_out, "source": source, "target": target},

@@ -41,6 +41,7 @@ class TSPPolicyArch(StrictModel):
     n_layers: int = Field(3, ge=1, le=12, description="Self-attention blocks in the encoder.")
     n_heads: int = Field(8, ge=1, description="Attention heads; must divide d_model.")
     d_ff: int = Field(256, ge=8, description="Hidden width of each block's MLP.")
+    norm: Literal["layer", "batch"] = Field("batch", description="Normalisation after each sub-layer: LayerNorm or BatchNorm (Kool et al.).")
 
     @model_validator(mode="after")
     def _heads_divide_width(self):
@@ -50,10 +51,10 @@ class TSPPolicyArch(StrictModel):
 
 
 class TSPPolicyTraining(StrictModel):
-    n_teacher_instances: int = Field(50_000, ge=100, description="Instances solved by the teacher heuristic.")
+    n_teacher_instances: int = Field(20_000, ge=100, description="Instances solved by the teacher heuristic.")
     teacher_starts: int = Field(4, ge=1, description="Nearest-neighbour + 2-opt restarts per teacher tour.")
     batch_size: int = Field(128, ge=1)
-    steps: int = Field(1600, ge=1)
+    steps: int = Field(1200, ge=1)
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(100, ge=0)
 
@@ -131,13 +132,16 @@ class TrainSection(StrictModel):
     seed: int = 0
     batch_size: int = Field(4096, ge=1)
     epochs: float = Field(4.0, gt=0, description="Passes over the training split.")
-    lr: float = Field(4e-3, gt=0, description="Peak Adam learning rate.")
+    lr: float = Field(1e-2, gt=0, description="Peak Adam learning rate (safe this high thanks to the warm-up).")
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     warmup_frac: float = Field(0.1, ge=0, le=1, description="Fraction of steps with a linear learning-rate warm-up.")
     decay: Literal["linear", "constant"] = Field("linear", description="linear: decay to zero after warm-up.")
     init: Literal["data", "transpose"] = Field(
         "data", description="data: latent i starts as a sampled (source, target) row pair; transpose: random decoder, encoder = its transpose."
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: encoder matmul under bf16 autocast (fp32 master weights, fp32 decoder and loss)."
     )
     l1_coeff: float = Field(0.0, ge=0, description="Coefficient of the L1 penalty on latents (x decoder row norms).")
     aux_k: int = Field(256, ge=0, description="AuxK: dead latents used to model the residual (topk only; 0 = off).")

@@ -76,8 +76,12 @@ def aux_k_loss(model: Dictionary, pre: torch.Tensor, residual: torch.Tensor, dea
     if dead_idx.numel() == 0 or aux_k == 0:
         return pre.new_zeros(())
     k = min(aux_k, dead_idx.numel())
-    values, local = pre[:, dead_idx].topk(k, dim=-1, sorted=False)  # only the dead columns
-    recon = torch.nn.functional.embedding_bag(dead_idx[local], model.W_dec, per_sample_weights=torch.relu(values), mode="sum")
+    pre_dead = pre[:, dead_idx]  # [B, n_dead]: only the dead columns
+    values, local = pre_dead.topk(k, dim=-1, sorted=False)
+    # Dense decode over the dead rows: one [B, n_dead] @ [n_dead, d_out] matmul is far cheaper
+    # than a gather of B * aux_k decoder rows and its scatter-add backward.
+    z = torch.zeros_like(pre_dead).scatter(-1, local, torch.relu(values))
+    recon = z @ model.W_dec[dead_idx]
     target = residual.detach()
     return ((recon - target) ** 2).sum(-1).mean() / ((target - target.mean(0)) ** 2).sum(-1).mean().clamp_min(1e-12)
 
@@ -115,6 +119,7 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
         model.init_from_data(x0, y0)
     opt = torch.optim.Adam([model.W_enc, model.b_enc, model.W_dec, model.b_dec], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     topk = spec.model.activation == "topk"
+    bf16 = cfg.precision == "bf16"
     rows_since_fired = torch.zeros(spec.model.d_sae, dtype=torch.long)
     curves = CurveWriter(curves_dir, CURVES)
     started, step, epoch = time.perf_counter(), 0, 0
@@ -130,7 +135,9 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
                     group["lr"] = lr
 
                 # Forward: encoder, sparse code, decoder
-                pre = model.pre_acts(x)  # [B, d_sae]
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    pre = model.pre_acts(x)  # [B, d_sae]
+                pre = pre.float()
                 if topk:
                     values, indices = model.sparse_code(pre)  # [B, k] each
                     y_hat = model.decode_sparse(values, indices)

@@ -1,7 +1,9 @@
 """The built-in subject: an attention-model policy for the travelling-salesman problem.
 
 Shape (after Kool et al.'s attention model): a linear embedding of the city coordinates, a stack
-of post-norm self-attention blocks (``encoder.layers.{i}``; each block's output is the residual
+of post-norm self-attention blocks (BatchNorm over cities by default, as in that paper; its
+layers relate to each other far less linearly than LayerNorm's, which makes transcoders between
+them a meaningful test) (``encoder.layers.{i}``; each block's output is the residual
 stream after that block), and a pointer decoder that builds the tour one city at a time from a
 context of (graph mean, first city, last city). The tour always starts at city 0, so greedy
 decoding is deterministic and teacher forcing has only the two tour directions to consider.
@@ -23,20 +25,32 @@ class PolicyConfig:
     n_heads: int = 8
     d_ff: int = 512
     logit_clip: float = 10.0
+    norm: str = "batch"  # "layer" (LayerNorm) | "batch" (BatchNorm over all cities, as in Kool et al.)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+class TokenBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d over every city of every instance: [B, N, d] -> [B, N, d]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.reshape(-1, x.shape[-1])).view_as(x)
+
+
+def make_norm(cfg: PolicyConfig) -> nn.Module:
+    return TokenBatchNorm(cfg.d_model) if cfg.norm == "batch" else nn.LayerNorm(cfg.d_model)
+
+
 class EncoderLayer(nn.Module):
-    """Self-attention block: x = LN(x + MHA(x)); x = LN(x + FF(x))."""
+    """Self-attention block: x = Norm(x + MHA(x)); x = Norm(x + FF(x))."""
 
     def __init__(self, cfg: PolicyConfig):
         super().__init__()
         self.attn = nn.MultiheadAttention(cfg.d_model, cfg.n_heads, batch_first=True)
-        self.norm_attn = nn.LayerNorm(cfg.d_model)
+        self.norm_attn = make_norm(cfg)
         self.mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.ReLU(), nn.Linear(cfg.d_ff, cfg.d_model))
-        self.norm_mlp = nn.LayerNorm(cfg.d_model)
+        self.norm_mlp = make_norm(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm_attn(x + self.attn(x, x, x, need_weights=False)[0])

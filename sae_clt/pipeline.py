@@ -51,6 +51,12 @@ def ensure_indexed(paths: Paths, experiment_id: str) -> bool:
 
 
 def run_experiment(spec_path: Path, force: bool = False) -> None:
+    from .errors import SpecError
+    from .validation import validate_files
+
+    problems = validate_files([spec_path], check_index=False)  # fail fast, before DVC starts
+    if problems:
+        raise SpecError(str(spec_path), problems)
     resolved = resolve_experiment(spec_path)
     paths = resolved.paths
     if not (paths.root / "dvc.yaml").exists():

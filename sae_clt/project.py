@@ -113,10 +113,13 @@ def resolve_experiment(spec_path: str | Path) -> Resolved:
     for field in ("source", "target"):
         point = getattr(experiment, field)
         if point not in collected:
+            from .spec import read_yaml
+
+            line = read_yaml(spec_path)[1].get((field,), 1)
             raise SpecError(
                 str(spec_path),
                 [
-                    f"{spec_path}: {field}: hook point '{point}' is not collected by dataset '{dataset.id}'; "
+                    f"{spec_path}:{line}: {field}: hook point '{point}' is not collected by dataset '{dataset.id}'; "
                     f"collected: {', '.join(collected)} (add it to {paths.dataset_spec(dataset.id).relative_to(paths.root)} collect.hook_points)"
                 ],
             )

@@ -107,6 +107,10 @@ def render_report(spec: ExperimentSpec, eval_metrics_path: Path, train_metrics_p
         "plots": make_plots(curves_dir, load_file(eval_tensors_path)),
     }
     written = []
+    for name, svg in sorted(context["plots"].items()):  # the Markdown report links these files
+        path = out_dir / f"{name}.svg"
+        atomic_write_text(path, svg)
+        written.append(path)
     for fmt in ("md", "html"):
         env = Environment(
             loader=PackageLoader("sae_clt", "templates"),

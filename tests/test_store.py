@@ -1,0 +1,63 @@
+"""The activation store: storage dtypes, and clear errors for damaged stores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from sae_clt.errors import DataError
+from sae_clt.store import ActivationStore, StoreWriter
+
+
+def _write(folder, dtype="float32", rows=50):
+    writer = StoreWriter(folder, {"h": 4}, dtype, {"n_instances": rows})
+    x = torch.randn(rows, 4)
+    prov = {"instance_id": torch.arange(rows), "position": torch.zeros(rows, dtype=torch.int32)}
+    writer.write_shard({"h": x}, prov, torch.arange(rows))
+    writer.finish()
+    return x
+
+
+@pytest.mark.parametrize("dtype,torch_dtype,tol", [("float32", torch.float32, 0), ("float16", torch.float16, 1e-2), ("bfloat16", torch.bfloat16, 5e-2)])
+def test_store_keeps_the_requested_dtype_and_reads_back_float32(tmp_path, dtype, torch_dtype, tol):
+    x = _write(tmp_path, dtype)
+    with safe_open(str(tmp_path / "shard_00000.safetensors"), framework="pt") as f:
+        assert f.get_tensor("h").dtype == torch_dtype
+    back = ActivationStore.open(tmp_path).read_shard(0, ["h"])["h"]
+    assert back.dtype == torch.float32
+    assert torch.allclose(back, x, atol=tol, rtol=tol)
+
+
+def test_corrupted_shard_fails_checksum_naming_the_file(tmp_path):
+    _write(tmp_path)
+    shard = tmp_path / "shard_00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="shard_00000.safetensors: checksum does not match"):
+        ActivationStore.open(tmp_path).verify()
+
+
+def test_truncated_shard_read_names_the_file(tmp_path):
+    _write(tmp_path)
+    shard = tmp_path / "shard_00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(DataError, match="shard_00000.safetensors"):
+        ActivationStore.open(tmp_path).read_shard(0, ["h"])
+
+
+def test_store_without_manifest_is_incomplete(tmp_path):
+    _write(tmp_path)
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(DataError, match="manifest.json missing"):
+        ActivationStore.open(tmp_path)
+
+
+def test_nan_activation_is_refused_naming_hook_and_row(tmp_path):
+    writer = StoreWriter(tmp_path, {"h": 4}, "float32", {"n_instances": 3})
+    x = torch.randn(3, 4)
+    x[1, 2] = float("nan")
+    prov = {"instance_id": torch.tensor([7, 8, 9]), "position": torch.zeros(3, dtype=torch.int32)}
+    with pytest.raises(DataError, match="hook 'h' has NaN or inf in row 1 \\(instance 8\\)"):
+        writer.write_shard({"h": x}, prov, torch.arange(3))

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-
 pytestmark = pytest.mark.skipif(subprocess.run([sys.executable, "-m", "dvc", "--version"], capture_output=True).returncode != 0,
                                 reason="dvc not installed")
 

@@ -62,6 +62,10 @@ class Paths:
     def dictionary_dir(self, eid: str) -> Path:
         return self.root / "runs" / "experiments" / eid / "dictionary"
 
+    def checkpoint_dir(self, eid: str) -> Path:
+        """Resumable training state: beside the dictionary, not a DVC output (DVC clears those)."""
+        return self.root / "runs" / "experiments" / eid / "checkpoint"
+
     def curves_dir(self, eid: str) -> Path:
         return self.root / "metrics" / eid / "curves"
 

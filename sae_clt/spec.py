@@ -149,6 +149,7 @@ class TrainSection(StrictModel):
     dead_after_rows: int = Field(200_000, ge=1, description="A latent silent for this many rows counts as dead.")
     grad_clip: float = Field(1.0, gt=0)
     log_every: int = Field(10, ge=1, description="Training curves get a row every this many steps.")
+    checkpoint_every: int = Field(50, ge=0, description="Steps between resumable checkpoints (0 = none); a killed run resumes from the last one.")
 
 
 class EvaluateSection(StrictModel):

@@ -80,7 +80,8 @@ def stage_train(spec_path: Path) -> None:
 
     resolved, store, norm = _experiment(spec_path)
     p, eid = resolved.paths, resolved.experiment.id
-    train(resolved.experiment, store, norm, p.dictionary_dir(eid), p.curves_dir(eid), p.train_metrics(eid), log=_log)
+    train(resolved.experiment, store, norm, p.dictionary_dir(eid), p.curves_dir(eid), p.train_metrics(eid), log=_log,
+          checkpoint_dir=p.checkpoint_dir(eid))
 
 
 def stage_evaluate(spec_path: Path) -> None:

@@ -16,8 +16,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import DataError
 from .io import read_json, save_safetensors, write_json
@@ -119,6 +121,24 @@ class StoreWriter:
         return manifest
 
 
+class _ShardEntry(BaseModel):
+    file: str = Field(pattern=r"^shard_\d{5}\.safetensors$")  # a plain name: cannot point outside the store
+    rows: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class _Manifest(BaseModel):
+    """The fields readers rely on; anything else in the manifest is carried along unchecked."""
+
+    model_config = ConfigDict(extra="allow")
+    schema_version: int
+    hook_points: dict[str, int]
+    dtype: Literal["float32", "float16", "bfloat16"]
+    n_rows: int = Field(ge=0)
+    n_instances: int = Field(ge=0)
+    shards: list[_ShardEntry]
+
+
 @dataclass
 class ActivationStore:
     folder: Path
@@ -132,10 +152,17 @@ class ActivationStore:
             raise DataError(f"{folder}: no activation store here ({MANIFEST} missing; the collect stage has not finished)")
         try:
             manifest = read_json(path)
-        except ValueError as exc:
+        except (ValueError, UnicodeDecodeError) as exc:
             raise DataError(f"{path}: not valid JSON: {exc}") from None
-        if manifest.get("schema_version") != SCHEMA_VERSION:
-            raise DataError(f"{path}: schema_version {manifest.get('schema_version')!r}, this saeclt reads {SCHEMA_VERSION}")
+        if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
+            version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+            raise DataError(f"{path}: schema_version {version!r}, this saeclt reads {SCHEMA_VERSION}")
+        try:
+            _Manifest.model_validate(manifest)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(p) for p in err["loc"])
+            raise DataError(f"{path}: {field}: {err['msg']} (the manifest is damaged; recollect the store)") from None
         return cls(folder, manifest)
 
     @property

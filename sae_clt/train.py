@@ -17,12 +17,12 @@ import torch
 
 from .dictionary import Dictionary, DictionaryConfig
 from .errors import PipelineError
-from .io import atomic_write_text, write_json
+from .io import atomic_write_text, read_json, save_safetensors, write_json
 from .metrics import fvu_batch
 from .normalize import Normalization, PairLoader
 from .progress import progress_bar
 from .provenance import output_meta
-from .spec import ExperimentSpec
+from .spec import ExperimentSpec, spec_hash
 from .store import ActivationStore
 
 TRAIN_SECTIONS = ["dataset", "source", "target", "model", "train"]
@@ -102,8 +102,61 @@ class CurveWriter:
             atomic_write_text(self.folder / f"{name}.tsv", "\n".join(lines) + "\n")
 
 
+class TrainState:
+    """Everything a resumed run needs to continue exactly where a killed one stopped: weights,
+    Adam moments, the dead-latent clock, the loader position and the curves so far."""
+
+    FILE, META = "state.safetensors", "state.json"
+
+    def __init__(self, folder: Path, fingerprint: str):
+        self.folder = Path(folder)
+        self.fingerprint = fingerprint  # spec hash of the training sections: a changed spec never resumes
+
+    def save(self, model: Dictionary, opt: torch.optim.Optimizer, rows_since_fired: torch.Tensor, step: int,
+             epoch: int, batch_in_epoch: int, curves: "CurveWriter") -> None:
+        tensors = {f"model.{k}": v.detach() for k, v in model.state_dict().items()}
+        opt_state = opt.state_dict()["state"]
+        for idx, state in opt_state.items():
+            for name, value in state.items():
+                tensors[f"opt.{idx}.{name}"] = value.detach().reshape(-1) if name == "step" else value.detach()
+        tensors["rows_since_fired"] = rows_since_fired
+        save_safetensors(self.folder / self.FILE, tensors)
+        # The JSON goes last: a checkpoint counts only once its JSON names the step it holds.
+        write_json(self.folder / self.META, {"fingerprint": self.fingerprint, "step": step, "epoch": epoch,
+                                             "batch_in_epoch": batch_in_epoch, "curves": curves.rows})
+
+    def load(self, model: Dictionary, opt: torch.optim.Optimizer, rows_since_fired: torch.Tensor, curves: "CurveWriter"):
+        """Restore into the given objects; returns (step, epoch, batch_in_epoch) or None."""
+        from safetensors.torch import load_file
+
+        meta_path, file = self.folder / self.META, self.folder / self.FILE
+        if not meta_path.exists() or not file.exists():
+            return None
+        try:
+            meta = read_json(meta_path)
+            tensors = load_file(file)
+        except Exception:  # noqa: BLE001 - a damaged checkpoint is discarded, never trusted
+            return None
+        if meta.get("fingerprint") != self.fingerprint:
+            return None
+        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        state = opt.state_dict()
+        for key, value in tensors.items():
+            if key.startswith("opt."):
+                _, idx, name = key.split(".", 2)
+                state["state"].setdefault(int(idx), {})[name] = value.reshape(()) if name == "step" else value
+        opt.load_state_dict(state)
+        rows_since_fired.copy_(tensors["rows_since_fired"])
+        curves.rows = {k: list(v) for k, v in meta["curves"].items()}
+        return meta["step"], meta["epoch"], meta["batch_in_epoch"]
+
+    def clear(self) -> None:
+        for name in (self.META, self.FILE):
+            (self.folder / name).unlink(missing_ok=True)
+
+
 def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out_dir: Path, curves_dir: Path,
-          metrics_path: Path, log=print) -> dict:
+          metrics_path: Path, log=print, checkpoint_dir: Path | None = None) -> dict:
     cfg = spec.train
     torch.manual_seed(cfg.seed)
     loader = PairLoader(store, norm, spec.source, spec.target, "train", cfg.batch_size, cfg.seed, drop_last=True)
@@ -113,80 +166,103 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
     total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = int(cfg.warmup_frac * total_steps)
 
+    # Model, optimiser and the state a checkpoint carries
     model = make_dictionary(spec, store, norm)
     if cfg.init == "data":
         x0, y0 = sample_rows(loader, spec.model.d_sae, cfg.seed)
         model.init_from_data(x0, y0)
     opt = torch.optim.Adam([model.W_enc, model.b_enc, model.W_dec, model.b_dec], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    topk = spec.model.activation == "topk"
-    bf16 = cfg.precision == "bf16"
     rows_since_fired = torch.zeros(spec.model.d_sae, dtype=torch.long)
     curves = CurveWriter(curves_dir, CURVES)
-    started, step, epoch = time.perf_counter(), 0, 0
+    step, epoch, skip = 0, 0, 0
+    state = TrainState(checkpoint_dir, spec_hash(spec, TRAIN_SECTIONS)) if checkpoint_dir and cfg.checkpoint_every else None
+    if state is not None:
+        resumed = state.load(model, opt, rows_since_fired, curves)
+        if resumed is not None:
+            step, epoch, skip = resumed
+            log(f"train {spec.id}: resuming from the checkpoint at step {step}")
+    started, steps_at_start = time.perf_counter(), step
     last = {}
 
     with progress_bar(total_steps, desc=f"train {spec.id}", unit="step") as bar:
+        bar.update(step)
         while step < total_steps:
-            for x, y in loader.epoch(epoch):
+            for batch_index, (x, y) in enumerate(loader.epoch(epoch)):
+                if batch_index < skip:  # already trained on before the interruption
+                    continue
                 if step >= total_steps:
                     break
                 lr = cfg.lr * lr_factor(step, total_steps, warmup, cfg.decay)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-
-                # Forward: encoder, sparse code, decoder
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    pre = model.pre_acts(x)  # [B, d_sae]
-                pre = pre.float()
-                if topk:
-                    values, indices = model.sparse_code(pre)  # [B, k] each
-                    y_hat = model.decode_sparse(values, indices)
-                    fired = torch.zeros(spec.model.d_sae, dtype=torch.bool)
-                    fired[indices[values > 0]] = True
-                    l1 = values.sum(-1).mean()
-                    l0 = float((values > 0).sum(-1).float().mean())
-                else:
-                    z = torch.relu(pre)
-                    y_hat = model.decode(z)
-                    fired = (z > 0).any(0)
-                    l1 = (z * model.W_dec.norm(dim=1)).sum(-1).mean()
-                    l0 = float((z > 0).sum(-1).float().mean())
-
-                # Loss: reconstruction + sparsity + AuxK on latents silent for too long
-                rows_since_fired += x.shape[0]
-                rows_since_fired[fired] = 0
-                dead = rows_since_fired >= cfg.dead_after_rows
-                mse = ((y_hat - y) ** 2).sum(-1).mean()
-                loss = mse + cfg.l1_coeff * l1
-                aux = aux_k_loss(model, pre, y - y_hat, dead, cfg.aux_k) if topk and cfg.aux_k else pre.new_zeros(())
-                loss = loss + cfg.aux_coeff * aux
-                if not torch.isfinite(loss):
-                    raise PipelineError(f"train {spec.id}: loss became {float(loss)} at step {step}; lower train.lr (now {cfg.lr})")
-
-                # Backward and update, keeping decoder rows at unit norm
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                model.remove_parallel_grad()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                model.normalize_decoder()
-
+                metrics = train_step(model, opt, x, y, rows_since_fired, cfg, spec.model.activation == "topk", lr)
+                if not math.isfinite(metrics["loss"]):
+                    kept = f"; the checkpoint of step {read_json(state.folder / state.META)['step']} is kept" if state and (state.folder / state.META).exists() else ""
+                    raise PipelineError(f"train {spec.id}: loss became {metrics['loss']} at step {step}; lower train.lr (now {cfg.lr}){kept}")
                 if step % cfg.log_every == 0 or step == total_steps - 1:
-                    last = {"loss": float(loss.detach()), "mse": float(mse.detach()), "aux_loss": float(aux.detach()), "fvu": fvu_batch(y, y_hat.detach()),
-                            "l0": l0, "dead_fraction": float(dead.double().mean()), "lr": lr}
+                    last = {**metrics, "lr": lr}
                     curves.add(step, last)
-                    bar.set_postfix(fvu=f"{last['fvu']:.4f}", l0=f"{l0:.1f}", dead=f"{last['dead_fraction']:.3f}")
+                    bar.set_postfix(fvu=f"{last['fvu']:.4f}", l0=f"{last['l0']:.1f}", dead=f"{last['dead_fraction']:.3f}")
                 step += 1
                 bar.update(1)
-            epoch += 1
+                if state is not None and step % cfg.checkpoint_every == 0 and step < total_steps:
+                    state.save(model, opt, rows_since_fired, step, epoch, batch_index + 1, curves)
+            epoch, skip = epoch + 1, 0
 
+    # Outputs: curves, the dictionary with its config, the training summary
     seconds = time.perf_counter() - started
     curves.flush()
     meta = output_meta(spec, cfg.seed, TRAIN_SECTIONS)
     model.save(out_dir, meta, extra_cfg={"dataset": spec.dataset, "steps": total_steps})
     rows_seen = total_steps * cfg.batch_size
-    write_json(out_dir / "train_log.json", {"seconds": seconds, "rows_per_second": rows_seen / seconds})
+    rate = (step - steps_at_start) * cfg.batch_size / max(seconds, 1e-9)
+    write_json(out_dir / "train_log.json", {"seconds": seconds, "rows_per_second": rate, "resumed_at_step": steps_at_start})
     summary = {"steps": total_steps, "rows_seen": rows_seen, "final": last, "meta": meta}
     write_json(metrics_path, summary)
-    log(f"trained {spec.id}: {total_steps} steps, {rows_seen / seconds:,.0f} rows/s, last batch FVU {last.get('fvu', float('nan')):.4f}")
+    if state is not None:
+        state.clear()
+    log(f"trained {spec.id}: {total_steps} steps, {rate:,.0f} rows/s, last batch FVU {last.get('fvu', float('nan')):.4f}")
     return summary
+
+
+def train_step(model: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               rows_since_fired: torch.Tensor, cfg, topk: bool, lr: float) -> dict[str, float]:
+    """One optimisation step; updates ``rows_since_fired`` in place; returns the step's metrics."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+    # Forward: encoder (optionally bf16), sparse code, decoder
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        pre = model.pre_acts(x)  # [B, d_sae]
+    pre = pre.float()
+    if topk:
+        values, indices = model.sparse_code(pre)  # [B, k] each
+        y_hat = model.decode_sparse(values, indices)  # [B, d_out]
+        fired = torch.zeros_like(rows_since_fired, dtype=torch.bool)
+        fired[indices[values > 0]] = True
+        l1 = values.sum(-1).mean()
+        l0 = float((values > 0).sum(-1).float().mean())
+    else:
+        z = torch.relu(pre)
+        y_hat = model.decode(z)
+        fired = (z > 0).any(0)
+        l1 = (z * model.W_dec.norm(dim=1)).sum(-1).mean()
+        l0 = float((z > 0).sum(-1).float().mean())
+
+    # Loss: reconstruction + sparsity + AuxK on latents silent for too long
+    rows_since_fired += x.shape[0]
+    rows_since_fired[fired] = 0
+    dead = rows_since_fired >= cfg.dead_after_rows
+    mse = ((y_hat - y) ** 2).sum(-1).mean()
+    aux = aux_k_loss(model, pre, y - y_hat, dead, cfg.aux_k) if topk and cfg.aux_k else pre.new_zeros(())
+    loss = mse + cfg.l1_coeff * l1 + cfg.aux_coeff * aux
+    if not torch.isfinite(loss):
+        return {"loss": float(loss.detach())}
+
+    # Backward and update, keeping decoder rows at unit norm
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    model.remove_parallel_grad()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    model.normalize_decoder()
+    return {"loss": float(loss.detach()), "mse": float(mse.detach()), "aux_loss": float(aux.detach()),
+            "fvu": fvu_batch(y, y_hat.detach()), "l0": l0, "dead_fraction": float(dead.double().mean())}

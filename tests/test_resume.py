@@ -1,0 +1,67 @@
+"""A training run killed with SIGKILL resumes from its last checkpoint and ends with exactly
+the weights and curves of an uninterrupted run (same machine, CPU)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from sae_clt.project import Paths
+
+
+def _prepare(built_project, dest):
+    shutil.copytree(built_project, dest)
+    spec = dest / "specs" / "tiny_sae.yaml"
+    spec.write_text(spec.read_text().replace("epochs: 2,", "epochs: 30, checkpoint_every: 5,"))
+    shutil.rmtree(Paths(dest).dictionary_dir("tiny_sae"), ignore_errors=True)
+    return dest
+
+
+def _train(root):
+    return subprocess.Popen([sys.executable, "-m", "sae_clt", "stage", "train", "specs/tiny_sae.yaml"], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+
+
+def test_killed_training_resumes_to_identical_weights(built_project, tmp_path):
+    whole = _prepare(built_project, tmp_path / "whole")
+    killed = _prepare(built_project, tmp_path / "killed")
+
+    proc = _train(whole)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+
+    proc = _train(killed)
+    state = Paths(killed).checkpoint_dir("tiny_sae") / "state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and '"step": 1' in state.read_text():  # a checkpoint past step 100
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (Paths(killed).dictionary_dir("tiny_sae") / "dictionary.safetensors").exists()
+
+    proc = _train(killed)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "resuming from the checkpoint at step" in err
+    a, b = Paths(whole), Paths(killed)
+    assert (a.dictionary_dir("tiny_sae") / "dictionary.safetensors").read_bytes() == (b.dictionary_dir("tiny_sae") / "dictionary.safetensors").read_bytes()
+    assert a.train_metrics("tiny_sae").read_text() == b.train_metrics("tiny_sae").read_text()
+    assert (a.curves_dir("tiny_sae") / "loss.tsv").read_text() == (b.curves_dir("tiny_sae") / "loss.tsv").read_text()
+    assert not (b.checkpoint_dir("tiny_sae") / "state.json").exists()  # cleared once the run completes
+
+
+def test_changed_spec_does_not_resume_a_stale_checkpoint(built_project, tmp_path):
+    root = _prepare(built_project, tmp_path / "stale")
+    folder = Paths(root).checkpoint_dir("tiny_sae")
+    folder.mkdir(parents=True)
+    (folder / "state.json").write_text('{"fingerprint": "0000", "step": 3, "epoch": 0, "batch_in_epoch": 3, "curves": {}}')
+    (folder / "state.safetensors").write_bytes(b"not a checkpoint")
+    proc = _train(root)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "resuming" not in err

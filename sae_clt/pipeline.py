@@ -7,6 +7,7 @@ reruns nothing; a changed spec section reruns only what depends on it).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -34,7 +35,7 @@ def dvc(root: Path, *args: str, check: bool = True) -> int:
             tail = (tail + [line])[-50:]
     if check and proc.returncode != 0:
         err = "".join(tail)
-        if "Unable to acquire lock" in err or "is locked" in err:
+        if "Unable to acquire lock" in err or "is locked" in err or "is busy, it is being blocked by" in err:
             raise PipelineError("another saeclt/dvc run holds this project's lock; wait for it to finish "
                                 "(if none is running, remove the stale .dvc/tmp/lock)")
         raise PipelineError(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}); the stage's own error is above")
@@ -50,6 +51,33 @@ def ensure_indexed(paths: Paths, experiment_id: str) -> bool:
     return (paths.root / "params.yaml").read_text() != before
 
 
+@contextlib.contextmanager
+def project_lock(root: Path, what: str):
+    """One `saeclt run` per project at a time. An OS-level lock (flock) on a file in .dvc/tmp:
+    it dies with its process, so a killed run never leaves a stale lock behind."""
+    import fcntl
+
+    path = root / ".dvc" / "tmp" / "saeclt-run.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise PipelineError(f"another saeclt run is in progress in this project ({holder}); "
+                                "wait for it to finish, or stop it, then run again") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}, {what}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+
+
 def run_experiment(spec_path: Path, force: bool = False) -> None:
     from .errors import SpecError
     from .validation import validate_files
@@ -63,13 +91,14 @@ def run_experiment(spec_path: Path, force: bool = False) -> None:
         raise PipelineError(f"{paths.root}: no dvc.yaml; run saeclt from a saeclt project")
     if not (paths.root / ".dvc").is_dir():
         dvc(paths.root, "init", "--quiet")
-    if ensure_indexed(paths, resolved.experiment.id):
-        print(f"params.yaml: indexed experiment '{resolved.experiment.id}'", file=sys.stderr)
     eid = resolved.experiment.id
-    args = ["repro", f"report@{eid}", f"export@{eid}"]
-    if force:
-        args.insert(1, "--force")
-    dvc(paths.root, *args)
+    with project_lock(paths.root, f"saeclt run {spec_path}"):
+        if ensure_indexed(paths, eid):
+            print(f"params.yaml: indexed experiment '{eid}'", file=sys.stderr)
+        args = ["repro", f"report@{eid}", f"export@{eid}"]
+        if force:
+            args.insert(1, "--force")
+        dvc(paths.root, *args)
 
 
 def run_all(root: Path | None = None) -> None:

@@ -60,3 +60,24 @@ def test_run_with_bad_spec_fails_fast_without_traceback(dvc_project):
     assert proc.returncode == 2
     assert "tiny_sae.yaml:" in proc.stderr and "unknown key 'modle'" in proc.stderr and "did you mean 'model'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_second_run_while_one_is_running_refuses_with_a_clear_message(dvc_project):
+    import time
+
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    first = subprocess.Popen([sys.executable, "-m", "sae_clt", "run", "specs/tiny_sae.yaml"], cwd=dvc_project, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not (dvc_project / "runs" / "subjects").exists() and time.time() < deadline:
+            time.sleep(0.05)  # the first run is inside its subject stage, holding DVC's lock
+        second = saeclt(dvc_project, "run", "specs/tiny_sae.yaml")
+        assert second.returncode == 4
+        assert "another saeclt run is in progress in this project (pid" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        first.communicate(timeout=300)
+    assert first.returncode == 0
+    # The lock goes with the process: a later run proceeds (nothing left to do).
+    assert saeclt(dvc_project, "run", "specs/tiny_sae.yaml").returncode == 0

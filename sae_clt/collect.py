@@ -19,6 +19,25 @@ from .provenance import output_meta
 from .spec import DatasetSpec
 from .store import StoreWriter
 
+BYTES_PER_VALUE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def estimated_store_bytes(n_rows: int, dims: dict[str, int], dtype: str) -> int:
+    """Shard payload: activations plus 12 bytes of provenance per row (headers are negligible)."""
+    return n_rows * (sum(dims.values()) * BYTES_PER_VALUE[dtype] + 12)
+
+
+def check_free_disk(store_dir: Path, n_rows: int, dims: dict[str, int], dtype: str) -> None:
+    from .errors import DataError
+
+    need = estimated_store_bytes(n_rows, dims, dtype)
+    existing = next(p for p in [store_dir, *store_dir.parents] if p.exists())
+    free = shutil.disk_usage(existing).free
+    if need * 1.05 > free:
+        raise DataError(f"{store_dir}: the store needs about {need / 1e9:.2f} GB ({n_rows} rows x {sum(dims.values())} values, {dtype}); "
+                        f"only {free / 1e9:.2f} GB are free there. Free space, store fewer rows, use float16, "
+                        "or point $ACTIVATIONS_ROOT at a larger disk")
+
 
 def collect(dataset: DatasetSpec, subject, store_dir: Path) -> dict:
     """Write ``dataset``'s activation store from a loaded ``subject``; returns the manifest."""
@@ -56,7 +75,9 @@ def collect(dataset: DatasetSpec, subject, store_dir: Path) -> dict:
                     "n_instances": cfg.n_instances,
                     "meta": output_meta(dataset, cfg.seed, ["subject", "collect"]),
                 }
-                writer = StoreWriter(store_dir, dims, cfg.dtype, meta)
+                rows_per_instance = store[points[0]].reshape(-1, dims[points[0]]).shape[0] // inputs.shape[0]
+                check_free_disk(store_dir, cfg.n_instances * rows_per_instance, dims, cfg.dtype)
+                writer = StoreWriter(store_dir, dims, cfg.dtype, meta, drop_nonfinite=cfg.drop_nonfinite)
             for p in points:
                 pending_acts[p].append(store[p].reshape(-1, store[p].shape[-1]).float())
             for k, v in provenance.items():

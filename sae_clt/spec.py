@@ -87,6 +87,7 @@ class CollectSection(StrictModel):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     instances_per_shard: int = Field(2048, ge=1)
     batch_size: int = Field(512, ge=1, description="Subject forward-pass batch size.")
+    drop_nonfinite: bool = Field(False, description="Drop rows with NaN/inf at any hook point (counted in the manifest) instead of stopping.")
 
     @field_validator("hook_points")
     def _unique(cls, value: list[str]) -> list[str]:

@@ -69,7 +69,9 @@ def _experiment(spec_path: Path):
 
     resolved = resolve_experiment(spec_path)
     store = ActivationStore.open(resolved.paths.store_dir(resolved.dataset.id))
-    exp = resolved.experiment
+    exp, collect = resolved.experiment, resolved.dataset.collect
+    store.check_matches(collect.hook_points, collect.dtype, collect.n_instances,
+                        str(resolved.paths.dataset_spec(resolved.dataset.id).relative_to(resolved.paths.root)))
     store.check_hooks([exp.source, exp.target], str(spec_path))
     norm = Normalization.load(resolved.paths.norm_dir(resolved.dataset.id))
     return resolved, store, norm

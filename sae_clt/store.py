@@ -80,8 +80,10 @@ class RunningStats:
 class StoreWriter:
     """Writes shards atomically and the manifest last, so a store with a manifest is complete."""
 
-    def __init__(self, folder: Path, hook_dims: dict[str, int], dtype: str, meta: dict):
+    def __init__(self, folder: Path, hook_dims: dict[str, int], dtype: str, meta: dict, drop_nonfinite: bool = False):
         self.folder = Path(folder)
+        self.drop_nonfinite = drop_nonfinite
+        self.dropped_rows = 0
         self.hook_dims = dict(hook_dims)
         self.dtype = dtype
         self.meta = meta
@@ -93,16 +95,27 @@ class StoreWriter:
     def write_shard(self, acts: dict[str, torch.Tensor], provenance: dict[str, torch.Tensor], perm: torch.Tensor) -> None:
         index = len(self.shards)
         name = f"shard_{index:05d}.safetensors"
+        finite = torch.ones(perm.numel(), dtype=torch.bool)
         for hook, x in acts.items():
             bad = ~torch.isfinite(x).all(dim=1)
-            if bad.any():
+            if bad.any() and not self.drop_nonfinite:
                 row = int(bad.nonzero()[0])
                 raise DataError(f"{self.folder / name}: hook '{hook}' has NaN or inf in row {row} "
-                                f"(instance {int(provenance['instance_id'][row])}); nothing after shard {index - 1} was kept")
-            self.stats[hook].update(x)
+                                f"(instance {int(provenance['instance_id'][row])}, position {int(provenance['position'][row])}); "
+                                f"shards before {name} were kept; set collect.drop_nonfinite: true to drop such rows")
+            finite &= ~bad
+        if not finite.all():  # drop_nonfinite: keep the finite rows, count the others
+            self.dropped_rows += int((~finite).sum())
+            perm = perm[finite[perm]]
+        for hook, x in acts.items():
+            self.stats[hook].update(x[finite])
         tensors = {hook: x[perm].to(DTYPES[self.dtype]) for hook, x in acts.items()}
         tensors.update({k: v[perm] for k, v in provenance.items()})
-        save_safetensors(self.folder / name, tensors)
+        try:
+            save_safetensors(self.folder / name, tensors)
+        except OSError as exc:
+            raise DataError(f"{self.folder / name}: cannot write shard ({exc.strerror or exc}); shards before it were kept, "
+                            "the store has no manifest and will be recollected") from None
         rows = int(perm.numel())
         self.shards.append({"file": name, "rows": rows, "sha256": sha256_file(self.folder / name)})
 
@@ -114,6 +127,7 @@ class StoreWriter:
             "n_rows": sum(s["rows"] for s in self.shards),
             "shards": self.shards,
             "provenance_fields": list(PROVENANCE_FIELDS),
+            "dropped_nonfinite_rows": self.dropped_rows,
             "stats": {hook: s.summary() for hook, s in self.stats.items()},
             **self.meta,
         }
@@ -178,6 +192,17 @@ class ActivationStore:
             if name not in self.hook_dims:
                 raise DataError(f"{self.folder / MANIFEST}: hook point '{name}' (from {where}) is not in this store; "
                                 f"it has: {', '.join(self.hook_dims)}")
+
+    def check_matches(self, hook_points: list[str], dtype: str, n_instances: int, where: str) -> None:
+        """Fail before training if the store on disk was collected under a different spec."""
+        m, path = self.manifest, self.folder / MANIFEST
+        if sorted(m["hook_points"]) != sorted(hook_points):
+            raise DataError(f"{path}: hook points {sorted(m['hook_points'])} differ from {where} collect.hook_points "
+                            f"{sorted(hook_points)}; the store is stale: recollect it (saeclt run / dvc repro)")
+        if m["dtype"] != dtype:
+            raise DataError(f"{path}: dtype {m['dtype']} differs from {where} collect.dtype {dtype}; recollect the store")
+        if m["n_instances"] != n_instances:
+            raise DataError(f"{path}: {m['n_instances']} instances, {where} collect.n_instances says {n_instances}; recollect the store")
 
     def verify(self) -> None:
         """Check every shard's size and checksum against the manifest."""

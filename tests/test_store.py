@@ -59,5 +59,41 @@ def test_nan_activation_is_refused_naming_hook_and_row(tmp_path):
     x = torch.randn(3, 4)
     x[1, 2] = float("nan")
     prov = {"instance_id": torch.tensor([7, 8, 9]), "position": torch.zeros(3, dtype=torch.int32)}
-    with pytest.raises(DataError, match="hook 'h' has NaN or inf in row 1 \\(instance 8\\)"):
+    with pytest.raises(DataError, match="hook .h. has NaN or inf in row 1 \\(instance 8, position 0\\).*drop_nonfinite"):
         writer.write_shard({"h": x}, prov, torch.arange(3))
+
+
+def test_drop_nonfinite_keeps_finite_rows_and_counts_the_rest(tmp_path):
+    writer = StoreWriter(tmp_path, {"h": 4, "g": 2}, "float32", {"n_instances": 5}, drop_nonfinite=True)
+    x, g = torch.randn(5, 4), torch.randn(5, 2)
+    x[1, 0] = float("inf")
+    g[3, 1] = float("nan")
+    prov = {"instance_id": torch.arange(5), "position": torch.zeros(5, dtype=torch.int32)}
+    writer.write_shard({"h": x, "g": g}, prov, torch.arange(5))
+    manifest = writer.finish()
+    assert manifest["n_rows"] == 3 and manifest["dropped_nonfinite_rows"] == 2
+    shard = ActivationStore.open(tmp_path).read_shard(0, ["h", "instance_id"])
+    assert shard["instance_id"].tolist() == [0, 2, 4]
+    assert torch.equal(shard["h"], x[[0, 2, 4]])
+
+
+def test_store_collected_under_another_spec_fails_before_training(tmp_path):
+    _write(tmp_path)
+    store = ActivationStore.open(tmp_path)
+    store.check_matches(["h"], "float32", 50, "specs/datasets/d.yaml")  # agrees: no error
+    with pytest.raises(DataError, match="dtype float32 differs from specs/datasets/d.yaml collect.dtype bfloat16"):
+        store.check_matches(["h"], "bfloat16", 50, "specs/datasets/d.yaml")
+    with pytest.raises(DataError, match="hook points \\['h'\\] differ"):
+        store.check_matches(["h", "k"], "float32", 50, "specs/datasets/d.yaml")
+
+
+def test_collection_refuses_to_start_without_enough_disk(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from sae_clt.collect import check_free_disk
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))
+    with pytest.raises(DataError, match="needs about 0.03 GB .* only 0.00 GB are free"):
+        check_free_disk(tmp_path / "store", 100_000, {"a": 64, "b": 64}, "float16")

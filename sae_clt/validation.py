@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import SpecError
+from .errors import DataError, SpecError
 from .project import Paths, find_root, index_problems, resolve_dataset, resolve_experiment
 from .spec import _spec_kind, load_spec, read_yaml
 
@@ -18,7 +18,10 @@ def _check_dataset_hooks(path: Path, paths: Paths) -> list[str]:
     from .subjects import subject_architecture
 
     dataset, subject_spec = resolve_dataset(paths, path.stem)
-    available = subject_architecture(subject_spec).hook_points()
+    try:
+        available = subject_architecture(subject_spec, paths.root).hook_points()
+    except (SpecError, DataError) as exc:
+        return [f"{path}: subject: {exc}"]
     _, lines = read_yaml(path)
     problems = []
     for i, point in enumerate(dataset.collect.hook_points):
@@ -28,8 +31,18 @@ def _check_dataset_hooks(path: Path, paths: Paths) -> list[str]:
             near = difflib.get_close_matches(point, available, n=3, cutoff=0.5)
             line = lines.get(("collect", "hook_points", i), 1)
             problems.append(f"{path}:{line}: collect.hook_points.{i}: subject '{subject_spec.id}' has no hook point '{point}'"
-                            + (f" (did you mean '{near[0]}'?)" if near else "") + f"; available: {', '.join(available)}")
+                            + (f" (did you mean '{near[0]}'?)" if near else "") + f"; available: {describe_available(point, available)}")
     return problems
+
+
+def describe_available(point: str, available: list[str], limit: int = 30) -> str:
+    """All hook points when there are few; otherwise those nearest the name given."""
+    if len(available) <= limit:
+        return ", ".join(available)
+    import difflib
+
+    near = difflib.get_close_matches(point, available, n=12, cutoff=0.3)
+    return f"{', '.join(near)} (the nearest of {len(available)}; module paths as model.named_modules() spells them)"
 
 
 def validate_files(files: list[Path], check_index: bool = True) -> list[str]:

@@ -7,7 +7,6 @@ provenance, ``forward()``, and ``task_metric()`` for causal checks.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -137,7 +136,7 @@ class TSPSubject:
                 "instance_id": ids.repeat_interleave(n),
                 "position": torch.arange(n, dtype=torch.int32).repeat(batch.shape[0]),
             }
-            yield batch, provenance
+            yield batch, provenance, None  # every row is kept
 
     def forward(self, inputs: torch.Tensor) -> None:
         self.model.encoder(inputs)
@@ -148,5 +147,8 @@ class TSPSubject:
         coords = eval_instances(self.spec)
         return {"mean_tour_length": float(tour_length(coords, self.model.greedy_tours(coords)).mean())}
 
-    def describe(self) -> str:
-        return json.dumps(self.spec.policy.model_dump())
+    def configure(self, dataset) -> None:
+        """TSP inputs are random instances drawn from the dataset's seed: nothing to set up."""
+
+    def prepare_task(self, dataset) -> None:
+        """The causal check uses the subject's own held-out instances."""

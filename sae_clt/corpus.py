@@ -1,7 +1,8 @@
 """Text corpora for language-model subjects, and their cutting into token windows.
 
 ``stdlib_docstrings`` needs nothing but Python: the docstrings of every module, class and
-function in this interpreter's standard library, read with ``ast`` (no module is imported, so
+function in this interpreter's standard library, and its long prose string literals (pydoc's
+help topics), read with ``ast`` (no module is imported, so
 nothing runs) in sorted file order. The same Python version gives the same corpus; its hash goes
 into the store's manifest.
 """
@@ -29,11 +30,13 @@ def stdlib_docstrings() -> list[str]:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
             continue
-        for node in [tree, *ast.walk(tree)]:
+        for node in ast.walk(tree):
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 doc = ast.get_docstring(node)
                 if doc and len(doc) >= 40:
                     docs.append(doc)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and len(node.value) >= 400:
+                docs.append(node.value.strip())  # long prose literals, e.g. pydoc's help topics
     return list(dict.fromkeys(docs))  # first occurrence of each, order kept
 
 

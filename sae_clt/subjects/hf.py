@@ -83,7 +83,15 @@ class HFSubject:
         return full[:start], full[start + len(plain):]
 
     def windows(self, n_windows: int):
-        """Token windows [n, L] built from the corpus stream, plus doc ids per content token."""
+        """Token windows [n, L] built from the corpus stream, plus doc ids per content token
+        (-1 for special tokens). Cached: the causal check asks for the same windows per variant."""
+        key = (self.text, n_windows)
+        if getattr(self, "_windows_key", None) != key:
+            self._windows = self._build_windows(n_windows)
+            self._windows_key = key
+        return self._windows
+
+    def _build_windows(self, n_windows: int):
         from ..corpus import read_documents, token_stream
 
         prefix, suffix = self._special_template()

@@ -29,6 +29,44 @@ EVAL_SECTIONS = ["dataset", "source", "target", "model", "train", "evaluate"]
 EVAL_TENSORS = "eval.safetensors"
 
 
+class TopActivations:
+    """The ``n`` largest activations of every latent over the evaluation rows, with the rows'
+    provenance, kept as a running top-n (no per-row Python loop)."""
+
+    def __init__(self, d_sae: int, n: int = 5):
+        self.n = n
+        self.values = torch.full((n, d_sae), -1.0)
+        self.instance = torch.zeros((n, d_sae), dtype=torch.long)
+        self.position = torch.zeros((n, d_sae), dtype=torch.long)
+
+    def update(self, z: torch.Tensor, instance_id: torch.Tensor, position: torch.Tensor) -> None:
+        k = min(self.n, z.shape[0])
+        values, rows = z.topk(k, dim=0)  # [k, d_sae]
+        values = torch.cat([self.values, values])
+        instance = torch.cat([self.instance, instance_id.long()[rows]])
+        pos = torch.cat([self.position, position.long()[rows]])
+        best, order = values.topk(self.n, dim=0)
+        self.values, self.instance, self.position = best, instance.gather(0, order), pos.gather(0, order)
+
+    def contexts(self, subject, n_features: int) -> list[dict]:
+        """The ``n_features`` latents with the largest activations, each with its top rows
+        described by the subject (text around the token, or the TSP instance and city)."""
+        peak = self.values[0]
+        features = [int(f) for f in peak.argsort(descending=True)[:n_features] if peak[f] > 0]
+        out = []
+        for f in features:
+            rows = []
+            for j in range(self.n):
+                value = float(self.values[j, f])
+                if value <= 0:
+                    break
+                inst, pos = int(self.instance[j, f]), int(self.position[j, f])
+                where = subject.describe_row(inst, pos) if subject is not None and hasattr(subject, "describe_row") else f"input {inst}, position {pos}"
+                rows.append({"activation": round(value, 5), "instance_id": inst, "position": pos, "context": where})
+            out.append({"feature": f, "examples": rows})
+        return out
+
+
 def fit_linear_baseline(loader: PairLoader, rank: int | None = None) -> torch.Tensor:
     """Least squares [x, 1] @ W ≈ y on the loader's rows (normal equations in float64, a tiny
     ridge for rank-deficient sources). Returns W [d_in + 1, d_out].
@@ -122,9 +160,11 @@ def evaluate(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, 
     d_out = store.hook_dims[target]
     recon, linear = ReconstructionMeter(d_out), ReconstructionMeter(d_out)
     sparsity = SparsityMeter(spec.model.d_sae)
+    top = TopActivations(spec.model.d_sae, n=5)
     with progress_bar(val_loader.steps_per_epoch(), desc=f"evaluate {spec.id}", unit="batch") as bar:
-        for x, y in val_loader.epoch(0):
+        for x, y, instance_id, position in val_loader.epoch(0, with_provenance=True):
             y_hat, z = model(x)
+            top.update(z, instance_id, position)
             y_raw = norm.invert(target, y)
             recon.update(y_raw, norm.invert(target, y_hat))
             linear.update(y_raw, norm.invert(target, apply_linear(w_lin, x)))
@@ -154,5 +194,6 @@ def evaluate(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, 
         "l0_counts": torch.tensor([sparsity.l0_hist.get(i, 0) for i in range(max(sparsity.l0_hist, default=0) + 1)]),
         "linear_W": w_lin,
     })
+    write_json(out_dir / "top_contexts.json", top.contexts(subject, n_features=16))
     write_json(metrics_path, metrics)
     return metrics

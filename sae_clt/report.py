@@ -105,6 +105,7 @@ def render_report(spec: ExperimentSpec, eval_metrics_path: Path, train_metrics_p
         "train": read_json(train_metrics_path),
         "subject": read_json(subject_metrics_path) if subject_metrics_path and subject_metrics_path.exists() else None,
         "plots": make_plots(curves_dir, load_file(eval_tensors_path)),
+        "top_contexts": read_json(eval_tensors_path.parent / "top_contexts.json") if (eval_tensors_path.parent / "top_contexts.json").exists() else [],
     }
     written = []
     for name, svg in sorted(context["plots"].items()):  # the Markdown report links these files

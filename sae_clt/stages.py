@@ -94,9 +94,9 @@ def stage_evaluate(spec_path: Path) -> None:
 
     resolved, store, norm = _experiment(spec_path)
     p, exp = resolved.paths, resolved.experiment
-    subject = load_subject(resolved.subject, p.subject_dir(resolved.subject.id), p.root) if exp.evaluate.causal else None
-    if subject is not None:
-        subject.prepare_task(resolved.dataset)
+    # The subject runs the causal check and describes the top-activating rows.
+    subject = load_subject(resolved.subject, p.subject_dir(resolved.subject.id), p.root)
+    subject.prepare_task(resolved.dataset)
     m = evaluate(exp, store, norm, p.dictionary_dir(exp.id), subject, p.eval_dir(exp.id), p.eval_metrics(exp.id))
     line = f"[evaluate] {exp.id}: FVU {m['reconstruction']['fvu']:.4f} (linear {m['linear_baseline']['fvu']:.4f}), L0 {m['sparsity']['l0']:.1f}, dead {m['sparsity']['dead_fraction']:.3f}"
     for metric, block in m.get("causal", {}).items():

@@ -55,7 +55,8 @@ def hf_project(tmp_path_factory):
     (root / "specs" / "subjects" / "tinybert.yaml").write_text(SUBJECT)
     (root / "specs" / "datasets" / "tiny_text.yaml").write_text(DATASET)
     (root / "specs" / "tiny_bert_sae.yaml").write_text(EXPERIMENT)
-    lines = [json.dumps({"text": f"Document {i} says the quick brown fox jumps over {i % 7} lazy dogs near river {i % 3}."}) for i in range(200)]
+    lines = [json.dumps({"text": f"Document {i} says the quick brown fox jumps over {i % 7} lazy dogs near <b>river</b> {i % 3}."})
+             for i in range(200)]
     (root / "corpus.jsonl").write_text("\n".join(lines) + "\n")
     for stage in ("subject", "collect", "normalize"):
         run_stage(stage, root / "specs" / ("subjects/tinybert.yaml" if stage == "subject" else "datasets/tiny_text.yaml"))
@@ -98,3 +99,11 @@ def test_missing_hook_point_lists_module_paths_near_the_name(hf_project):
         spec.write_text(original)
     assert len(problems) == 1
     assert "no hook point 'encoder.layers.0'" in problems[0] and "did you mean 'encoder.layer.0'" in problems[0]
+
+
+def test_report_shows_top_activating_text_with_the_token_marked_and_escaped(hf_project):
+    contexts = json.loads((Paths(hf_project).eval_dir("tiny_bert_sae") / "top_contexts.json").read_text())
+    assert contexts and all("«" in ex["context"] for item in contexts for ex in item["examples"])
+    html = (Paths(hf_project).report_dir("tiny_bert_sae") / "report.html").read_text()
+    assert "Top-activating examples" in html and "«" in html
+    assert "<b>" not in html and "&lt;" in html  # text from data is escaped, never markup

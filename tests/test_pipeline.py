@@ -86,6 +86,14 @@ def test_eval_metrics_have_every_section(built_project):
     assert tensors["r2_per_dim"].shape == (16,) and tensors["feature_density"].shape == (64,)
 
 
+def test_top_activating_rows_name_instance_and_city(built_project):
+    contexts = json.loads((Paths(built_project).eval_dir("tiny_sae") / "top_contexts.json").read_text())
+    assert 0 < len(contexts) <= 16
+    first = contexts[0]["examples"]
+    assert first[0]["context"].startswith("instance ") and ", city " in first[0]["context"]
+    assert [ex["activation"] for ex in first] == sorted((ex["activation"] for ex in first), reverse=True)
+
+
 def test_identity_patch_leaves_the_task_unchanged(built_project):
     from sae_clt.hooks import patching
     from sae_clt.project import resolve_experiment

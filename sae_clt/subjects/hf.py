@@ -126,8 +126,16 @@ class HFSubject:
     def forward(self, inputs: dict) -> None:
         self.model(**inputs)
 
-    def decode_token(self, token_id: int) -> str:
-        return self.tokenizer.convert_ids_to_tokens(int(token_id))
+    def describe_row(self, instance_id: int, position: int, width: int = 8) -> str:
+        """The text around a token of a collected window, the token itself in «»."""
+        ids = self.windows(self._collected + self.spec.evaluate.n_windows)[0][instance_id].tolist()
+        special = set(self.tokenizer.all_special_ids)
+
+        def text(part: list[int]) -> str:
+            return self.tokenizer.decode([t for t in part if t not in special])
+
+        before, token, after = ids[max(0, position - width):position], ids[position:position + 1], ids[position + 1:position + 1 + width]
+        return f"{text(before)} «{text(token)}» {text(after)}".strip()
 
     @torch.no_grad()
     def task_metric(self) -> dict:

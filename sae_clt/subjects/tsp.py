@@ -147,6 +147,9 @@ class TSPSubject:
         coords = eval_instances(self.spec)
         return {"mean_tour_length": float(tour_length(coords, self.model.greedy_tours(coords)).mean())}
 
+    def describe_row(self, instance_id: int, position: int) -> str:
+        return f"instance {instance_id}, city {position}"
+
     def configure(self, dataset) -> None:
         """TSP inputs are random instances drawn from the dataset's seed: nothing to set up."""
 

@@ -80,7 +80,7 @@ def token_stream(docs: list[str], tokenizer, max_tokens: int) -> tuple[list[int]
     tokens: list[int] = []
     doc_ids: list[int] = []
     for doc_id, doc in enumerate(docs):
-        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"]
         tokens += ids
         doc_ids += [doc_id] * len(ids)
         if len(tokens) >= max_tokens:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .hooks import StopForward, recording
+from .hooks import StopForward, expand_hook_points, recording
 from .progress import progress_bar
 from .provenance import output_meta
 from .spec import DatasetSpec
@@ -54,8 +54,8 @@ def within_norm_bound(acts: dict[str, torch.Tensor], keep: torch.Tensor, multipl
 def collect(dataset: DatasetSpec, subject, store_dir: Path) -> dict:
     """Write ``dataset``'s activation store from a loaded ``subject``; returns the manifest."""
     cfg = dataset.collect
-    points = cfg.hook_points
     available = subject.hook_points()
+    points = expand_hook_points(cfg.hook_points, available)  # patterns such as encoder.layer.* become names
     if store_dir.exists():
         shutil.rmtree(store_dir)  # a fresh collection replaces an old or partial one
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -116,7 +116,9 @@ def resolve_experiment(spec_path: str | Path) -> Resolved:
     collected = dataset.collect.hook_points
     for field in ("source", "target"):
         point = getattr(experiment, field)
-        if point not in collected:
+        from .hooks import matches
+
+        if not any(matches(point, pattern) for pattern in collected):
             from .spec import read_yaml
 
             line = read_yaml(spec_path)[1].get((field,), 1)

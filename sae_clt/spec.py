@@ -117,7 +117,8 @@ class TextSection(StrictModel):
 class CollectSection(StrictModel):
     n_instances: int = Field(ge=10, description="Subject inputs to run (TSP instances or text windows); rows = inputs x positions.")
     seed: int = Field(1, description="Seed of the collected inputs.")
-    hook_points: list[str] = Field(min_length=1, description="Module paths; append ':input' for a module's input.")
+    hook_points: list[str] = Field(min_length=1, description="Module paths; append ':input' for a module's input; "
+                                   "`*` stands for one path component (encoder.layer.* = every layer).")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     instances_per_shard: int = Field(2048, ge=1)
     batch_size: int = Field(512, ge=1, description="Subject forward-pass batch size.")

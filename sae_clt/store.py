@@ -195,8 +195,12 @@ class ActivationStore:
 
     def check_matches(self, hook_points: list[str], dtype: str, n_instances: int, where: str) -> None:
         """Fail before training if the store on disk was collected under a different spec."""
+        from .hooks import matches
+
         m, path = self.manifest, self.folder / MANIFEST
-        if sorted(m["hook_points"]) != sorted(hook_points):
+        stored = list(m["hook_points"])
+        if not (all(any(matches(h, p) for p in hook_points) for h in stored)
+                and all(any(matches(h, p) for h in stored) for p in hook_points)):
             raise DataError(f"{path}: hook points {sorted(m['hook_points'])} differ from {where} collect.hook_points "
                             f"{sorted(hook_points)}; the store is stale: recollect it (saeclt run / dvc repro)")
         if m["dtype"] != dtype:

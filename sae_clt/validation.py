@@ -13,18 +13,35 @@ from .errors import DataError, SpecError
 from .project import Paths, find_root, index_problems, resolve_dataset, resolve_experiment
 from .spec import _spec_kind, load_spec, read_yaml
 
+_HOOK_POINTS: dict[tuple, list[str]] = {}  # (root, subject spec) -> hook points: load each model once
 
-def _check_dataset_hooks(path: Path, paths: Paths) -> list[str]:
+
+def _subject_hook_points(subject_spec, root: Path) -> list[str]:
     from .subjects import subject_architecture
 
+    key = (str(root), subject_spec.model_dump_json())
+    if key not in _HOOK_POINTS:
+        if subject_spec.kind == "hf":
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        _HOOK_POINTS[key] = subject_architecture(subject_spec, root).hook_points()
+    return _HOOK_POINTS[key]
+
+
+def _check_dataset_hooks(path: Path, paths: Paths) -> list[str]:
     dataset, subject_spec = resolve_dataset(paths, path.stem)
     try:
-        available = subject_architecture(subject_spec, paths.root).hook_points()
+        available = _subject_hook_points(subject_spec, paths.root)
     except (SpecError, DataError) as exc:
         return [f"{path}: subject: {exc}"]
     _, lines = read_yaml(path)
     problems = []
+    from .hooks import is_pattern, matches
+
     for i, point in enumerate(dataset.collect.hook_points):
+        if is_pattern(point) and any(matches(a, point) for a in available):
+            continue
         if point not in available:
             import difflib
 

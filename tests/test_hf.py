@@ -22,7 +22,7 @@ id: tiny_text
 subject: tinybert
 collect:
   n_instances: 40
-  hook_points: [encoder.layer.0, encoder.layer.1]
+  hook_points: ["encoder.layer.*"]
   instances_per_shard: 16
   batch_size: 8
   text: {corpus: corpus.jsonl, context_length: 16}
@@ -93,7 +93,7 @@ def test_missing_hook_point_lists_module_paths_near_the_name(hf_project):
     spec = hf_project / "specs" / "datasets" / "tiny_text.yaml"
     original = spec.read_text()
     try:
-        spec.write_text(original.replace("encoder.layer.0,", "encoder.layers.0,"))
+        spec.write_text(original.replace('["encoder.layer.*"]', "[encoder.layers.0]"))
         problems = validate_files([spec], check_index=False)
     finally:
         spec.write_text(original)
@@ -107,3 +107,37 @@ def test_report_shows_top_activating_text_with_the_token_marked_and_escaped(hf_p
     html = (Paths(hf_project).report_dir("tiny_bert_sae") / "report.html").read_text()
     assert "Top-activating examples" in html and "«" in html
     assert "<b>" not in html and "&lt;" in html  # text from data is escaped, never markup
+
+
+def test_causal_lm_subject_reports_cross_entropy(tmp_path):
+    """A tiny GPT-2 from a config (random weights): the causal check measures next-token
+    cross-entropy clean, patched and ablated."""
+    from sae_clt.spec import load_spec
+    from sae_clt.subjects.hf import HFSubject
+
+    folder = tmp_path / "models" / "gpt2"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm.get_model_path(), local_files_only=True)
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (tmp_path / "specs" / "subjects").mkdir(parents=True)
+    spec_path = tmp_path / "specs" / "subjects" / "gpt.yaml"
+    spec_path.write_text("id: gpt\nkind: hf\npath: models/gpt2\nauto_class: AutoModelForCausalLM\nevaluate: {n_windows: 4}\n")
+    (tmp_path / "corpus.txt").write_text(" ".join(f"word{i % 50}" for i in range(3000)))
+    spec = load_spec(spec_path)
+    subject = HFSubject.load(spec, tmp_path)
+    assert "transformer.h.1" in subject.hook_points() and "transformer.h.1:input" in subject.hook_points()
+
+    from sae_clt.spec import DatasetSpec
+
+    dataset = DatasetSpec(id="d", subject="gpt", collect={"n_instances": 10, "hook_points": ["transformer.h.0"],
+                                                          "text": {"corpus": "corpus.txt", "context_length": 16}})
+    subject.prepare_task(dataset)
+    clean = subject.task_metric()["cross_entropy"]
+    assert clean > 0
+    from sae_clt.hooks import patching
+
+    with patching(subject.model, "transformer.h.1", lambda out, rec: torch.zeros_like(out), subject.hook_points()):
+        ablated = subject.task_metric()["cross_entropy"]
+    assert ablated != clean

@@ -89,3 +89,13 @@ def test_missing_tracked_section_says_how_to_take_defaults(tiny_project):
     path.write_text(path.read_text().replace("export: {}\n", ""))
     msg = _error(path)
     assert "export: missing" in msg and "`export: {}` takes every default" in msg
+
+
+def test_hook_point_patterns_take_one_path_component():
+    from sae_clt.hooks import expand_hook_points, matches
+
+    available = ["encoder.layer.0", "encoder.layer.0:input", "encoder.layer.0.attention", "encoder.layer.1", "encoder.layer.1:input"]
+    assert expand_hook_points(["encoder.layer.*"], available) == ["encoder.layer.0", "encoder.layer.1"]
+    assert expand_hook_points(["encoder.layer.*:input", "encoder.layer.1"], available) == [
+        "encoder.layer.0:input", "encoder.layer.1:input", "encoder.layer.1"]
+    assert matches("encoder.layer.7", "encoder.layer.*") and not matches("encoder.layer.7.attention", "encoder.layer.*")

@@ -50,7 +50,13 @@ class HFSubject:
 
     @classmethod
     def load(cls, spec: HFSubjectSpec, root: Path) -> "HFSubject":
-        import transformers
+        try:
+            import transformers
+            from transformers.utils import logging as hf_logging
+        except ImportError:
+            raise SpecError(spec.id, [f"subject '{spec.id}' is a Hugging Face model: install the hf extra "
+                                      "(pip install -e '.[hf]' or pip install 'sae_clt[hf]')"]) from None
+        hf_logging.disable_progress_bar()
 
         folder = model_folder(spec, root)
         model = getattr(transformers, spec.auto_class).from_pretrained(folder, local_files_only=True).float()

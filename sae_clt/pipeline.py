@@ -78,6 +78,47 @@ def project_lock(root: Path, what: str):
             handle.truncate()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clear_stale_dvc_locks(root: Path) -> int:
+    """Drop the entries of DVC's output read/write lock left by processes that no longer exist
+    (a killed run); DVC would otherwise refuse those outputs until someone edits the file.
+    Returns how many entries were dropped."""
+    import json
+
+    from .io import atomic_write_text
+
+    path = root / ".dvc" / "tmp" / "rwlock"
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return 0
+    dropped = 0
+    reads = {}
+    for target, holders in info.get("read", {}).items():
+        alive = [h for h in holders if _alive(int(h.get("pid", 0)))]
+        dropped += len(holders) - len(alive)
+        if alive:
+            reads[target] = alive
+    writes = {}
+    for target, holder in info.get("write", {}).items():
+        if _alive(int(holder.get("pid", 0))):
+            writes[target] = holder
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write_text(path, json.dumps({"read": reads, "write": writes}))
+    return dropped
+
+
 def run_experiment(spec_path: Path, force: bool = False) -> None:
     from .errors import SpecError
     from .validation import validate_files
@@ -93,6 +134,8 @@ def run_experiment(spec_path: Path, force: bool = False) -> None:
         dvc(paths.root, "init", "--quiet")
     eid = resolved.experiment.id
     with project_lock(paths.root, f"saeclt run {spec_path}"):
+        if clear_stale_dvc_locks(paths.root):
+            print("recovered DVC output locks left by a run that was killed", file=sys.stderr)
         if ensure_indexed(paths, eid):
             print(f"params.yaml: indexed experiment '{eid}'", file=sys.stderr)
         args = ["repro", f"report@{eid}", f"export@{eid}"]

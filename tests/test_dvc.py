@@ -81,3 +81,23 @@ def test_second_run_while_one_is_running_refuses_with_a_clear_message(dvc_projec
     assert first.returncode == 0
     # The lock goes with the process: a later run proceeds (nothing left to do).
     assert saeclt(dvc_project, "run", "specs/tiny_sae.yaml").returncode == 0
+
+
+def test_run_killed_mid_stage_is_recovered_by_the_next_run(dvc_project):
+    import signal
+    import time
+
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    first = subprocess.Popen([sys.executable, "-m", "sae_clt", "run", "specs/tiny_sae.yaml"], cwd=dvc_project, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while not (dvc_project / "runs" / "datasets" / "tiny_acts" / "store").exists() and time.time() < deadline:
+        time.sleep(0.02)  # inside the collect stage
+    os.killpg(first.pid, signal.SIGKILL)  # saeclt, dvc and the stage, all at once
+    first.wait(timeout=30)
+
+    second = saeclt(dvc_project, "run", "specs/tiny_sae.yaml")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert (dvc_project / "reports" / "tiny_sae" / "report.md").exists()
+    manifest = json.loads((dvc_project / "runs" / "datasets" / "tiny_acts" / "store" / "manifest.json").read_text())
+    assert manifest["n_rows"] == 300 * 10  # recollected whole: nothing lost, nothing duplicated

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .errors import PipelineError
-from .project import Paths, find_root, read_index, resolve_experiment, write_index
+from .project import Paths, read_index, resolve_experiment, write_index
 
 
 def dvc_env() -> dict:
@@ -119,7 +119,7 @@ def clear_stale_dvc_locks(root: Path) -> int:
     return dropped
 
 
-def run_experiment(spec_path: Path, force: bool = False) -> None:
+def run_experiment(spec_path: Path) -> None:
     from .errors import SpecError
     from .validation import validate_files
 
@@ -138,11 +138,5 @@ def run_experiment(spec_path: Path, force: bool = False) -> None:
             print("recovered DVC output locks left by a run that was killed", file=sys.stderr)
         if ensure_indexed(paths, eid):
             print(f"params.yaml: indexed experiment '{eid}'", file=sys.stderr)
-        args = ["repro", f"report@{eid}", f"export@{eid}"]
-        if force:
-            args.insert(1, "--force")
-        dvc(paths.root, *args)
+        dvc(paths.root, "repro", f"report@{eid}", f"export@{eid}")
 
-
-def run_all(root: Path | None = None) -> None:
-    dvc(find_root(root), "repro")

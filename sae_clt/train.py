@@ -214,7 +214,9 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
     model.save(out_dir, meta, extra_cfg={"dataset": spec.dataset, "steps": total_steps})
     rows_seen = total_steps * cfg.batch_size
     rate = (step - steps_at_start) * cfg.batch_size / max(seconds, 1e-9)
-    write_json(out_dir / "train_log.json", {"seconds": seconds, "rows_per_second": rate, "resumed_at_step": steps_at_start})
+    # Timings vary run to run: kept beside the dictionary, not in it, so the cached output is
+    # byte-identical for the same spec and seed.
+    write_json(out_dir.parent / "train_log.json", {"seconds": seconds, "rows_per_second": rate, "resumed_at_step": steps_at_start})
     summary = {"steps": total_steps, "rows_seen": rows_seen, "final": last, "meta": meta}
     write_json(metrics_path, summary)
     if state is not None:

@@ -67,7 +67,8 @@ def train_subject(spec: TSPSubjectSpec, out_dir: Path, metrics_path: Path, log=p
     meta = output_meta(spec, spec.seed)
     save_safetensors(out_dir / WEIGHTS, policy.state_dict(), metadata={"spec_hash": meta["spec_hash"]})
     write_json(out_dir / CONFIG, {"kind": "tsp", "n_nodes": spec.n_nodes, "policy": policy_config(spec).to_dict(), "meta": meta})
-    write_json(out_dir / "train_log.json", {"seconds": seconds, "log": train_log})
+    # Timings vary run to run: kept beside the subject's folder (a DVC output), not in it.
+    write_json(out_dir.parent / f"{out_dir.name}.train_log.json", {"seconds": seconds, "log": train_log})
     metrics = {
         "mean_tour_length": lengths,
         "policy_gap_to_best_heuristic_pct": 100 * (policy_len / lengths["best_of_20_nn_2opt"] - 1),

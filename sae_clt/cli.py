@@ -21,6 +21,7 @@ app = typer.Typer(
         "  saeclt run specs/clt_L0_L2.yaml      # the spec's whole chain, incremental\n\n"
         "  saeclt validate                      # check every spec without running anything\n\n"
         "  saeclt inspect specs/sae_L2.yaml     # statistics of the spec's source/target activations\n\n"
+        "  saeclt import-acts acts.safetensors --id my_acts --experiment my_sae   # bring your own activations\n\n"
         "  dvc repro                            # every experiment listed in params.yaml"
     ),
     no_args_is_help=True,
@@ -145,6 +146,37 @@ def index(specs: List[Path] = typer.Argument(None, help="Experiment specs to lis
         ids = [Path(s).stem for s in specs] if specs else list(read_index(paths)["experiments"])
         result = write_index(paths, ids)
         typer.echo(f"params.yaml: {len(result['experiments'])} experiment(s)")
+    except BaseException as exc:  # noqa: BLE001
+        _fail(exc)
+
+
+@app.command("import-acts")
+def import_acts(
+    files: List[Path] = typer.Argument(..., help="Activation files: .safetensors (named [N, d] tensors, aligned rows) or .npy ([N, d] each, named by the file's stem)."),
+    id: str = typer.Option(..., "--id", help="Dataset id: writes specs/subjects/ID.yaml and specs/datasets/ID.yaml."),
+    rows_per_instance: int = typer.Option(1, help="Consecutive rows forming one input, kept on one side of the train/validation split (e.g. the context length)."),
+    val_fraction: float = typer.Option(0.1, help="Fraction of inputs held out for validation."),
+    experiment: str = typer.Option(None, help="Also write specs/EXPERIMENT.yaml: a TopK SAE (8x width, k = min(32, dim/4)) on the first tensor."),
+    force: bool = typer.Option(False, help="Overwrite existing specs of the same ids."),
+) -> None:
+    """Turn activations recorded elsewhere into a dataset that experiment specs can name.
+
+    The files stay where they are; `saeclt run` copies their rows into a checksummed store and
+    trains, evaluates (no causal check: there is no model), reports and exports as usual.
+
+    Example: saeclt import-acts acts.safetensors --id my_acts --experiment my_sae && saeclt run specs/my_sae.yaml
+    """
+    try:
+        from .importing import describe_import, import_activations
+        from .project import find_root
+
+        root = find_root()
+        written = import_activations(files, id, root, rows_per_instance, val_fraction, experiment, force)
+        typer.echo(describe_import(files, id))
+        for path in written:
+            typer.echo(f"wrote {path.relative_to(root)}")
+        next_spec = f"specs/{experiment}.yaml" if experiment else "specs/<your experiment>.yaml (with `dataset: " + id + "`)"
+        typer.echo(f"next: saeclt run {next_spec}")
     except BaseException as exc:  # noqa: BLE001
         _fail(exc)
 

@@ -3,6 +3,11 @@
 All hook points of a dataset are recorded in one forward pass per batch (forward hooks for
 outputs, forward-pre hooks for inputs), so rows stay aligned across hook points; the pass stops
 at the last hook point needed. Rows are shuffled within each shard before writing.
+
+Resumable: after every shard the writer's state and the shuffling generator's state are saved
+(atomically, in the store folder). A killed collection restarts after the last complete shard:
+batches before it are passed over, shards written after it are discarded and written again,
+so the finished store is the same, byte for byte, as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ from pathlib import Path
 
 import torch
 
+from .errors import DataError
 from .hooks import StopForward, expand_hook_points, recording
 from .progress import progress_bar
 from .provenance import output_meta
-from .spec import DatasetSpec
-from .store import StoreWriter
+from .spec import DatasetSpec, spec_hash
+from .store import MANIFEST, PROGRESS, StoreWriter
 
 BYTES_PER_VALUE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -29,13 +35,11 @@ def estimated_store_bytes(n_rows: int, dims: dict[str, int], dtype: str) -> int:
 
 
 def check_free_disk(store_dir: Path, n_rows: int, dims: dict[str, int], dtype: str) -> None:
-    from .errors import DataError
-
     need = estimated_store_bytes(n_rows, dims, dtype)
     existing = next(p for p in [store_dir, *store_dir.parents] if p.exists())
     free = shutil.disk_usage(existing).free
     if need * 1.05 > free:
-        raise DataError(f"{store_dir}: the store needs about {need / 1e9:.2f} GB ({n_rows} rows x {sum(dims.values())} values, {dtype}); "
+        raise DataError(f"{store_dir}: the store needs about {need / 1e9:.2f} GB more ({n_rows} rows x {sum(dims.values())} values, {dtype}); "
                         f"only {free / 1e9:.2f} GB are free there. Free space, store fewer rows, use float16, "
                         "or point $ACTIVATIONS_ROOT at a larger disk")
 
@@ -51,52 +55,126 @@ def within_norm_bound(acts: dict[str, torch.Tensor], keep: torch.Tensor, multipl
     return ok
 
 
+def recorded_batches(subject, points: list[str], available: list[str], n_instances: int, seed: int, batch_size: int, skip: int = 0):
+    """Run a module subject batch by batch and yield (activations [rows, d] per hook point,
+    provenance per row, keep mask or None, inputs in the batch). Batches wholly within the
+    first ``skip`` inputs are generated but not run (a resumed collection)."""
+    done = 0
+    for inputs, provenance, keep in subject.input_batches(n_instances, seed, batch_size):
+        n_inputs = int(provenance["instance_id"].unique().numel())
+        done += n_inputs
+        if done <= skip:
+            continue
+        with recording(subject.model, points, available, stop_after=True) as store:
+            with contextlib.suppress(StopForward):
+                subject.forward(inputs)
+        missing = [p for p in points if p not in store]
+        if missing:
+            raise DataError(f"hook point '{missing[0]}' exists but did not run during the subject's forward pass")
+        acts = {p: store[p].reshape(-1, store[p].shape[-1]).float() for p in points}
+        rows = {p: x.shape[0] for p, x in acts.items()}
+        if len(set(rows.values())) > 1:
+            shapes = {p: list(store[p].shape) for p in points}
+            raise DataError(f"hook points give different numbers of rows per input, so their rows cannot be aligned: {shapes}; "
+                            "collect such points in separate datasets")
+        n_rows = next(iter(rows.values()))
+        if provenance["instance_id"].numel() != n_rows:  # per-input provenance: one row per position
+            per = n_rows // n_inputs
+            provenance = {"instance_id": provenance["instance_id"].repeat_interleave(per),
+                          "position": torch.arange(per, dtype=torch.int32).repeat(n_inputs)}
+        yield acts, provenance, keep, n_inputs
+
+
+def progress_key(dataset: DatasetSpec, subject, points: list[str]) -> str:
+    """What a saved collection state must match to be resumed."""
+    return f"{spec_hash(dataset, ['subject', 'collect'])}:{subject.fingerprint()}:{','.join(points)}"
+
+
 def collect(dataset: DatasetSpec, subject, store_dir: Path) -> dict:
-    """Write ``dataset``'s activation store from a loaded ``subject``; returns the manifest."""
+    """Write ``dataset``'s activation store from a loaded ``subject``; returns the manifest.
+    Resumes an unfinished collection of the same spec and subject found in ``store_dir``."""
     cfg = dataset.collect
     available = subject.hook_points()
     points = expand_hook_points(cfg.hook_points, available)  # patterns such as encoder.layer.* become names
-    if store_dir.exists():
-        shutil.rmtree(store_dir)  # a fresh collection replaces an old or partial one
+    key = progress_key(dataset, subject, points)
+    if (store_dir / PROGRESS).exists() and not (store_dir / MANIFEST).exists():
+        resumable = True
+    else:
+        resumable = False
+        if store_dir.exists():
+            shutil.rmtree(store_dir)  # a fresh collection replaces an old one
     gen = torch.Generator().manual_seed(cfg.seed)
-    writer = None
+    writer: StoreWriter | None = None
     pending_acts: dict[str, list[torch.Tensor]] = {p: [] for p in points}
     pending_prov: dict[str, list[torch.Tensor]] = {}
     pending_instances = 0
+    instances_done = 0  # inputs whose rows are in written shards
+
+    def make_writer(dims: dict[str, int]) -> StoreWriter:
+        meta = {
+            "subject": {"id": subject.spec.id, "kind": subject.kind, "fingerprint": subject.fingerprint()},
+            "n_instances": cfg.n_instances,
+            "meta": output_meta(dataset, cfg.seed, ["subject", "collect"]),
+        }
+        if getattr(subject, "input_fingerprint", None):
+            meta["inputs"] = subject.input_fingerprint
+        return StoreWriter(store_dir, dims, cfg.dtype, meta, drop_nonfinite=cfg.drop_nonfinite)
+
+    skip = 0
+    if resumable:
+        # The dims are needed to rebuild the writer: they are in the saved state.
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(store_dir / PROGRESS), framework="pt") as f:
+                import json
+
+                saved = json.loads(f.metadata()["state"])["caller"]
+        except Exception:  # noqa: BLE001 - damaged progress file: start over
+            saved = {}
+        if saved.get("key") == key:
+            writer = make_writer(saved["dims"])
+            restored = writer.restore_progress()
+            if restored is not None:
+                caller, tensors = restored
+                gen.set_state(tensors["rng_state"])
+                skip = instances_done = caller["instances_done"]
+                print(f"[collect] {dataset.id}: resuming after {len(writer.shards)} complete shard(s), "
+                      f"{instances_done} of {cfg.n_instances} inputs done", flush=True)
+            else:
+                writer = None
+        if writer is None:
+            shutil.rmtree(store_dir)
 
     def flush() -> None:
-        nonlocal pending_instances, pending_prov
+        nonlocal pending_instances, pending_prov, instances_done
         acts = {p: torch.cat(xs) for p, xs in pending_acts.items()}
         prov = {k: torch.cat(v) for k, v in pending_prov.items()}
         perm = torch.randperm(next(iter(acts.values())).shape[0], generator=gen)
         writer.write_shard(acts, prov, perm)
+        instances_done += pending_instances
+        writer.save_progress({"key": key, "dims": writer.hook_dims, "instances_done": instances_done},
+                             {"rng_state": gen.get_state()})
         for xs in pending_acts.values():
             xs.clear()
         pending_prov, pending_instances = {}, 0
 
-    batches = subject.input_batches(cfg.n_instances, cfg.seed, cfg.batch_size)
+    if hasattr(subject, "activation_batches"):
+        batches = subject.activation_batches(points, cfg.n_instances, cfg.seed, cfg.batch_size, skip=skip)
+    else:
+        batches = recorded_batches(subject, points, available, cfg.n_instances, cfg.seed, cfg.batch_size, skip=skip)
     text = cfg.text
     tokens, started = 0, time.perf_counter()
-    with torch.no_grad(), progress_bar(total=cfg.n_instances, desc=f"collect {dataset.id}", unit="inst") as bar:
-        for inputs, provenance, keep in batches:
-            with recording(subject.model, points, available, stop_after=True) as store:
-                with contextlib.suppress(StopForward):
-                    subject.forward(inputs)
-            n_inputs = int(provenance["instance_id"].unique().numel())
-            acts = {p: store[p].reshape(-1, store[p].shape[-1]).float() for p in points}  # [rows, d] each
+    with torch.no_grad(), progress_bar(total=cfg.n_instances, desc=f"collect {dataset.id}", unit="inst", initial=skip) as bar:
+        for acts, provenance, keep, n_inputs in batches:
             rows = next(iter(acts.values())).shape[0]
             keep = torch.ones(rows, dtype=torch.bool) if keep is None else keep.clone()
             if text is not None and text.outlier_norm_multiple is not None:
                 keep &= within_norm_bound(acts, keep, text.outlier_norm_multiple)
             if writer is None:
                 dims = {p: int(x.shape[-1]) for p, x in acts.items()}
-                meta = {
-                    "subject": {"id": subject.spec.id, "kind": subject.kind, "fingerprint": subject.fingerprint()},
-                    "n_instances": cfg.n_instances,
-                    "meta": output_meta(dataset, cfg.seed, ["subject", "collect"]),
-                }
                 check_free_disk(store_dir, cfg.n_instances * rows // n_inputs, dims, cfg.dtype)
-                writer = StoreWriter(store_dir, dims, cfg.dtype, meta, drop_nonfinite=cfg.drop_nonfinite)
+                writer = make_writer(dims)
             for p in points:
                 pending_acts[p].append(acts[p][keep])
             for k, v in provenance.items():
@@ -104,9 +182,12 @@ def collect(dataset: DatasetSpec, subject, store_dir: Path) -> dict:
             pending_instances += n_inputs
             tokens += int(keep.sum())
             bar.update(n_inputs)
-            bar.set_postfix(rows_per_s=f"{tokens / max(time.perf_counter() - started, 1e-9):,.0f}")
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix(rows_per_s=f"{tokens / elapsed:,.0f}")
             if pending_instances >= cfg.instances_per_shard:
                 flush()
         if pending_instances:
             flush()
+    if writer is None:
+        raise DataError(f"dataset '{dataset.id}': no inputs were collected (collect.n_instances = {cfg.n_instances})")
     return writer.finish()

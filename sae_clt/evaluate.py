@@ -96,8 +96,9 @@ def apply_linear(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return x @ w[:-1] + w[-1]
 
 
-def _pct(value: float, reference: float) -> float:
-    return 100.0 * (value / reference - 1.0)
+def _pct(value: float, reference: float) -> float | None:
+    """Percent change; None when the reference is zero (e.g. a full-rank PCA baseline)."""
+    return None if abs(reference) < 1e-12 else 100.0 * (value / reference - 1.0)
 
 
 def _recovered(ablated: float, patched: float, clean: float) -> float | None:
@@ -183,8 +184,10 @@ def evaluate(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, 
         "model": {"architecture": spec.model.architecture, "activation": spec.model.activation, "d_sae": spec.model.d_sae,
                   "k": spec.model.k, "d_in": store.hook_dims[source], "d_out": d_out, "source": source, "target": target},
     }
-    if cfg.causal and subject is not None:
+    if cfg.causal and getattr(subject, "model", None) is not None:
         metrics["causal"] = causal_check(subject, model, w_lin, norm, spec)
+    elif cfg.causal:
+        metrics["causal_skipped"] = "the dataset's activations were imported: there is no model to patch"
     metrics["meta"] = output_meta(spec, spec.train.seed, EVAL_SECTIONS)
 
     save_safetensors(out_dir / EVAL_TENSORS, {

@@ -85,7 +85,13 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # A killed process nobody has reaped yet (a zombie: common in containers whose init does
+    # not reap) still answers signal 0, but holds nothing.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def clear_stale_dvc_locks(root: Path) -> int:

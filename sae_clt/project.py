@@ -49,9 +49,14 @@ class Paths:
         return self.root / "metrics" / "subjects" / f"{sid}.json"
 
     def store_dir(self, did: str) -> Path:
-        """Raw activation store (may live under $ACTIVATIONS_ROOT)."""
+        """Raw activation store, or a pointer to it (``location.json``) when it was collected
+        under $ACTIVATIONS_ROOT; ActivationStore.open follows the pointer."""
+        return self.root / "runs" / "datasets" / did / "store"
+
+    def external_store_dir(self, did: str) -> Path | None:
+        """Where collect writes the store when $ACTIVATIONS_ROOT is set (a larger disk)."""
         base = os.environ.get("ACTIVATIONS_ROOT")
-        return Path(base) / did if base else self.root / "runs" / "datasets" / did / "store"
+        return Path(base).expanduser().resolve() / did if base else None
 
     def norm_dir(self, did: str) -> Path:
         return self.root / "runs" / "datasets" / did / "normalize"
@@ -135,25 +140,32 @@ def resolve_experiment(spec_path: str | Path) -> Resolved:
 # --------------------------------------------------------------------------- params.yaml index
 
 
+INDEX_GROUPS = ("subjects", "loaded_subjects", "datasets", "experiments")
+TRAINED_SUBJECT_KINDS = ("tsp",)
+
+
 def build_index(paths: Paths, experiment_ids: list[str]) -> dict:
     """The params.yaml index for these experiments, derived from their specs (sorted)."""
-    index: dict = {"subjects": {}, "datasets": {}, "experiments": {}}
+    index: dict = {group: {} for group in INDEX_GROUPS}
     for eid in sorted(set(experiment_ids)):
         spec_path = paths.experiment_spec(eid)
         exp = load_spec(spec_path, "experiments")
         dataset, subject = resolve_dataset(paths, exp.dataset, spec_path)
         index["experiments"][exp.id] = {"dataset": dataset.id, "subject": subject.id}
         index["datasets"][dataset.id] = {"subject": subject.id}
-        index["subjects"][subject.id] = {"kind": subject.kind}
+        # Trained subjects run when their spec changes; loaded ones (models, files) are
+        # fingerprinted on every run so swapped weights or files are noticed.
+        group = "subjects" if subject.kind in TRAINED_SUBJECT_KINDS else "loaded_subjects"
+        index[group][subject.id] = {"kind": subject.kind}
     return index
 
 
 def read_index(paths: Paths) -> dict:
     path = paths.root / "params.yaml"
     if not path.exists():
-        return {"subjects": {}, "datasets": {}, "experiments": {}}
+        return {group: {} for group in INDEX_GROUPS}
     data = yaml.safe_load(path.read_text()) or {}
-    return {k: dict(data.get(k) or {}) for k in ("subjects", "datasets", "experiments")}
+    return {k: dict(data.get(k) or {}) for k in INDEX_GROUPS}
 
 
 def index_problems(paths: Paths) -> list[str]:

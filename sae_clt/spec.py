@@ -96,8 +96,38 @@ class HFSubjectSpec(StrictModel):
         return self
 
 
-SUBJECT_KINDS = {"tsp": TSPSubjectSpec, "hf": HFSubjectSpec}
-SubjectSpec = Union[TSPSubjectSpec, HFSubjectSpec]
+class TorchEvaluation(StrictModel):
+    n_inputs: int = Field(256, ge=1, description="Held-out inputs (right after the collected ones in the tensor file) for the causal check.")
+
+
+class TorchSubjectSpec(StrictModel):
+    """Any torch module: built by a factory named by import path, weights from a file."""
+
+    id: str = Field(pattern=SPEC_ID_PATTERN)
+    kind: Literal["torch"]
+    factory: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$",
+                         description="'package.module:callable' returning an nn.Module, e.g. mypkg.models:make_mlp.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments passed to the factory.")
+    weights: str | None = Field(None, description="State dict: a .safetensors file, or a torch checkpoint (.pt/.pth/.bin, "
+                                "loaded with weights_only=True). Relative to the project root. null = the factory's own weights.")
+    python_path: list[str] = Field(default_factory=lambda: ["."], description="Folders (relative to the project root) put on "
+                                   "sys.path before importing the factory.")
+    evaluate: TorchEvaluation = TorchEvaluation()
+
+
+class FilesSubjectSpec(StrictModel):
+    """Activations recorded elsewhere (written by `saeclt import-acts`): no model, so no causal check."""
+
+    id: str = Field(pattern=SPEC_ID_PATTERN)
+    kind: Literal["files"]
+    files: list[str] = Field(min_length=1, description="Activation files: .safetensors (one [N, d] tensor per hook point, "
+                             "aligned rows) or .npy (one [N, d] array each, named by the file's stem).")
+    rows_per_instance: int = Field(1, ge=1, description="Consecutive rows that form one input (kept on one side of the "
+                                   "train/validation split), e.g. the context length for token activations.")
+
+
+SUBJECT_KINDS = {"tsp": TSPSubjectSpec, "hf": HFSubjectSpec, "torch": TorchSubjectSpec, "files": FilesSubjectSpec}
+SubjectSpec = Union[TSPSubjectSpec, HFSubjectSpec, TorchSubjectSpec, FilesSubjectSpec]
 
 
 # --------------------------------------------------------------------------- datasets
@@ -114,6 +144,14 @@ class TextSection(StrictModel):
     outlier_norm_multiple: float | None = Field(10.0, gt=1, description="Drop rows whose norm at any hook point exceeds this multiple of the batch median (null = keep all).")
 
 
+class TensorInputs(StrictModel):
+    """Inputs for torch subjects: tensors in a file, one positional argument each, row i = input i."""
+
+    file: str = Field(description="A .safetensors file (or .npy for a single input) relative to the project root.")
+    keys: list[str] = Field(default_factory=list, description="Tensor names in the file, one per positional argument "
+                            "of forward(); empty = the file's only tensor.")
+
+
 class CollectSection(StrictModel):
     n_instances: int = Field(ge=10, description="Subject inputs to run (TSP instances or text windows); rows = inputs x positions.")
     seed: int = Field(1, description="Seed of the collected inputs.")
@@ -123,6 +161,7 @@ class CollectSection(StrictModel):
     instances_per_shard: int = Field(2048, ge=1)
     batch_size: int = Field(512, ge=1, description="Subject forward-pass batch size.")
     text: TextSection | None = Field(None, description="Text windows (required for hf subjects).")
+    tensors: TensorInputs | None = Field(None, description="Input tensors (required for torch subjects).")
     drop_nonfinite: bool = Field(False, description="Drop rows with NaN/inf at any hook point (counted in the manifest) instead of stopping.")
 
     @field_validator("hook_points")

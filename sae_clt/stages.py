@@ -51,7 +51,13 @@ def stage_collect(spec_path: Path) -> None:
     paths, dataset, subject_spec = _dataset(spec_path)
     subject = load_subject(subject_spec, paths.subject_dir(subject_spec.id), paths.root)
     subject.configure(dataset)
-    manifest = collect(dataset, subject, paths.store_dir(dataset.id))
+    external = paths.external_store_dir(dataset.id)
+    manifest = collect(dataset, subject, external or paths.store_dir(dataset.id))
+    if external is not None:
+        from .store import write_pointer
+
+        write_pointer(paths.store_dir(dataset.id), external)
+        _log(f"[collect] {dataset.id}: store under $ACTIVATIONS_ROOT at {external}")
     _log(f"[collect] {dataset.id}: {manifest['n_rows']} rows x {len(manifest['hook_points'])} hook points in {len(manifest['shards'])} shards")
 
 
@@ -100,7 +106,8 @@ def stage_evaluate(spec_path: Path) -> None:
     m = evaluate(exp, store, norm, p.dictionary_dir(exp.id), subject, p.eval_dir(exp.id), p.eval_metrics(exp.id))
     line = f"[evaluate] {exp.id}: FVU {m['reconstruction']['fvu']:.4f} (linear {m['linear_baseline']['fvu']:.4f}), L0 {m['sparsity']['l0']:.1f}, dead {m['sparsity']['dead_fraction']:.3f}"
     for metric, block in m.get("causal", {}).items():
-        line += f"; {metric} {block['pct_change_vs_clean']['dictionary']:+.2f}% (linear {block['pct_change_vs_clean']['linear_baseline']:+.2f}%)"
+        pct = block["pct_change_vs_clean"]
+        line += f"; {metric} {pct['dictionary'] or 0:+.2f}% (linear {pct['linear_baseline'] or 0:+.2f}%)"
     _log(line)
 
 

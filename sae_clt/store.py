@@ -26,6 +26,8 @@ from .io import read_json, save_safetensors, write_json
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+POINTER = "location.json"  # a local stand-in for a store kept elsewhere ($ACTIVATIONS_ROOT)
+PROGRESS = "collect_progress.safetensors"  # present only while a collection is unfinished
 PROVENANCE_FIELDS = ("instance_id", "position")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -63,6 +65,13 @@ class RunningStats:
     @property
     def var(self) -> torch.Tensor:
         return (self.sumsq / max(self.n, 1) - self.mean**2).clamp_min(0)
+
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        return {"n": self.n, "norm_sum": self.norm_sum, "zeros": self.zeros}, {"sum": self.sum, "sumsq": self.sumsq}
+
+    def restore(self, scalars: dict, tensors: dict[str, torch.Tensor]) -> None:
+        self.n, self.norm_sum, self.zeros = scalars["n"], scalars["norm_sum"], scalars["zeros"]
+        self.sum, self.sumsq = tensors["sum"].clone(), tensors["sumsq"].clone()
 
     def summary(self) -> dict:
         std = self.var.sqrt()
@@ -119,7 +128,49 @@ class StoreWriter:
         rows = int(perm.numel())
         self.shards.append({"file": name, "rows": rows, "sha256": sha256_file(self.folder / name)})
 
+    # A collection in progress is resumable: after each shard, the writer's state (shards so far,
+    # running stats, dropped rows) is saved with the caller's own state in one atomic file.
+
+    def save_progress(self, caller: dict, tensors: dict[str, torch.Tensor]) -> None:
+        import json
+
+        state = {"shards": self.shards, "dropped_rows": self.dropped_rows, "caller": caller, "stats": {}}
+        payload = dict(tensors)
+        for hook, stats in self.stats.items():
+            scalars, arrays = stats.state()
+            state["stats"][hook] = scalars
+            payload.update({f"stats.{hook}.{k}": v for k, v in arrays.items()})
+        save_safetensors(self.folder / PROGRESS, payload, metadata={"state": json.dumps(state)})
+
+    def restore_progress(self) -> tuple[dict, dict[str, torch.Tensor]] | None:
+        """Reload a saved collection state; shards written after it are deleted. None (and a
+        clean folder) when there is nothing valid to resume."""
+        import json
+
+        from safetensors import safe_open
+
+        path = self.folder / PROGRESS
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                state = json.loads(f.metadata()["state"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception:  # noqa: BLE001 - no progress file, or a damaged one: start over
+            return None
+        listed = {s["file"] for s in state["shards"]}
+        for shard in state["shards"]:
+            file = self.folder / shard["file"]
+            if not file.exists() or sha256_file(file) != shard["sha256"]:
+                return None
+        for extra in self.folder.glob("shard_*.safetensors"):
+            if extra.name not in listed:
+                extra.unlink()  # written after the last saved state: it will be written again
+        self.shards, self.dropped_rows = state["shards"], state["dropped_rows"]
+        for hook, stats in self.stats.items():
+            stats.restore(state["stats"][hook], {k: tensors.pop(f"stats.{hook}.{k}") for k in ("sum", "sumsq")})
+        return state["caller"], tensors
+
     def finish(self) -> dict:
+        """Write the manifest (the store is complete from here on) and drop the progress file."""
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "hook_points": self.hook_dims,
@@ -132,7 +183,20 @@ class StoreWriter:
             **self.meta,
         }
         write_json(self.folder / MANIFEST, manifest)
+        (self.folder / PROGRESS).unlink(missing_ok=True)
         return manifest
+
+
+def write_pointer(local: Path, external: Path) -> None:
+    """The local store folder of a store kept elsewhere: its location and a copy of its
+    manifest, so DVC sees the store change (the manifest lists every shard's checksum)."""
+    import shutil
+
+    if local.exists():
+        shutil.rmtree(local)
+    local.mkdir(parents=True)
+    write_json(local / POINTER, {"path": str(external)})
+    (local / MANIFEST).write_bytes((external / MANIFEST).read_bytes())
 
 
 class _ShardEntry(BaseModel):
@@ -161,6 +225,15 @@ class ActivationStore:
     @classmethod
     def open(cls, folder: Path) -> "ActivationStore":
         folder = Path(folder)
+        if (folder / POINTER).exists():  # collected under $ACTIVATIONS_ROOT
+            local_manifest = (folder / MANIFEST).read_bytes() if (folder / MANIFEST).exists() else None
+            try:
+                folder = Path(read_json(folder / POINTER)["path"])
+            except (ValueError, KeyError, TypeError):
+                raise DataError(f"{folder / POINTER}: damaged store pointer; recollect the store") from None
+            if not (folder / MANIFEST).exists() or (folder / MANIFEST).read_bytes() != local_manifest:
+                raise DataError(f"{folder}: the store this project points to is missing or was changed since it was collected; "
+                                "recollect it (saeclt run / dvc repro) with $ACTIVATIONS_ROOT set as before")
         path = folder / MANIFEST
         if not path.exists():
             raise DataError(f"{folder}: no activation store here ({MANIFEST} missing; the collect stage has not finished)")

@@ -1,10 +1,11 @@
 """Subject models: the networks whose activations saeclt studies.
 
-Every subject kind offers the same small interface (see ``tsp.TSPSubject``, ``hf.HFSubject``):
-``model`` (the nn.Module hooks attach to), ``hook_points()``, ``input_batches(n, seed,
-batch_size)`` yielding (inputs, per-row provenance, row mask or None), ``forward(inputs)``,
-``task_metric()`` and ``fingerprint()``; ``configure(dataset)`` where inputs depend on the
-dataset (text windows).
+Every subject kind offers the same small interface (see ``tsp.TSPSubject``, ``hf.HFSubject``,
+``torch_module.TorchSubject``): ``model`` (the nn.Module hooks attach to), ``hook_points()``,
+``input_batches(n, seed, batch_size)`` yielding (inputs, provenance, row mask or None),
+``forward(inputs)``, ``task_metric()``, ``fingerprint()`` and ``configure(dataset)`` where
+inputs depend on the dataset (text windows, tensor files). ``files.FilesSubject`` has no model:
+it yields recorded activations directly (``activation_batches``) and has no causal check.
 """
 
 from __future__ import annotations
@@ -13,13 +14,22 @@ from pathlib import Path
 
 
 def load_subject(spec, subject_dir: Path, root: Path | None = None):
+    root = root or Path.cwd()
     if spec.kind == "tsp":
         from .tsp import TSPSubject
 
         return TSPSubject.load(spec, subject_dir)
+    if spec.kind == "torch":
+        from .torch_module import TorchSubject
+
+        return TorchSubject.load(spec, root)
+    if spec.kind == "files":
+        from .files import FilesSubject
+
+        return FilesSubject.load(spec, root)
     from .hf import HFSubject
 
-    return HFSubject.load(spec, root or Path.cwd())
+    return HFSubject.load(spec, root)
 
 
 def subject_architecture(spec, root: Path | None = None):
@@ -29,17 +39,24 @@ def subject_architecture(spec, root: Path | None = None):
         from .tsp import TSPSubject
 
         return TSPSubject.architecture_only(spec)
-    from .hf import HFSubject
+    if spec.kind == "torch":
+        from .torch_module import TorchSubject
 
-    return HFSubject.load(spec, root or Path.cwd())
+        return TorchSubject.load(spec, root or Path.cwd(), with_weights=False)
+    return load_subject(spec, Path(), root)
 
 
 def train_subject(spec, out_dir: Path, metrics_path: Path, log=print, root: Path | None = None) -> dict:
-    """Stage `subject`: train the built-in policy, or load and record a given model."""
+    """Stage `subject`: train the built-in policy, or load and record a given model or files."""
+    root = root or Path.cwd()
     if spec.kind == "tsp":
         from .tsp import train_subject as train_tsp
 
         return train_tsp(spec, out_dir, metrics_path, log=log)
-    from .hf import prepare_subject
-
-    return prepare_subject(spec, root or Path.cwd(), out_dir, metrics_path, log=log)
+    if spec.kind == "torch":
+        from .torch_module import prepare_subject
+    elif spec.kind == "files":
+        from .files import prepare_subject
+    else:
+        from .hf import prepare_subject
+    return prepare_subject(spec, root, out_dir, metrics_path, log=log)

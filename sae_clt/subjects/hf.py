@@ -102,7 +102,10 @@ class HFSubject:
 
         prefix, suffix = self._special_template()
         content = self.text.context_length - len(prefix) - len(suffix)
+        from ..corpus import corpus_hash
+
         docs = read_documents(self.text.corpus, self.root, self.text.jsonl_field)
+        self.input_fingerprint = {"corpus": self.text.corpus, "corpus_sha256": corpus_hash(docs), "documents": len(docs)}
         tokens, doc_ids = token_stream(docs, self.tokenizer, n_windows * content)
         available = len(tokens) // content
         if available < n_windows:

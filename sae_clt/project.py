@@ -121,7 +121,7 @@ def resolve_experiment(spec_path: str | Path) -> Resolved:
     collected = dataset.collect.hook_points
     for field in ("source", "target"):
         point = getattr(experiment, field)
-        from .hooks import matches
+        from .hook_names import matches
 
         if not any(matches(point, pattern) for pattern in collected):
             from .spec import read_yaml

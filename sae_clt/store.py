@@ -268,7 +268,7 @@ class ActivationStore:
 
     def check_matches(self, hook_points: list[str], dtype: str, n_instances: int, where: str) -> None:
         """Fail before training if the store on disk was collected under a different spec."""
-        from .hooks import matches
+        from .hook_names import matches
 
         m, path = self.manifest, self.folder / MANIFEST
         stored = list(m["hook_points"])

@@ -99,7 +99,7 @@ def _check_dataset_hooks(path: Path, paths: Paths) -> list[str]:
         return [f"{path}: subject: {exc}"]
     _, lines = read_yaml(path)
     problems = []
-    from .hooks import is_pattern, matches
+    from .hook_names import is_pattern, matches
 
     for i, point in enumerate(dataset.collect.hook_points):
         if is_pattern(point) and any(matches(a, point) for a in available):

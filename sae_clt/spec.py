@@ -219,6 +219,9 @@ class TrainSection(StrictModel):
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="bf16: encoder matmul under bf16 autocast (fp32 master weights, fp32 decoder and loss)."
     )
+    step: Literal["fast", "plain"] = Field(
+        "fast", description="fast: hand-written backward over the k active latents (topk only; same results as plain); "
+        "plain: autograd over the dense graph (the reference).")
     l1_coeff: float = Field(0.0, ge=0, description="Coefficient of the L1 penalty on latents (x decoder row norms).")
     aux_k: int = Field(256, ge=0, description="AuxK: dead latents used to model the residual (topk only; 0 = off).")
     aux_coeff: float = Field(1 / 32, ge=0)

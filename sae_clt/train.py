@@ -171,7 +171,7 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
     if cfg.init == "data":
         x0, y0 = sample_rows(loader, spec.model.d_sae, cfg.seed)
         model.init_from_data(x0, y0)
-    opt = torch.optim.Adam([model.W_enc, model.b_enc, model.W_dec, model.b_dec], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    opt = torch.optim.Adam([model.W_enc, model.b_enc, model.W_dec, model.b_dec], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
     rows_since_fired = torch.zeros(spec.model.d_sae, dtype=torch.long)
     curves = CurveWriter(curves_dir, CURVES)
     step, epoch, skip = 0, 0, 0
@@ -181,6 +181,17 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
         if resumed is not None:
             step, epoch, skip = resumed
             log(f"train {spec.id}: resuming from the checkpoint at step {step}")
+    topk = spec.model.activation == "topk"
+    if topk and cfg.step == "fast" and cfg.l1_coeff == 0:
+        from .fast_step import FastTopKStep
+
+        fast = FastTopKStep(model, opt, cfg)
+
+        def step_fn(x, y, lr):
+            return fast(x, y, rows_since_fired, lr)
+    else:
+        def step_fn(x, y, lr):
+            return train_step(model, opt, x, y, rows_since_fired, cfg, topk, lr)
     started, steps_at_start = time.perf_counter(), step
     last = {}
 
@@ -193,7 +204,7 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
                 if step >= total_steps:
                     break
                 lr = cfg.lr * lr_factor(step, total_steps, warmup, cfg.decay)
-                metrics = train_step(model, opt, x, y, rows_since_fired, cfg, spec.model.activation == "topk", lr)
+                metrics = step_fn(x, y, lr)
                 if not math.isfinite(metrics["loss"]):
                     kept = f"; the checkpoint of step {read_json(state.folder / state.META)['step']} is kept" if state and (state.folder / state.META).exists() else ""
                     raise PipelineError(f"train {spec.id}: loss became {metrics['loss']} at step {step}; lower train.lr (now {cfg.lr}){kept}")
@@ -234,7 +245,7 @@ def train_step(model: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, y
     # Forward: encoder (optionally bf16), sparse code, decoder
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         pre = model.pre_acts(x)  # [B, d_sae]
-    pre = pre.float()
+    pre = pre.to(model.W_dec.dtype)  # back from bf16 (fp32 master weights)
     if topk:
         values, indices = model.sparse_code(pre)  # [B, k] each
         y_hat = model.decode_sparse(values, indices)  # [B, d_out]

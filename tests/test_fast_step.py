@@ -1,0 +1,63 @@
+"""The fast TopK step (hand-written backward over the active latents) against the plain
+autograd step: the same weights after several steps, exactly in float64."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from sae_clt.dictionary import Dictionary, DictionaryConfig
+from sae_clt.fast_step import FastTopKStep
+from sae_clt.kernels import topk_rows
+from sae_clt.spec import TrainSection
+from sae_clt.train import train_step
+
+
+def _pair(architecture: str, d_in: int, d_out: int):
+    cfg = DictionaryConfig(architecture=architecture, d_in=d_in, d_out=d_out, d_sae=48, activation="topk", k=4,
+                           source="a", target="a" if architecture == "sae" else "b")
+    model = Dictionary(cfg, seed=0).double()
+    with torch.no_grad():
+        model.b_enc.normal_(0, 0.1)
+        model.b_dec.normal_(0, 0.1)
+    return model, copy.deepcopy(model)
+
+
+@pytest.mark.parametrize("architecture, d_in, d_out", [("sae", 10, 10), ("transcoder", 6, 12)])
+@pytest.mark.parametrize("aux_k", [0, 8])
+def test_fast_step_matches_plain_autograd_step_in_float64(architecture, d_in, d_out, aux_k):
+    plain, fast = _pair(architecture, d_in, d_out)
+    # dead_after_rows small so AuxK has dead latents to work with from the second step.
+    cfg = TrainSection(aux_k=aux_k, dead_after_rows=64, grad_clip=0.5)
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2, fused=True) for m in (plain, fast)]
+    fast_step = FastTopKStep(fast, opts[1], cfg)
+    clocks = [torch.zeros(48, dtype=torch.long) for _ in range(2)]
+    gen = torch.Generator().manual_seed(1)
+    for step in range(6):
+        x = torch.randn(64, d_in, generator=gen, dtype=torch.float64)
+        y = x[:, :d_out] if architecture == "sae" else torch.randn(64, d_out, generator=gen, dtype=torch.float64) + x.sum(1, keepdim=True)
+        m_plain = train_step(plain, opts[0], x, y, clocks[0], cfg, True, 1e-2)
+        m_fast = fast_step(x, y, clocks[1], 1e-2)
+        assert m_fast["loss"] == pytest.approx(m_plain["loss"], rel=1e-10, abs=1e-12)
+        assert m_fast["aux_loss"] == pytest.approx(m_plain["aux_loss"], rel=1e-10, abs=1e-12)
+    assert torch.equal(clocks[0], clocks[1])
+    if aux_k:
+        assert (clocks[0] >= 64).any(), "the test should exercise AuxK"
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-11, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape, k", [((37, 3072), 32), ((5, 100), 7), ((3, 20), 20), ((8, 33), 1)])
+def test_topk_rows_selects_the_same_entries_as_torch_topk(dtype, shape, k):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    values, indices = topk_rows(x, k)
+    ref_values, ref_indices = x.topk(k, dim=-1)
+    # The same values (bf16 has ties, where either tied entry is a correct choice) ...
+    assert torch.equal(values.sort(-1).values, ref_values.sort(-1).values)
+    assert torch.equal(x.gather(1, indices), values)
+    assert all(len(set(row)) == k for row in indices.tolist())  # ... at k distinct positions
+    if dtype != torch.bfloat16:  # no ties: the very same entries
+        assert torch.equal(indices.sort(-1).values, ref_indices.sort(-1).values)

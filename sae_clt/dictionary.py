@@ -1,9 +1,14 @@
-"""Sparse dictionaries: an SAE (reads and writes one hook point) or a transcoder (reads one,
-writes another; sizes may differ), with TopK or ReLU (+ L1) sparsity.
+"""Sparse dictionaries: an SAE (reads and writes one hook point), a transcoder (reads one,
+writes another; sizes may differ) or a skip-transcoder (plus a linear path x @ W_skip).
 
     pre  = (x - b_dec·[sae]) @ W_enc + b_enc        [B, d_sae]
-    z    = TopK(ReLU(pre))  or  ReLU(pre)            [B, d_sae]
-    ŷ    = z @ W_dec + b_dec                         [B, d_out]
+    z    = σ(pre)                                    [B, d_sae]
+    ŷ    = z @ W_dec + b_dec (+ x @ W_skip)          [B, d_out]
+
+σ (``activation``): topk (the k largest of ReLU(pre) per row); batchtopk (the k·B largest over
+the batch while training; saved with a calibrated threshold so inference is JumpReLU);
+jumprelu (pre where pre > θ_i, θ learned through a straight-through estimator); relu;
+relu_clipped (ReLU capped at a ceiling).
 
 W_dec rows are kept at unit norm. Weights live in the normalised space of the activation
 store; the normalisation (mean, scale per hook) is saved beside them so a saved dictionary maps
@@ -12,6 +17,7 @@ raw activations to raw activations on its own (``predict_raw``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,14 +34,16 @@ CONFIG = "cfg.json"
 
 @dataclass(frozen=True)
 class DictionaryConfig:
-    architecture: str  # "sae" | "transcoder"
+    architecture: str  # "sae" | "transcoder" | "skip_transcoder"
     d_in: int
     d_out: int
     d_sae: int
-    activation: str  # "topk" | "relu"
+    activation: str  # "topk" | "batchtopk" | "jumprelu" | "relu" | "relu_clipped"
     k: int
     source: str
     target: str
+    relu_ceiling: float = 6.0
+    jumprelu_bandwidth: float = 0.001
 
     @property
     def apply_b_dec_to_input(self) -> bool:
@@ -61,6 +69,12 @@ class Dictionary(nn.Module):
             self.register_buffer(name, torch.zeros(dim))
         for name, dim in (("source_scale", cfg.d_in), ("target_scale", cfg.d_out)):
             self.register_buffer(name, torch.ones(dim))
+        if cfg.architecture == "skip_transcoder":
+            self.W_skip = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_out))
+        if cfg.activation == "jumprelu":  # learned, kept positive through the log
+            self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(0.001)))
+        if cfg.activation == "batchtopk":  # set by calibrate_threshold() after training
+            self.register_buffer("threshold", torch.zeros(cfg.d_sae))
 
     # ------------------------------------------------------------------ forward pieces
 
@@ -74,16 +88,34 @@ class Dictionary(nn.Module):
         values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
         return F.relu(values), indices
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense latent activations [B, d_sae]."""
-        pre = self.pre_acts(x)
-        if self.cfg.activation == "relu":
+    def activate(self, pre: torch.Tensor, training: bool = False) -> torch.Tensor:
+        """Dense latent activations [B, d_sae] from pre-activations (differentiable)."""
+        act = self.cfg.activation
+        if act == "relu":
             return F.relu(pre)
-        values, indices = self.sparse_code(pre)
-        return torch.zeros_like(pre).scatter_(-1, indices, values)
+        if act == "relu_clipped":
+            return pre.clamp(0, self.cfg.relu_ceiling)
+        if act == "topk":
+            values, indices = self.sparse_code(pre)
+            return torch.zeros_like(pre).scatter(-1, indices, values)
+        if act == "jumprelu":
+            return jumprelu(pre, self.log_threshold.exp(), self.cfg.jumprelu_bandwidth)
+        # batchtopk: the k·B largest over the batch while training, the calibrated threshold after
+        if training:
+            flat = F.relu(pre).reshape(-1)
+            values, indices = flat.topk(min(self.cfg.k * pre.shape[0], flat.numel()), sorted=False)
+            return torch.zeros_like(flat).scatter(0, indices, values).reshape(pre.shape)
+        return pre * (pre > self.threshold)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return z @ self.W_dec + self.b_dec
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense latent activations [B, d_sae] (inference form)."""
+        return self.activate(self.pre_acts(x))
+
+    def decode(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        y = z @ self.W_dec + self.b_dec
+        if self.cfg.architecture == "skip_transcoder" and x is not None:
+            y = y + x @ self.W_skip
+        return y
 
     def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Decoder as a weighted gather of the k active rows (no [B, d_sae] intermediate)."""
@@ -91,7 +123,17 @@ class Dictionary(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.encode(x)
-        return self.decode(z), z
+        return self.decode(z, x), z
+
+    @torch.no_grad()
+    def calibrate_threshold(self, batches) -> float:
+        """BatchTopK -> JumpReLU: one threshold such that, over the given batches of source rows,
+        as many pre-activations exceed it as BatchTopK keeps (k per row on average)."""
+        pres = torch.cat([self.pre_acts(x).reshape(-1) for x in batches])
+        n_keep = min(self.cfg.k * (pres.numel() // self.cfg.d_sae), pres.numel())
+        theta = float(pres.topk(n_keep, sorted=True).values[-1].clamp_min(0))
+        self.threshold.fill_(theta)
+        return theta
 
     @torch.no_grad()
     def predict_raw(self, x_raw: torch.Tensor) -> torch.Tensor:
@@ -146,6 +188,51 @@ class Dictionary(nn.Module):
             raise DataError(f"{folder}: no saved dictionary ({CONFIG} and {WEIGHTS} expected; run the train stage)")
         cfg_json = read_json(folder / CONFIG)
         fields = DictionaryConfig.__dataclass_fields__
-        model = cls(DictionaryConfig(**{k: cfg_json[k] for k in fields}))
+        model = cls(DictionaryConfig(**{k: cfg_json[k] for k in fields if k in cfg_json}))
         model.load_state_dict(load_file(folder / WEIGHTS))
         return model.eval()
+
+
+class _JumpReLU(torch.autograd.Function):
+    """z = pre · H(pre - θ). Gradient to pre: H(pre - θ); to θ: the straight-through estimate
+    -(θ / ε) · K((pre - θ) / ε) with a rectangle kernel K of width 1 (Rajamanoharan et al.)."""
+
+    @staticmethod
+    def forward(ctx, pre, theta, bandwidth):
+        ctx.save_for_backward(pre, theta)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > theta)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        near = ((pre - theta).abs() < eps / 2).to(pre.dtype)
+        g_theta = (grad * -(theta / eps) * near).sum(0)
+        return grad * (pre > theta), g_theta, None
+
+
+class _Step(torch.autograd.Function):
+    """H(pre - θ), with the same straight-through gradient to θ (for the L0 penalty)."""
+
+    @staticmethod
+    def forward(ctx, pre, theta, bandwidth):
+        ctx.save_for_backward(pre, theta)
+        ctx.bandwidth = bandwidth
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        near = ((pre - theta).abs() < eps / 2).to(pre.dtype)
+        return None, (grad * -(1.0 / eps) * near).sum(0), None
+
+
+def jumprelu(pre: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    return _JumpReLU.apply(pre, theta, bandwidth)
+
+
+def step_l0(pre: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """Number of active latents per row, differentiable in θ (straight-through)."""
+    return _Step.apply(pre, theta, bandwidth).sum(-1)

@@ -155,7 +155,13 @@ def evaluate(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, 
     train_loader = PairLoader(store, norm, source, target, "train", cfg.batch_size, seed=0, shuffle=False)
     val_loader = PairLoader(store, norm, source, target, "val", cfg.batch_size, seed=0, shuffle=False)
     is_sae = spec.model.architecture == "sae"
-    baseline_rank = min(spec.model.k, store.hook_dims[source]) if is_sae else None
+    baseline_rank = None
+    if is_sae:  # a dense code with as many numbers per row as the dictionary's L0
+        l0 = spec.model.k
+        if spec.model.activation != "topk":  # the measured L0 on the validation rows
+            counts = [(model.encode(x) > 0).sum(-1).float() for x, _ in val_loader.epoch(0)]
+            l0 = round(float(torch.cat(counts).mean())) if counts else 1
+        baseline_rank = max(1, min(l0, store.hook_dims[source]))
     w_lin = fit_linear_baseline(train_loader, rank=baseline_rank)
 
     d_out = store.hook_dims[target]

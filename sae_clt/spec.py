@@ -192,15 +192,28 @@ class DatasetSpec(StrictModel):
 
 
 class ModelSection(StrictModel):
-    architecture: Literal["sae", "transcoder"] = Field(description="sae: source == target; transcoder: source -> target.")
+    architecture: Literal["sae", "transcoder", "skip_transcoder"] = Field(
+        description="sae: source == target; transcoder: source -> target; skip_transcoder: a transcoder plus a learned "
+        "linear skip path W_skip (source -> target).")
     d_sae: int = Field(4096, ge=1, description="Number of latents (dictionary size).")
-    activation: Literal["topk", "relu"] = Field("topk", description="topk: keep the k largest; relu: ReLU with an L1 penalty.")
-    k: int = Field(32, ge=1, description="Active latents per row for topk.")
+    activation: Literal["topk", "batchtopk", "jumprelu", "relu", "relu_clipped"] = Field(
+        "topk", description="topk: the k largest per row; batchtopk: the k·B largest over a batch (saved as JumpReLU with a "
+        "calibrated threshold); jumprelu: learned per-latent thresholds (straight-through); relu: ReLU + L1; "
+        "relu_clipped: ReLU capped at relu_ceiling + L1.")
+    k: int = Field(32, ge=1, description="Active latents per row (topk; batchtopk on average).")
+    relu_ceiling: float = Field(6.0, gt=0, description="Cap of relu_clipped.")
+    jumprelu_init_threshold: float = Field(0.001, gt=0, description="Initial per-latent threshold of jumprelu.")
+    jumprelu_bandwidth: float = Field(0.001, gt=0, description="Width of the straight-through estimator's kernel.")
+    matryoshka_prefixes: list[int] = Field(default_factory=list, description="Nested prefix sizes (e.g. [256, 1024]): "
+                                           "the first m latents alone are also trained to reconstruct. Empty = off.")
 
     @model_validator(mode="after")
-    def _k_fits(self):
-        if self.activation == "topk" and self.k > self.d_sae:
+    def _sizes_fit(self):
+        if self.activation in ("topk", "batchtopk") and self.k > self.d_sae:
             raise ValueError(f"k ({self.k}) must be <= d_sae ({self.d_sae})")
+        bad = [m for m in self.matryoshka_prefixes if not 0 < m < self.d_sae]
+        if bad or self.matryoshka_prefixes != sorted(set(self.matryoshka_prefixes)):
+            raise ValueError(f"matryoshka_prefixes must be increasing sizes between 1 and d_sae - 1 ({self.d_sae - 1}); got {self.matryoshka_prefixes}")
         return self
 
 
@@ -220,9 +233,16 @@ class TrainSection(StrictModel):
         "fp32", description="bf16: encoder matmul under bf16 autocast (fp32 master weights, fp32 decoder and loss)."
     )
     step: Literal["fast", "plain"] = Field(
-        "fast", description="fast: hand-written backward over the k active latents (topk only; same results as plain); "
-        "plain: autograd over the dense graph (the reference).")
+        "fast", description="fast: hand-written backward over the k active latents (topk sae/transcoder without L1 or "
+        "matryoshka; others use plain); plain: autograd over the dense graph (the reference).")
     l1_coeff: float = Field(0.0, ge=0, description="Coefficient of the L1 penalty on latents (x decoder row norms).")
+    l1_warmup_frac: float = Field(0.05, ge=0, le=1, description="Fraction of steps over which the L1 (or JumpReLU L0) "
+                                  "coefficient ramps up linearly from zero.")
+    l0_coeff: float = Field(1e-3, ge=0, description="jumprelu: coefficient of the L0 penalty (straight-through on the thresholds).")
+    b_dec_init: Literal["zeros", "mean", "geometric_median"] = Field(
+        "zeros", description="Initial decoder bias: zeros, or the mean / geometric median of a sample of target rows.")
+    resample_at: list[float] = Field(default_factory=list, description="Fractions of training (e.g. [0.25, 0.5]) at which "
+                                     "dead latents are re-initialised towards badly reconstructed rows, their Adam moments reset.")
     aux_k: int = Field(256, ge=0, description="AuxK: dead latents used to model the residual (topk only; 0 = off).")
     aux_coeff: float = Field(1 / 32, ge=0)
     dead_after_rows: int = Field(200_000, ge=1, description="A latent silent for this many rows counts as dead.")

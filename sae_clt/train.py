@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn import functional as F
 
 from .dictionary import Dictionary, DictionaryConfig
 from .errors import PipelineError
@@ -30,17 +31,23 @@ CURVES = ("loss", "mse", "aux_loss", "fvu", "l0", "dead_fraction", "lr")
 
 
 def make_dictionary(spec: ExperimentSpec, store: ActivationStore, norm: Normalization) -> Dictionary:
+    m = spec.model
     cfg = DictionaryConfig(
-        architecture=spec.model.architecture,
+        architecture=m.architecture,
         d_in=store.hook_dims[spec.source],
         d_out=store.hook_dims[spec.target],
-        d_sae=spec.model.d_sae,
-        activation=spec.model.activation,
-        k=spec.model.k,
+        d_sae=m.d_sae,
+        activation=m.activation,
+        k=m.k,
         source=spec.source,
         target=spec.target,
+        relu_ceiling=m.relu_ceiling,
+        jumprelu_bandwidth=m.jumprelu_bandwidth,
     )
     model = Dictionary(cfg, seed=spec.train.seed)
+    if m.activation == "jumprelu":
+        with torch.no_grad():
+            model.log_threshold.fill_(math.log(m.jumprelu_init_threshold))
     model.set_normalization(norm.mean[spec.source], norm.scale[spec.source], norm.mean[spec.target], norm.scale[spec.target])
     return model
 
@@ -59,6 +66,13 @@ def sample_rows(loader: PairLoader, n: int, seed: int) -> tuple[torch.Tensor, to
         idx = torch.arange(n) % x.shape[0]
         return x[idx], y[idx]
     return x[:n], y[:n]
+
+
+def uses_fast_step(spec: ExperimentSpec) -> bool:
+    """The fast step covers TopK SAEs and transcoders without L1 or Matryoshka terms."""
+    m, t = spec.model, spec.train
+    return (t.step == "fast" and m.activation == "topk" and m.architecture in ("sae", "transcoder")
+            and t.l1_coeff == 0 and not m.matryoshka_prefixes)
 
 
 def lr_factor(step: int, total: int, warmup: int, decay: str) -> float:
@@ -168,10 +182,16 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
 
     # Model, optimiser and the state a checkpoint carries
     model = make_dictionary(spec, store, norm)
-    if cfg.init == "data":
+    if cfg.init == "data" or cfg.b_dec_init != "zeros":
         x0, y0 = sample_rows(loader, spec.model.d_sae, cfg.seed)
-        model.init_from_data(x0, y0)
-    opt = torch.optim.Adam([model.W_enc, model.b_enc, model.W_dec, model.b_dec], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+        with torch.no_grad():
+            if cfg.b_dec_init == "mean":
+                model.b_dec.copy_(y0.mean(0))
+            elif cfg.b_dec_init == "geometric_median":
+                model.b_dec.copy_(geometric_median(y0))
+        if cfg.init == "data":
+            model.init_from_data(x0, y0)
+    opt = torch.optim.Adam(list(model.parameters()), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
     rows_since_fired = torch.zeros(spec.model.d_sae, dtype=torch.long)
     curves = CurveWriter(curves_dir, CURVES)
     step, epoch, skip = 0, 0, 0
@@ -181,17 +201,20 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
         if resumed is not None:
             step, epoch, skip = resumed
             log(f"train {spec.id}: resuming from the checkpoint at step {step}")
-    topk = spec.model.activation == "topk"
-    if topk and cfg.step == "fast" and cfg.l1_coeff == 0:
+    prefixes = tuple(spec.model.matryoshka_prefixes)
+    penalty_ramp = max(1, int(cfg.l1_warmup_frac * total_steps))
+    if uses_fast_step(spec):
         from .fast_step import FastTopKStep
 
         fast = FastTopKStep(model, opt, cfg)
 
-        def step_fn(x, y, lr):
+        def step_fn(x, y, lr, step):
             return fast(x, y, rows_since_fired, lr)
     else:
-        def step_fn(x, y, lr):
-            return train_step(model, opt, x, y, rows_since_fired, cfg, topk, lr)
+        def step_fn(x, y, lr, step):
+            return train_step(model, opt, x, y, rows_since_fired, cfg, lr=lr, prefixes=prefixes,
+                              penalty_scale=min(1.0, (step + 1) / penalty_ramp))
+    resample_steps = {int(f * total_steps) for f in cfg.resample_at}
     started, steps_at_start = time.perf_counter(), step
     last = {}
 
@@ -204,7 +227,10 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
                 if step >= total_steps:
                     break
                 lr = cfg.lr * lr_factor(step, total_steps, warmup, cfg.decay)
-                metrics = step_fn(x, y, lr)
+                if step in resample_steps:
+                    n = resample_dead(model, opt, x, y, rows_since_fired >= cfg.dead_after_rows, rows_since_fired, cfg.seed + step)
+                    log(f"train {spec.id}: step {step}: resampled {n} dead latents")
+                metrics = step_fn(x, y, lr, step)
                 if not math.isfinite(metrics["loss"]):
                     kept = f"; the checkpoint of step {read_json(state.folder / state.META)['step']} is kept" if state and (state.folder / state.META).exists() else ""
                     raise PipelineError(f"train {spec.id}: loss became {metrics['loss']} at step {step}; lower train.lr (now {cfg.lr}){kept}")
@@ -220,6 +246,10 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
 
     # Outputs: curves, the dictionary with its config, the training summary
     seconds = time.perf_counter() - started
+    calibration = {}
+    if spec.model.activation == "batchtopk":  # saved as JumpReLU: one threshold keeping k per row on average
+        batches = [x for _, (x, _) in zip(range(8), loader.epoch(0))]
+        calibration = {"batchtopk_threshold": model.calibrate_threshold(batches)}
     curves.flush()
     meta = output_meta(spec, cfg.seed, TRAIN_SECTIONS)
     model.save(out_dir, meta, extra_cfg={"dataset": spec.dataset, "steps": total_steps})
@@ -228,7 +258,7 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
     # Timings vary run to run: kept beside the dictionary, not in it, so the cached output is
     # byte-identical for the same spec and seed.
     write_json(out_dir.parent / "train_log.json", {"seconds": seconds, "rows_per_second": rate, "resumed_at_step": steps_at_start})
-    summary = {"steps": total_steps, "rows_seen": rows_seen, "final": last, "meta": meta}
+    summary = {"steps": total_steps, "rows_seen": rows_seen, "final": last, "meta": meta, **calibration}
     write_json(metrics_path, summary)
     if state is not None:
         state.clear()
@@ -237,36 +267,58 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
 
 
 def train_step(model: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               rows_since_fired: torch.Tensor, cfg, topk: bool, lr: float) -> dict[str, float]:
-    """One optimisation step; updates ``rows_since_fired`` in place; returns the step's metrics."""
+               rows_since_fired: torch.Tensor, cfg, topk: bool | None = None, lr: float = 1e-3,
+               penalty_scale: float = 1.0, prefixes: tuple[int, ...] = ()) -> dict[str, float]:
+    """One optimisation step by autograd (the reference for every architecture and activation);
+    updates ``rows_since_fired`` in place; returns the step's metrics. ``penalty_scale`` ramps
+    the L1 / L0 coefficient up; ``prefixes`` are Matryoshka prefix sizes."""
     for group in opt.param_groups:
         group["lr"] = lr
+    act = model.cfg.activation
 
-    # Forward: encoder (optionally bf16), sparse code, decoder
+    # Forward: encoder (optionally bf16), activation, decoder
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         pre = model.pre_acts(x)  # [B, d_sae]
     pre = pre.to(model.W_dec.dtype)  # back from bf16 (fp32 master weights)
-    if topk:
-        values, indices = model.sparse_code(pre)  # [B, k] each
-        y_hat = model.decode_sparse(values, indices)  # [B, d_out]
+    skip = x @ model.W_skip if model.cfg.architecture == "skip_transcoder" else 0
+    z = None
+    if act == "topk" and not prefixes:
+        values, indices = model.sparse_code(pre)  # [B, k] each: no dense [B, d_sae] code
+        y_hat = model.decode_sparse(values, indices) + skip
         fired = torch.zeros_like(rows_since_fired, dtype=torch.bool)
         fired[indices[values > 0]] = True
-        l1 = values.sum(-1).mean()
-        l0 = float((values > 0).sum(-1).float().mean())
+        active = values
     else:
-        z = torch.relu(pre)
-        y_hat = model.decode(z)
+        z = model.activate(pre, training=True)
+        y_hat = z @ model.W_dec + model.b_dec + skip
         fired = (z > 0).any(0)
-        l1 = (z * model.W_dec.norm(dim=1)).sum(-1).mean()
-        l0 = float((z > 0).sum(-1).float().mean())
+        active = z
+    l0 = float((active > 0).sum(-1).float().mean())
 
-    # Loss: reconstruction + sparsity + AuxK on latents silent for too long
+    # Loss: reconstruction (Matryoshka: also by each prefix of the dictionary alone)
+    mse = ((y_hat - y) ** 2).sum(-1).mean()
+    recon = mse
+    for m in prefixes:
+        y_m = z[:, :m] @ model.W_dec[:m] + model.b_dec + skip
+        recon = recon + ((y_m - y) ** 2).sum(-1).mean()
+    recon = recon / (1 + len(prefixes))
+    # Sparsity penalty: L1 (x decoder norms) for ReLU kinds, L0 (straight-through) for JumpReLU
+    if act == "jumprelu":
+        from .dictionary import step_l0
+
+        sparsity = step_l0(pre, model.log_threshold.exp(), model.cfg.jumprelu_bandwidth).mean()
+        penalty = cfg.l0_coeff * penalty_scale * sparsity
+    else:
+        sparsity = (active * (model.W_dec.norm(dim=1) if z is not None else 1)).sum(-1).mean()
+        penalty = cfg.l1_coeff * penalty_scale * sparsity
+
+    # AuxK on latents silent for too long (top-k kinds)
     rows_since_fired += x.shape[0]
     rows_since_fired[fired] = 0
     dead = rows_since_fired >= cfg.dead_after_rows
-    mse = ((y_hat - y) ** 2).sum(-1).mean()
-    aux = aux_k_loss(model, pre, y - y_hat, dead, cfg.aux_k) if topk and cfg.aux_k else pre.new_zeros(())
-    loss = mse + cfg.l1_coeff * l1 + cfg.aux_coeff * aux
+    use_aux = act in ("topk", "batchtopk") and cfg.aux_k
+    aux = aux_k_loss(model, pre, y - y_hat, dead, cfg.aux_k) if use_aux else pre.new_zeros(())
+    loss = recon + penalty + cfg.aux_coeff * aux
     if not torch.isfinite(loss):
         return {"loss": float(loss.detach())}
 
@@ -279,3 +331,45 @@ def train_step(model: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, y
     model.normalize_decoder()
     return {"loss": float(loss.detach()), "mse": float(mse.detach()), "aux_loss": float(aux.detach()),
             "fvu": fvu_batch(y, y_hat.detach()), "l0": l0, "dead_fraction": float(dead.double().mean())}
+
+
+def geometric_median(points: torch.Tensor, iterations: int = 64) -> torch.Tensor:
+    """Weiszfeld's algorithm in float64, started at the mean."""
+    points = points.double()
+    median = points.mean(0)
+    for _ in range(iterations):
+        weights = 1.0 / (points - median).norm(dim=1).clamp_min(1e-8)
+        new = (weights[:, None] * points).sum(0) / weights.sum()
+        if (new - median).norm() < 1e-7 * (1 + median.norm()):
+            median = new
+            break
+        median = new
+    return median.float()
+
+
+@torch.no_grad()
+def resample_dead(model: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor,
+                  rows_since_fired: torch.Tensor, seed: int) -> int:
+    """Re-initialise dead latents towards rows the dictionary reconstructs worst (drawn with
+    probability ∝ squared error): encoder column along the row's input (at the alive columns'
+    mean norm), decoder row along its residual, bias zero, Adam moments reset. Returns how many."""
+    idx = dead.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return 0
+    y_hat = model.decode(model.activate(model.pre_acts(x), training=True), x)
+    err = ((y - y_hat) ** 2).sum(-1).double()
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.multinomial(err**2 / (err**2).sum().clamp_min(1e-30), idx.numel(), replacement=True, generator=gen)
+    alive = ~dead
+    enc_norm = model.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+    x_in = x[rows] - model.b_dec if model.cfg.apply_b_dec_to_input else x[rows]
+    model.W_enc[:, idx] = F.normalize(x_in, dim=1).t() * enc_norm
+    model.b_enc[idx] = 0
+    model.W_dec[idx] = F.normalize(y[rows] - y_hat[rows], dim=1)
+    for param, index in ((model.W_enc, (slice(None), idx)), (model.b_enc, idx), (model.W_dec, idx)):
+        state = opt.state.get(param, {})
+        for name in ("exp_avg", "exp_avg_sq"):
+            if name in state:
+                state[name][index] = 0
+    rows_since_fired[idx] = 0  # a fresh latent gets the full window to fire
+    return int(idx.numel())

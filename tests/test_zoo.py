@@ -1,0 +1,141 @@
+"""The dictionary zoo: every architecture and activation trains from a spec, evaluates, and
+reloads to the same outputs; the math each one relies on is pinned."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from sae_clt.dictionary import Dictionary, DictionaryConfig
+from sae_clt.normalize import Normalization, PairLoader
+from sae_clt.stages import run_stage
+from sae_clt.store import ActivationStore
+from sae_clt.train import geometric_median, resample_dead
+
+SPEC = """\
+id: {id}
+dataset: tiny_acts
+source: encoder.layers.{src}
+target: encoder.layers.1
+model: {{architecture: {arch}, d_sae: 64, activation: {act}, k: 4{extra}}}
+train: {{batch_size: 256, epochs: 3, lr: 3.0e-3, log_every: 2, dead_after_rows: 1000{train}}}
+evaluate: {{batch_size: 500, causal: false}}
+export: {{}}
+"""
+
+CASES = {
+    "z_sae_batchtopk": dict(arch="sae", act="batchtopk", src=1, extra="", train=""),
+    "z_sae_jumprelu": dict(arch="sae", act="jumprelu", src=1, extra=", jumprelu_init_threshold: 0.05", train=", l0_coeff: 0.01"),
+    "z_sae_relu_clipped": dict(arch="sae", act="relu_clipped", src=1, extra=", relu_ceiling: 6.0", train=", l1_coeff: 0.001"),
+    "z_skip_topk": dict(arch="skip_transcoder", act="topk", src=0, extra="", train=""),
+    "z_tc_matryoshka": dict(arch="transcoder", act="topk", src=0, extra=", matryoshka_prefixes: [8, 32]", train=""),
+    "z_sae_topk_resample": dict(arch="sae", act="topk", src=1, extra="", train=", resample_at: [0.3, 0.6], b_dec_init: geometric_median"),
+}
+
+
+@pytest.fixture(scope="module")
+def zoo(built_project, tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo") / "proj"
+    shutil.copytree(built_project, root)
+    for eid, case in CASES.items():
+        (root / "specs" / f"{eid}.yaml").write_text(SPEC.format(id=eid, **case))
+        for stage in ("train", "evaluate", "report", "export"):
+            run_stage(stage, root / "specs" / f"{eid}.yaml")
+    return root
+
+
+def _val_rows(root, source="encoder.layers.1"):
+    store = ActivationStore.open(root / "runs/datasets/tiny_acts/store")
+    norm = Normalization.load(root / "runs/datasets/tiny_acts/normalize")
+    x, _ = next(PairLoader(store, norm, source, "encoder.layers.1", "val", 10_000, seed=0, shuffle=False).epoch(0))
+    return x
+
+
+@pytest.mark.parametrize("eid", list(CASES))
+def test_every_kind_trains_evaluates_and_reloads_to_the_same_outputs(zoo, eid, tmp_path):
+    metrics = json.loads((zoo / f"metrics/{eid}/eval.json").read_text())
+    assert 0 <= metrics["reconstruction"]["fvu"] < 1.0  # better than predicting the mean
+    model = Dictionary.load(zoo / f"runs/experiments/{eid}/dictionary")
+    x = _val_rows(zoo, "encoder.layers.0" if CASES[eid]["src"] == 0 else "encoder.layers.1")
+    y1, z1 = model(x)
+    model.save(tmp_path / "again", meta={})
+    y2, z2 = Dictionary.load(tmp_path / "again")(x)
+    assert torch.equal(y1, y2) and torch.equal(z1, z2)
+    # Decoder rows stay unit norm whatever the activation.
+    torch.testing.assert_close(model.W_dec.norm(dim=1), torch.ones(64), rtol=0, atol=1e-5)
+
+
+def test_batchtopk_calibrated_threshold_reproduces_training_l0(zoo):
+    """Saved as JumpReLU, the dictionary keeps k latents per row on average over the training
+    rows (what BatchTopK kept while training), within 5 %."""
+    train = json.loads((zoo / "metrics/z_sae_batchtopk/train.json").read_text())
+    assert train["batchtopk_threshold"] > 0
+    model = Dictionary.load(zoo / "runs/experiments/z_sae_batchtopk/dictionary")
+    store = ActivationStore.open(zoo / "runs/datasets/tiny_acts/store")
+    norm = Normalization.load(zoo / "runs/datasets/tiny_acts/normalize")
+    l0s = [float((model.encode(x) > 0).sum(-1).float().mean())
+           for x, _ in PairLoader(store, norm, "encoder.layers.1", "encoder.layers.1", "train", 256, seed=5).epoch(3)]
+    assert sum(l0s) / len(l0s) == pytest.approx(4.0, rel=0.05)
+
+
+def test_jumprelu_thresholds_are_learned_and_saved(zoo):
+    model = Dictionary.load(zoo / "runs/experiments/z_sae_jumprelu/dictionary")
+    theta = model.log_threshold.exp()
+    assert not torch.allclose(theta, torch.full_like(theta, 0.05))  # moved by the straight-through gradient
+    x = _val_rows(zoo)
+    pre = model.pre_acts(x)
+    _, z = model(x)
+    assert torch.equal(z > 0, pre > theta)  # inference is exactly pre · H(pre - θ)
+
+
+def test_skip_transcoder_learns_its_linear_path(zoo):
+    model = Dictionary.load(zoo / "runs/experiments/z_skip_topk/dictionary")
+    assert model.W_skip.abs().sum() > 0
+
+
+def test_matryoshka_prefix_alone_reconstructs_better_than_without_training_it(zoo):
+    """The first 8 latents of a Matryoshka transcoder reconstruct on their own better than the
+    first 8 of a plain one trained alike."""
+    root = zoo
+    (root / "specs/z_tc_plain.yaml").write_text(SPEC.format(id="z_tc_plain", **{**CASES["z_tc_matryoshka"], "extra": ""}))
+    run_stage("train", root / "specs/z_tc_plain.yaml")
+    store = ActivationStore.open(root / "runs/datasets/tiny_acts/store")
+    norm = Normalization.load(root / "runs/datasets/tiny_acts/normalize")
+    x, y = next(PairLoader(store, norm, "encoder.layers.0", "encoder.layers.1", "val", 10_000, seed=0, shuffle=False).epoch(0))
+
+    def prefix_fvu(eid):
+        model = Dictionary.load(root / f"runs/experiments/{eid}/dictionary")
+        z = model.encode(x)
+        y_hat = z[:, :8] @ model.W_dec[:8] + model.b_dec
+        return float(((y - y_hat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
+
+    assert prefix_fvu("z_tc_matryoshka") < prefix_fvu("z_tc_plain")
+
+
+def test_resampled_latents_fire_again():
+    torch.manual_seed(0)
+    cfg = DictionaryConfig("sae", 12, 12, 40, "topk", 4, "a", "a")
+    model = Dictionary(cfg, seed=0)
+    x = torch.randn(512, 12)
+    with torch.no_grad():
+        model.b_enc[:10] = -100.0  # latents 0-9 can never win a top-k slot
+    assert not (model.encode(x)[:, :10] > 0).any()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    dead = torch.zeros(40, dtype=torch.bool)
+    dead[:10] = True
+    clock = torch.full((40,), 10**6)
+    assert resample_dead(model, opt, x, x, dead, clock, seed=0) == 10
+    fires = (model.encode(x)[:, :10] > 0).any(0)
+    assert fires.float().mean() >= 0.8  # (nearly) all fire again on the rows they were aimed at
+    assert (clock[:10] == 0).all()
+    torch.testing.assert_close(model.W_dec.norm(dim=1), torch.ones(40))
+
+
+def test_geometric_median_resists_outliers_where_the_mean_does_not():
+    points = torch.cat([torch.randn(200, 3) * 0.1 + torch.tensor([1.0, 2.0, 3.0]), torch.full((20, 3), 1000.0)])
+    median = geometric_median(points)
+    assert (median - torch.tensor([1.0, 2.0, 3.0])).norm() < 0.2
+    assert (points.mean(0) - torch.tensor([1.0, 2.0, 3.0])).norm() > 50

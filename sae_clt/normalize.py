@@ -116,13 +116,14 @@ def summary_of(norm_dir: Path) -> dict:
 class PairLoader:
     """Streams normalised (x_src, x_tgt) minibatches of one split from a store.
 
-    Each epoch visits shards in a seeded random order and rows within a shard in a seeded
-    random order; batches span shard boundaries. Only one shard (plus a partial batch) is in
-    memory at a time.
+    Each epoch visits shards in a seeded random order, ``mix_shards`` at a time, and shuffles
+    the rows of those shards together; batches span group boundaries. Memory holds two groups
+    (the one being consumed and the one prefetched), never the whole store.
     """
 
     def __init__(self, store: ActivationStore, norm: Normalization, source: str, target: str,
-                 split: str, batch_size: int, seed: int, drop_last: bool = False, shuffle: bool = True):
+                 split: str, batch_size: int, seed: int, drop_last: bool = False, shuffle: bool = True,
+                 mix_shards: int = 2):
         if split not in ("train", "val"):
             raise ValueError(split)
         store.check_hooks([source, target], "the spec")
@@ -130,6 +131,7 @@ class PairLoader:
         self.source, self.target = source, target
         self.split, self.batch_size, self.seed = split, batch_size, seed
         self.drop_last, self.shuffle = drop_last, shuffle
+        self.mix_shards = mix_shards
         self.rows_per_epoch = self._count_rows()
 
     def _rows(self, shard: dict) -> torch.Tensor:
@@ -146,22 +148,30 @@ class PairLoader:
         full, rest = divmod(self.rows_per_epoch, self.batch_size)
         return full if self.drop_last or rest == 0 else full + 1
 
-    def epoch(self, epoch: int = 0, with_provenance: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+    def _groups(self, epoch: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Normalised rows of this split, ``mix_shards`` shards at a time, shuffled together
+        (rows mix across shards as well as within them)."""
         gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(self.store.n_shards, generator=gen) if self.shuffle else torch.arange(self.store.n_shards)
         names = list(dict.fromkeys([self.source, self.target, "instance_id", "position"]))
-        carry: tuple[torch.Tensor, ...] | None = None  # rows left over from the previous shard
-        for i in order.tolist():
-            shard = self.store.read_shard(i, names)
-            rows = self._rows(shard)
+        order = order.tolist()
+        for g in range(0, len(order), self.mix_shards):
+            pieces = []
+            for i in order[g:g + self.mix_shards]:
+                shard = self.store.read_shard(i, names)
+                rows = self._rows(shard)
+                pieces.append((shard[self.source][rows], shard[self.target][rows], shard["instance_id"][rows], shard["position"][rows]))
+            parts = tuple(torch.cat(p) for p in zip(*pieces)) if len(pieces) > 1 else pieces[0]
             if self.shuffle:
-                rows = rows[torch.randperm(rows.numel(), generator=gen)]
-            parts = (
-                self.norm.apply(self.source, shard[self.source][rows]),
-                self.norm.apply(self.target, shard[self.target][rows]),
-                shard["instance_id"][rows],
-                shard["position"][rows],
-            )
+                perm = torch.randperm(parts[0].shape[0], generator=gen)
+                parts = tuple(t[perm] for t in parts)
+            yield (self.norm.apply(self.source, parts[0]), self.norm.apply(self.target, parts[1]), parts[2], parts[3])
+
+    def epoch(self, epoch: int = 0, with_provenance: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Minibatches of one epoch. Shards are read and prepared on a background thread one
+        group ahead, so reading overlaps training; batches span group boundaries."""
+        carry: tuple[torch.Tensor, ...] | None = None  # rows left over from the previous group
+        for parts in prefetched(self._groups(epoch), depth=1):
             if carry is not None:
                 parts = tuple(torch.cat([a, b]) for a, b in zip(carry, parts))
             n, start = parts[0].shape[0], 0
@@ -172,3 +182,47 @@ class PairLoader:
             carry = tuple(t[start:] for t in parts)
         if carry is not None and carry[0].shape[0] and not self.drop_last:
             yield carry if with_provenance else carry[:2]
+
+
+def prefetched(items: Iterator, depth: int = 1) -> Iterator:
+    """Iterate ``items`` on a background thread, keeping up to ``depth`` ready ahead. Errors
+    raised there are raised here; stopping early stops the thread."""
+    import queue
+    import threading
+
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        ready.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ready.put(("end", done))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            ready.put(("error", exc))
+
+    thread = threading.Thread(target=produce, name="saeclt-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = ready.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                ready.get(timeout=0.05)
+            except queue.Empty:
+                pass

@@ -148,64 +148,94 @@ class PairLoader:
         full, rest = divmod(self.rows_per_epoch, self.batch_size)
         return full if self.drop_last or rest == 0 else full + 1
 
-    def _groups(self, epoch: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        """Normalised rows of this split, ``mix_shards`` shards at a time, shuffled together
-        (rows mix across shards as well as within them)."""
+    def _groups(self, epoch: int) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """``mix_shards`` shards at a time, as stored (float16 stays float16), with the order in
+        which to visit this split's rows of them: shuffled together, so rows mix across shards
+        as well as within them."""
         gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(self.store.n_shards, generator=gen) if self.shuffle else torch.arange(self.store.n_shards)
         names = list(dict.fromkeys([self.source, self.target, "instance_id", "position"]))
         order = order.tolist()
         for g in range(0, len(order), self.mix_shards):
-            pieces = []
-            for i in order[g:g + self.mix_shards]:
-                shard = self.store.read_shard(i, names)
-                rows = self._rows(shard)
-                pieces.append((shard[self.source][rows], shard[self.target][rows], shard["instance_id"][rows], shard["position"][rows]))
-            parts = tuple(torch.cat(p) for p in zip(*pieces)) if len(pieces) > 1 else pieces[0]
+            shards = [self.store.read_shard(i, names, as_stored=True) for i in order[g:g + self.mix_shards]]
+            if len(shards) == 1:
+                group = shards[0]
+            else:  # one copy into a preallocated group, not a chain of concatenations
+                group = {}
+                total = sum(s["instance_id"].shape[0] for s in shards)
+                for name in names:
+                    first = shards[0][name]
+                    group[name] = torch.empty((total, *first.shape[1:]), dtype=first.dtype)
+                    start = 0
+                    for s in shards:
+                        n = s[name].shape[0]
+                        group[name][start:start + n] = s[name]
+                        start += n
+                del shards
+            rows = self._rows(group)
             if self.shuffle:
-                perm = torch.randperm(parts[0].shape[0], generator=gen)
-                parts = tuple(t[perm] for t in parts)
-            yield (self.norm.apply(self.source, parts[0]), self.norm.apply(self.target, parts[1]), parts[2], parts[3])
+                rows = rows[torch.randperm(rows.numel(), generator=gen)]
+            yield group, rows
+
+    def _batch(self, group: dict[str, torch.Tensor], idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Normalised float32 rows ``idx`` of a group (converted a batch at a time)."""
+        x = self.norm.apply(self.source, group[self.source][idx].float())
+        y = x if self.target == self.source else self.norm.apply(self.target, group[self.target][idx].float())
+        return x, y, group["instance_id"][idx], group["position"][idx]
 
     def epoch(self, epoch: int = 0, with_provenance: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
-        """Minibatches of one epoch. Shards are read and prepared on a background thread one
-        group ahead, so reading overlaps training; batches span group boundaries."""
+        """Minibatches of one epoch. Shards are read on a background thread one group ahead,
+        so reading overlaps training; batches span group boundaries. Memory: two groups as
+        stored plus one batch in float32, whatever the store's size."""
         carry: tuple[torch.Tensor, ...] | None = None  # rows left over from the previous group
-        for parts in prefetched(self._groups(epoch), depth=1):
-            if carry is not None:
-                parts = tuple(torch.cat([a, b]) for a, b in zip(carry, parts))
-            n, start = parts[0].shape[0], 0
-            while n - start >= self.batch_size:
-                batch = tuple(t[start : start + self.batch_size] for t in parts)
+        for group, rows in prefetched(self._groups(epoch), depth=1):
+            start = 0
+            if carry is not None:  # complete the partial batch with this group's first rows
+                need = self.batch_size - carry[0].shape[0]
+                head = self._batch(group, rows[:need])
+                carry = tuple(torch.cat([a, b]) for a, b in zip(carry, head))
+                start = min(need, rows.numel())
+                if carry[0].shape[0] < self.batch_size:
+                    continue
+                yield carry if with_provenance else carry[:2]
+                carry = None
+            while rows.numel() - start >= self.batch_size:
+                batch = self._batch(group, rows[start:start + self.batch_size])
                 start += self.batch_size
                 yield batch if with_provenance else batch[:2]
-            carry = tuple(t[start:] for t in parts)
+            if start < rows.numel():
+                carry = self._batch(group, rows[start:])
         if carry is not None and carry[0].shape[0] and not self.drop_last:
             yield carry if with_provenance else carry[:2]
 
 
 def prefetched(items: Iterator, depth: int = 1) -> Iterator:
-    """Iterate ``items`` on a background thread, keeping up to ``depth`` ready ahead. Errors
-    raised there are raised here; stopping early stops the thread."""
+    """Iterate ``items`` on a background thread, preparing at most ``depth`` items beyond the
+    one being consumed (so memory holds depth + 1 items). Errors raised there are raised
+    here; stopping early stops the thread."""
     import queue
     import threading
 
-    ready: queue.Queue = queue.Queue(maxsize=depth)
+    ready: queue.Queue = queue.Queue()
+    permits = threading.Semaphore(depth)  # released when the consumer takes an item
     stop = threading.Event()
-    done = object()
 
     def produce() -> None:
         try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        ready.put(("item", item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+            iterator = iter(items)
+            while True:
+                while not permits.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
                 if stop.is_set():
                     return
-            ready.put(("end", done))
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    ready.put(("end", None))
+                    return
+                ready.put(("item", item))
+                del item
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             ready.put(("error", exc))
 
@@ -218,11 +248,9 @@ def prefetched(items: Iterator, depth: int = 1) -> Iterator:
                 return
             if kind == "error":
                 raise value
+            permits.release()
             yield value
+            del value
     finally:
         stop.set()
-        while thread.is_alive():
-            try:
-                ready.get(timeout=0.05)
-            except queue.Empty:
-                pass
+        thread.join(timeout=5)

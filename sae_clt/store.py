@@ -290,8 +290,8 @@ class ActivationStore:
             if sha256_file(path) != shard["sha256"]:
                 raise DataError(f"{path}: checksum does not match the manifest (truncated or corrupted shard); recollect")
 
-    def read_shard(self, index: int, names: list[str]) -> dict[str, torch.Tensor]:
-        """Tensors of one shard (hook points as float32, provenance as stored)."""
+    def read_shard(self, index: int, names: list[str], as_stored: bool = False) -> dict[str, torch.Tensor]:
+        """Tensors of one shard (hook points as float32 unless ``as_stored``, provenance as stored)."""
         from safetensors import SafetensorError
         from safetensors.torch import safe_open
 
@@ -302,7 +302,7 @@ class ActivationStore:
                 out = {}
                 for name in names:
                     x = f.get_tensor(name)
-                    out[name] = x.float() if x.is_floating_point() else x
+                    out[name] = x.float() if x.is_floating_point() and not as_stored else x
         except (SafetensorError, OSError, KeyError, RuntimeError) as exc:
             raise DataError(f"{path}: cannot read shard ({exc}); it may be truncated or corrupted") from None
         for name, x in out.items():

@@ -1,0 +1,115 @@
+"""Training from an on-disk store larger than the machine's free cache versus from RAM.
+
+Writes (once; reused afterwards) a synthetic float16 store of 384-wide rows of at least
+--gigabytes GB, then runs the fast bf16 TopK step (384 -> 3072, k = 32, batch 4096) for the
+same number of steps (a) streaming from the store through saeclt's loader (memory-mapped
+shards, background prefetch, shuffling across shards) and (b) from a tensor already in RAM.
+Each mode runs in its own process, so peak RSS is its own. Prints tokens/s, the ratio, and
+peak RSS of each.
+
+    python benchmarks/stream.py [--gigabytes 8] [--steps 300] [--store-dir /tmp/saeclt_stream_store]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+D, D_SAE, K, BATCH = 384, 3072, 32, 4096
+HOOK = "resid"
+
+
+def build_store(folder: Path, gigabytes: float) -> None:
+    import torch
+
+    from sae_clt.store import MANIFEST, StoreWriter
+
+    if (folder / MANIFEST).exists():
+        return
+    rows_per_shard = 1 << 16  # 65,536 rows = 50 MB of float16 per shard (collect writes shards of this order)
+    n_shards = int(gigabytes * 1e9 / (rows_per_shard * (2 * D + 12))) + 1
+    print(f"writing a {n_shards * rows_per_shard * (2 * D + 12) / 1e9:.1f} GB store ({n_shards} shards) to {folder} ...", flush=True)
+    gen = torch.Generator().manual_seed(0)
+    atoms = torch.nn.functional.normalize(torch.randn(4 * D, D, generator=gen), dim=1)
+    writer = StoreWriter(folder, {HOOK: D}, "float16", {"n_instances": n_shards * rows_per_shard, "subject": {"id": "synthetic"}})
+    for s in range(n_shards):
+        codes = torch.rand(rows_per_shard, 4 * D, generator=gen) * (torch.rand(rows_per_shard, 4 * D, generator=gen) < 0.01)
+        x = codes @ atoms + 0.05 * torch.randn(rows_per_shard, D, generator=gen)
+        ids = torch.arange(s * rows_per_shard, (s + 1) * rows_per_shard)
+        writer.write_shard({HOOK: x}, {"instance_id": ids, "position": torch.zeros(rows_per_shard, dtype=torch.int32)},
+                           torch.arange(rows_per_shard))
+    writer.finish()
+
+
+def run_mode(mode: str, folder: Path, steps: int) -> dict:
+    import torch
+
+    from sae_clt.dictionary import Dictionary, DictionaryConfig
+    from sae_clt.fast_step import FastTopKStep
+    from sae_clt.normalize import Normalization, PairLoader
+    from sae_clt.spec import TrainSection
+    from sae_clt.store import ActivationStore
+
+    store = ActivationStore.open(folder)
+    n = store.manifest["n_instances"]
+    norm = Normalization({HOOK: torch.zeros(D)}, {HOOK: torch.ones(D)}, torch.zeros(n, dtype=torch.bool), {HOOK: torch.zeros(D)})
+    loader = PairLoader(store, norm, HOOK, HOOK, "train", BATCH, seed=0, drop_last=True)
+    if mode == "ram":  # the same number of rows, read before the clock starts
+        rows = []
+        for x, _ in loader.epoch(0):
+            rows.append(x.clone())
+            if len(rows) == steps:
+                break
+        batches = iter(rows)
+    else:
+        batches = (x for x, _ in loader.epoch(0))
+    cfg = TrainSection(precision="bf16", aux_k=256)
+    model = Dictionary(DictionaryConfig("sae", D, D, D_SAE, "topk", K, HOOK, HOOK), seed=0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    fast = FastTopKStep(model, opt, cfg)
+    clock = torch.zeros(D_SAE, dtype=torch.long)
+    started = time.perf_counter()
+    done = 0
+    for x in batches:
+        fast(x, x, clock, 1e-3)
+        done += 1
+        if done == steps:
+            break
+    seconds = time.perf_counter() - started
+    return {"mode": mode, "steps": done, "tokens_per_s": done * BATCH / seconds,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gigabytes", type=float, default=8.0)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--store-dir", default="/tmp/saeclt_stream_store")
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    folder = Path(args.store_dir)
+    if args.mode:
+        print(json.dumps(run_mode(args.mode, folder, args.steps)))
+        return
+    build_store(folder, args.gigabytes)
+    size = sum(p.stat().st_size for p in folder.glob("shard_*.safetensors")) / 1e9
+    print(f"store: {size:.1f} GB on disk; {args.steps} steps of {BATCH} rows, fast bf16 TopK step")
+    results = {}
+    for mode in ("disk", "ram"):
+        out = subprocess.run([sys.executable, __file__, "--mode", mode, "--steps", str(args.steps), "--store-dir", str(folder)],
+                             capture_output=True, text=True, check=True)
+        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        r = results[mode]
+        print(f"{mode:>5}: {r['tokens_per_s']:>9,.0f} tokens/s, peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
+    print(f"disk / ram throughput: {results['disk']['tokens_per_s'] / results['ram']['tokens_per_s']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

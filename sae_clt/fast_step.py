@@ -78,8 +78,8 @@ def _aux_k(W_dec: torch.Tensor, pre: torch.Tensor, residual: torch.Tensor, dead_
 class FastTopKStep:
     """Callable like ``train.train_step`` for TopK dictionaries; keeps its buffers across steps."""
 
-    def __init__(self, model: Dictionary, opt: torch.optim.Optimizer, cfg):
-        self.model, self.opt, self.cfg = model, opt, cfg
+    def __init__(self, model: Dictionary, opt: torch.optim.Optimizer, cfg, world=None):
+        self.model, self.opt, self.cfg, self.world = model, opt, cfg, world
         self.bf16 = cfg.precision == "bf16"
 
     @torch.no_grad()
@@ -105,7 +105,9 @@ class FastTopKStep:
         # Bookkeeping of dead latents (as the plain step)
         fired = torch.zeros_like(rows_since_fired, dtype=torch.bool)
         fired[idx[acts > 0]] = True
-        rows_since_fired += n_rows
+        if self.world is not None:  # data-parallel: combine across ranks
+            fired = self.world.any(fired)
+        rows_since_fired += n_rows * (self.world.size if self.world is not None else 1)
         rows_since_fired[fired] = 0
         dead = rows_since_fired >= cfg.dead_after_rows
 
@@ -140,6 +142,8 @@ class FastTopKStep:
 
         # Update: as the plain step
         W_enc.grad, b_enc.grad, W_dec.grad, b_dec.grad = g_W_enc.contiguous(), g_b_enc, g_W_dec.contiguous(), g_b_dec
+        if self.world is not None:
+            self.world.average_grads(model.parameters())
         model.remove_parallel_grad()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         self.opt.step()

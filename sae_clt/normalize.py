@@ -123,7 +123,7 @@ class PairLoader:
 
     def __init__(self, store: ActivationStore, norm: Normalization, source: str, target: str,
                  split: str, batch_size: int, seed: int, drop_last: bool = False, shuffle: bool = True,
-                 mix_shards: int = 2):
+                 mix_shards: int = 2, shards: list[int] | None = None):
         if split not in ("train", "val"):
             raise ValueError(split)
         store.check_hooks([source, target], "the spec")
@@ -132,6 +132,7 @@ class PairLoader:
         self.split, self.batch_size, self.seed = split, batch_size, seed
         self.drop_last, self.shuffle = drop_last, shuffle
         self.mix_shards = mix_shards
+        self.shards = list(range(store.n_shards)) if shards is None else list(shards)  # a rank's own shards
         self.rows_per_epoch = self._count_rows()
 
     def _rows(self, shard: dict) -> torch.Tensor:
@@ -140,7 +141,7 @@ class PairLoader:
 
     def _count_rows(self) -> int:
         total = 0
-        for i in range(self.store.n_shards):
+        for i in self.shards:
             total += int(self._rows(self.store.read_shard(i, ["instance_id"])).numel())
         return total
 
@@ -153,9 +154,9 @@ class PairLoader:
         which to visit this split's rows of them: shuffled together, so rows mix across shards
         as well as within them."""
         gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        order = torch.randperm(self.store.n_shards, generator=gen) if self.shuffle else torch.arange(self.store.n_shards)
+        order = torch.randperm(len(self.shards), generator=gen) if self.shuffle else torch.arange(len(self.shards))
         names = list(dict.fromkeys([self.source, self.target, "instance_id", "position"]))
-        order = order.tolist()
+        order = [self.shards[i] for i in order.tolist()]
         for g in range(0, len(order), self.mix_shards):
             shards = [self.store.read_shard(i, names, as_stored=True) for i in order[g:g + self.mix_shards]]
             if len(shards) == 1:

@@ -171,10 +171,19 @@ class TrainState:
 
 def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out_dir: Path, curves_dir: Path,
           metrics_path: Path, log=print, checkpoint_dir: Path | None = None) -> dict:
+    from .distributed import World
+
     cfg = spec.train
     torch.manual_seed(cfg.seed)
-    loader = PairLoader(store, norm, spec.source, spec.target, "train", cfg.batch_size, cfg.seed, drop_last=True)
-    steps_per_epoch = loader.steps_per_epoch()
+    world = World.from_env()  # torchrun: each rank reads its own shards, gradients are averaged
+    if cfg.batch_size % world.size:
+        raise PipelineError(f"train.batch_size {cfg.batch_size} must divide evenly over {world.size} processes")
+    if world.size > store.n_shards:
+        raise PipelineError(f"{world.size} processes but the store of dataset '{spec.dataset}' has {store.n_shards} shards; "
+                            "each process needs at least one")
+    loader = PairLoader(store, norm, spec.source, spec.target, "train", cfg.batch_size // world.size, cfg.seed, drop_last=True,
+                        shards=list(range(world.rank, store.n_shards, world.size)) if world.active else None)
+    steps_per_epoch = world.min_int(loader.steps_per_epoch())  # every rank takes the same number of steps
     if steps_per_epoch == 0:
         raise PipelineError(f"train.batch_size {cfg.batch_size} exceeds the {loader.rows_per_epoch} training rows of dataset '{spec.dataset}'")
     total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
@@ -191,11 +200,14 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
                 model.b_dec.copy_(geometric_median(y0))
         if cfg.init == "data":
             model.init_from_data(x0, y0)
+    world.broadcast_params(model)  # initialisation sampled rank-local rows: rank 0's wins
     opt = torch.optim.Adam(list(model.parameters()), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
     rows_since_fired = torch.zeros(spec.model.d_sae, dtype=torch.long)
     curves = CurveWriter(curves_dir, CURVES)
     step, epoch, skip = 0, 0, 0
     state = TrainState(checkpoint_dir, spec_hash(spec, TRAIN_SECTIONS)) if checkpoint_dir and cfg.checkpoint_every else None
+    if world.active and state is not None:
+        state.fingerprint += f":world{world.size}"  # a checkpoint resumes only with the same number of processes
     if state is not None:
         resumed = state.load(model, opt, rows_since_fired, curves)
         if resumed is not None:
@@ -206,14 +218,14 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
     if uses_fast_step(spec):
         from .fast_step import FastTopKStep
 
-        fast = FastTopKStep(model, opt, cfg)
+        fast = FastTopKStep(model, opt, cfg, world=world if world.active else None)
 
         def step_fn(x, y, lr, step):
             return fast(x, y, rows_since_fired, lr)
     else:
         def step_fn(x, y, lr, step):
             return train_step(model, opt, x, y, rows_since_fired, cfg, lr=lr, prefixes=prefixes,
-                              penalty_scale=min(1.0, (step + 1) / penalty_ramp))
+                              penalty_scale=min(1.0, (step + 1) / penalty_ramp), world=world if world.active else None)
     resample_steps = {int(f * total_steps) for f in cfg.resample_at}
     started, steps_at_start = time.perf_counter(), step
     last = {}
@@ -229,27 +241,31 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
                 lr = cfg.lr * lr_factor(step, total_steps, warmup, cfg.decay)
                 if step in resample_steps:
                     n = resample_dead(model, opt, x, y, rows_since_fired >= cfg.dead_after_rows, rows_since_fired, cfg.seed + step)
+                    world.broadcast_params(model)  # rank 0's resampled latents everywhere
                     log(f"train {spec.id}: step {step}: resampled {n} dead latents")
                 metrics = step_fn(x, y, lr, step)
                 if not math.isfinite(metrics["loss"]):
                     kept = f"; the checkpoint of step {read_json(state.folder / state.META)['step']} is kept" if state and (state.folder / state.META).exists() else ""
                     raise PipelineError(f"train {spec.id}: loss became {metrics['loss']} at step {step}; lower train.lr (now {cfg.lr}){kept}")
                 if step % cfg.log_every == 0 or step == total_steps - 1:
-                    last = {**metrics, "lr": lr}
+                    last = {**world.mean(metrics), "lr": lr}
                     curves.add(step, last)
                     bar.set_postfix(fvu=f"{last['fvu']:.4f}", l0=f"{last['l0']:.1f}", dead=f"{last['dead_fraction']:.3f}")
                 step += 1
                 bar.update(1)
-                if state is not None and step % cfg.checkpoint_every == 0 and step < total_steps:
+                if state is not None and world.is_main and step % cfg.checkpoint_every == 0 and step < total_steps:
                     state.save(model, opt, rows_since_fired, step, epoch, batch_index + 1, curves)
             epoch, skip = epoch + 1, 0
 
-    # Outputs: curves, the dictionary with its config, the training summary
+    # Outputs (rank 0): curves, the dictionary with its config, the training summary
     seconds = time.perf_counter() - started
     calibration = {}
     if spec.model.activation == "batchtopk":  # saved as JumpReLU: one threshold keeping k per row on average
         batches = [x for _, (x, _) in zip(range(8), loader.epoch(0))]
         calibration = {"batchtopk_threshold": model.calibrate_threshold(batches)}
+        world.broadcast_params(model)
+    if not world.is_main:
+        return {"steps": total_steps, "rank": world.rank}
     curves.flush()
     meta = output_meta(spec, cfg.seed, TRAIN_SECTIONS)
     model.save(out_dir, meta, extra_cfg={"dataset": spec.dataset, "steps": total_steps})
@@ -268,7 +284,7 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
 
 def train_step(model: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                rows_since_fired: torch.Tensor, cfg, topk: bool | None = None, lr: float = 1e-3,
-               penalty_scale: float = 1.0, prefixes: tuple[int, ...] = ()) -> dict[str, float]:
+               penalty_scale: float = 1.0, prefixes: tuple[int, ...] = (), world=None) -> dict[str, float]:
     """One optimisation step by autograd (the reference for every architecture and activation);
     updates ``rows_since_fired`` in place; returns the step's metrics. ``penalty_scale`` ramps
     the L1 / L0 coefficient up; ``prefixes`` are Matryoshka prefix sizes."""
@@ -312,8 +328,10 @@ def train_step(model: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, y
         sparsity = (active * (model.W_dec.norm(dim=1) if z is not None else 1)).sum(-1).mean()
         penalty = cfg.l1_coeff * penalty_scale * sparsity
 
-    # AuxK on latents silent for too long (top-k kinds)
-    rows_since_fired += x.shape[0]
+    # AuxK on latents silent for too long (top-k kinds); firing is combined across ranks
+    if world is not None:
+        fired = world.any(fired)
+    rows_since_fired += x.shape[0] * (world.size if world is not None else 1)
     rows_since_fired[fired] = 0
     dead = rows_since_fired >= cfg.dead_after_rows
     use_aux = act in ("topk", "batchtopk") and cfg.aux_k
@@ -325,6 +343,8 @@ def train_step(model: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, y
     # Backward and update, keeping decoder rows at unit norm
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if world is not None:
+        world.average_grads(model.parameters())
     model.remove_parallel_grad()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     opt.step()

@@ -44,6 +44,15 @@ def _fail(exc: BaseException) -> None:
     if isinstance(exc, SaecltError):
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(exc.exit_code)
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)):
+        typer.echo("error: out of memory. Complete outputs were kept: finished shards of a collection (it resumes "
+                   "after the last one) and the last training checkpoint (training resumes from it). Lower "
+                   "collect.batch_size, train.batch_size or evaluate.batch_size and rerun.", err=True)
+        raise typer.Exit(3)
+    if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC
+        typer.echo(f"error: no space left on device ({exc.filename or 'while writing'}). Complete outputs were kept "
+                   "(finished shards, the last checkpoint); free space or set $ACTIVATIONS_ROOT, then rerun to resume.", err=True)
+        raise typer.Exit(3)
     if isinstance(exc, KeyboardInterrupt):
         typer.echo("interrupted; complete outputs were kept, partial ones discarded", err=True)
         raise typer.Exit(130)
@@ -106,6 +115,9 @@ def stage(
     """Run one stage directly (what dvc.yaml calls).
 
     Example: saeclt stage train specs/sae_L2.yaml
+
+    Data-parallel training over N processes (gloo on CPU, nccl on GPU; each reads its own shards):
+    torchrun --standalone --nproc_per_node N -m sae_clt stage train specs/sae_L2.yaml
     """
     try:
         from .stages import run_stage

@@ -97,3 +97,18 @@ def test_collection_refuses_to_start_without_enough_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))
     with pytest.raises(DataError, match="needs about 0.03 GB .* only 0.00 GB are free"):
         check_free_disk(tmp_path / "store", 100_000, {"a": 64, "b": 64}, "float16")
+
+
+def test_out_of_memory_gives_a_clear_message_not_a_traceback(monkeypatch):
+    from typer.testing import CliRunner
+
+    import sae_clt.stages as stages
+    from sae_clt.cli import app
+
+    def boom(name, spec):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1")
+
+    monkeypatch.setattr(stages, "run_stage", boom)
+    result = CliRunner().invoke(app, ["stage", "train", "specs/x.yaml"])
+    assert result.exit_code == 3
+    assert "out of memory" in result.output and "resumes" in result.output and "Traceback" not in result.output

@@ -81,6 +81,7 @@ class FastTopKStep:
     def __init__(self, model: Dictionary, opt: torch.optim.Optimizer, cfg, world=None):
         self.model, self.opt, self.cfg, self.world = model, opt, cfg, world
         self.bf16 = cfg.precision == "bf16"
+        self._pre: torch.Tensor | None = None
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, y: torch.Tensor, rows_since_fired: torch.Tensor, lr: float) -> dict[str, float]:
@@ -93,10 +94,13 @@ class FastTopKStep:
 
         # Forward: the encoder matmul, top-k, the decoder as a gather of k rows per input
         x_in = x - b_dec if sae else x
+        dtype = torch.bfloat16 if self.bf16 else W_enc.dtype
+        if self._pre is None or self._pre.shape != (n_rows, n_latents) or self._pre.dtype != dtype:
+            self._pre = torch.empty(n_rows, n_latents, dtype=dtype)  # reused: no page faults on a fresh output
         if self.bf16:
-            pre = torch.addmm(b_enc.to(torch.bfloat16), x_in.to(torch.bfloat16), W_enc.to(torch.bfloat16))
+            pre = torch.addmm(b_enc.to(dtype), x_in.to(dtype), W_enc.to(dtype), out=self._pre)
         else:
-            pre = torch.addmm(b_enc, x_in, W_enc)
+            pre = torch.addmm(b_enc, x_in, W_enc, out=self._pre)
         values, idx = select_topk(pre, k)
         values = values.to(x.dtype)
         acts = torch.relu(values)

@@ -111,10 +111,15 @@ def run(
 def stage(
     name: str = typer.Argument(..., help="subject | collect | normalize | train | evaluate | report | export"),
     spec: Path = typer.Argument(..., help="The spec the stage reads (subject, dataset or experiment spec)."),
+    shard: str = typer.Option(None, help="collect only: 'i/n' = worker i of n (0-based) collects its own run of inputs; "
+                              "the plain collect stage merges the parts once all n are complete."),
 ) -> None:
     """Run one stage directly (what dvc.yaml calls).
 
     Example: saeclt stage train specs/sae_L2.yaml
+
+    Sharded collection over N workers, then the merge:
+    saeclt stage collect specs/datasets/D.yaml --shard 0/N  (... up to N-1/N)  then  saeclt stage collect specs/datasets/D.yaml
 
     Data-parallel training over N processes (gloo on CPU, nccl on GPU; each reads its own shards):
     torchrun --standalone --nproc_per_node N -m sae_clt stage train specs/sae_L2.yaml
@@ -122,7 +127,17 @@ def stage(
     try:
         from .stages import run_stage
 
-        run_stage(name, spec)
+        part = None
+        if shard is not None:
+            import re
+
+            from .errors import SpecError
+
+            m = re.fullmatch(r"(\d+)/(\d+)", shard)
+            if not m or not int(m.group(1)) < int(m.group(2)):
+                raise SpecError(str(spec), [f"--shard {shard!r}: expected i/n with 0 <= i < n, e.g. 0/4"])
+            part = (int(m.group(1)), int(m.group(2)))
+        run_stage(name, spec, part)
     except BaseException as exc:  # noqa: BLE001
         _fail(exc)
 

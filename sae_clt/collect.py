@@ -55,12 +55,16 @@ def within_norm_bound(acts: dict[str, torch.Tensor], keep: torch.Tensor, multipl
     return ok
 
 
-def recorded_batches(subject, points: list[str], available: list[str], n_instances: int, seed: int, batch_size: int, skip: int = 0):
+def recorded_batches(subject, points: list[str], available: list[str], n_instances: int, seed: int, batch_size: int,
+                     skip: int = 0, stop: int | None = None):
     """Run a module subject batch by batch and yield (activations [rows, d] per hook point,
     provenance per row, keep mask or None, inputs in the batch). Batches wholly within the
-    first ``skip`` inputs are generated but not run (a resumed collection)."""
+    first ``skip`` inputs are generated but not run (a resumed collection); batches from input
+    ``stop`` on are not run either (a worker's part)."""
     done = 0
     for inputs, provenance, keep in subject.input_batches(n_instances, seed, batch_size):
+        if stop is not None and done >= stop:
+            return
         n_inputs = int(provenance["instance_id"].unique().numel())
         done += n_inputs
         if done <= skip:
@@ -90,25 +94,45 @@ def progress_key(dataset: DatasetSpec, subject, points: list[str]) -> str:
     return f"{spec_hash(dataset, ['subject', 'collect'])}:{subject.fingerprint()}:{','.join(points)}"
 
 
-def collect(dataset: DatasetSpec, subject, store_dir: Path) -> dict:
+def part_range(n_instances: int, batch_size: int, part: tuple[int, int]) -> tuple[int, int]:
+    """Inputs [lo, hi) of worker ``part = (i, n)``: a contiguous run of whole batches."""
+    i, n = part
+    n_batches = -(-n_instances // batch_size)
+    lo, hi = i * n_batches // n, (i + 1) * n_batches // n
+    return min(lo * batch_size, n_instances), min(hi * batch_size, n_instances)
+
+
+def part_dir(store_dir: Path, part: tuple[int, int]) -> Path:
+    return store_dir / f"part-{part[0]}-of-{part[1]}"
+
+
+def collect(dataset: DatasetSpec, subject, store_dir: Path, part: tuple[int, int] | None = None) -> dict:
     """Write ``dataset``'s activation store from a loaded ``subject``; returns the manifest.
-    Resumes an unfinished collection of the same spec and subject found in ``store_dir``."""
+    Resumes an unfinished collection of the same spec and subject found in ``store_dir``.
+
+    With ``part = (i, n)`` this is worker i of n (``saeclt stage collect SPEC --shard i/n``):
+    it collects its own run of inputs into ``store_dir/part-i-of-n/``; once every part is
+    complete, ``merge_parts`` joins them into one store (the collect stage does it)."""
     cfg = dataset.collect
     available = subject.hook_points()
     points = expand_hook_points(cfg.hook_points, available)  # patterns such as encoder.layer.* become names
     key = progress_key(dataset, subject, points)
+    lo, hi = (0, cfg.n_instances) if part is None else part_range(cfg.n_instances, cfg.batch_size, part)
+    if part is not None:
+        key += f":part{part[0]}/{part[1]}"
+        store_dir = part_dir(store_dir, part)
     if (store_dir / PROGRESS).exists() and not (store_dir / MANIFEST).exists():
         resumable = True
     else:
         resumable = False
         if store_dir.exists():
             shutil.rmtree(store_dir)  # a fresh collection replaces an old one
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed if part is None else cfg.seed + 1_000_003 * (part[0] + 1))
     writer: StoreWriter | None = None
     pending_acts: dict[str, list[torch.Tensor]] = {p: [] for p in points}
     pending_prov: dict[str, list[torch.Tensor]] = {}
     pending_instances = 0
-    instances_done = 0  # inputs whose rows are in written shards
+    instances_done = lo  # inputs (absolute index) whose rows are in written shards
 
     def make_writer(dims: dict[str, int]) -> StoreWriter:
         meta = {
@@ -118,9 +142,11 @@ def collect(dataset: DatasetSpec, subject, store_dir: Path) -> dict:
         }
         if getattr(subject, "input_fingerprint", None):
             meta["inputs"] = subject.input_fingerprint
+        if part is not None:
+            meta["part"] = {"index": part[0], "of": part[1], "inputs": [lo, hi], "key": key}
         return StoreWriter(store_dir, dims, cfg.dtype, meta, drop_nonfinite=cfg.drop_nonfinite)
 
-    skip = 0
+    skip = lo
     if resumable:
         # The dims are needed to rebuild the writer: they are in the saved state.
         from safetensors import safe_open
@@ -140,7 +166,7 @@ def collect(dataset: DatasetSpec, subject, store_dir: Path) -> dict:
                 gen.set_state(tensors["rng_state"])
                 skip = instances_done = caller["instances_done"]
                 print(f"[collect] {dataset.id}: resuming after {len(writer.shards)} complete shard(s), "
-                      f"{instances_done} of {cfg.n_instances} inputs done", flush=True)
+                      f"{instances_done - lo} of {hi - lo} inputs done", flush=True)
             else:
                 writer = None
         if writer is None:
@@ -160,20 +186,22 @@ def collect(dataset: DatasetSpec, subject, store_dir: Path) -> dict:
         pending_prov, pending_instances = {}, 0
 
     if hasattr(subject, "activation_batches"):
-        batches = subject.activation_batches(points, cfg.n_instances, cfg.seed, cfg.batch_size, skip=skip)
+        batches = subject.activation_batches(points, cfg.n_instances, cfg.seed, cfg.batch_size, skip=skip, stop=hi)
     else:
-        batches = recorded_batches(subject, points, available, cfg.n_instances, cfg.seed, cfg.batch_size, skip=skip)
+        batches = recorded_batches(subject, points, available, cfg.n_instances, cfg.seed, cfg.batch_size, skip=skip, stop=hi)
     text = cfg.text
     tokens, started = 0, time.perf_counter()
-    with torch.no_grad(), progress_bar(total=cfg.n_instances, desc=f"collect {dataset.id}", unit="inst", initial=skip) as bar:
+    with torch.no_grad(), progress_bar(total=hi - lo, desc=f"collect {dataset.id}", unit="inst", initial=skip - lo) as bar:
         for acts, provenance, keep, n_inputs in batches:
+            if instances_done + pending_instances >= hi:
+                break  # this worker's run of inputs is done
             rows = next(iter(acts.values())).shape[0]
             keep = torch.ones(rows, dtype=torch.bool) if keep is None else keep.clone()
             if text is not None and text.outlier_norm_multiple is not None:
                 keep &= within_norm_bound(acts, keep, text.outlier_norm_multiple)
             if writer is None:
                 dims = {p: int(x.shape[-1]) for p, x in acts.items()}
-                check_free_disk(store_dir, cfg.n_instances * rows // n_inputs, dims, cfg.dtype)
+                check_free_disk(store_dir, (hi - skip) * rows // n_inputs, dims, cfg.dtype)
                 writer = make_writer(dims)
             for p in points:
                 pending_acts[p].append(acts[p][keep])
@@ -189,5 +217,66 @@ def collect(dataset: DatasetSpec, subject, store_dir: Path) -> dict:
         if pending_instances:
             flush()
     if writer is None:
-        raise DataError(f"dataset '{dataset.id}': no inputs were collected (collect.n_instances = {cfg.n_instances})")
-    return writer.finish()
+        raise DataError(f"dataset '{dataset.id}': no inputs were collected (collect.n_instances = {cfg.n_instances}, inputs {lo}-{hi})")
+    return writer.finish(keep_raw_stats=part is not None)
+
+
+def part_status(store_dir: Path) -> tuple[int, int] | None:
+    """(complete parts, n) of a sharded collection in ``store_dir``, or None if there is none."""
+    import re
+
+    counts: dict[int, int] = {}
+    for folder in store_dir.glob("part-*-of-*"):
+        m = re.fullmatch(r"part-(\d+)-of-(\d+)", folder.name)
+        if m:
+            counts.setdefault(int(m.group(2)), 0)
+            counts[int(m.group(2))] += int((folder / MANIFEST).exists())
+    if not counts:
+        return None
+    n = max(counts)
+    return counts[n], n
+
+
+def complete_parts(store_dir: Path) -> int | None:
+    """n when ``store_dir`` holds n complete worker parts of one sharded collection, else None."""
+    import re
+
+    from .io import read_json
+
+    found = {}
+    for folder in store_dir.glob("part-*-of-*"):
+        m = re.fullmatch(r"part-(\d+)-of-(\d+)", folder.name)
+        if m and (folder / MANIFEST).exists():
+            found.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
+    for n, indices in found.items():
+        if indices == set(range(n)):
+            keys = {read_json(part_dir(store_dir, (i, n)) / MANIFEST)["part"]["key"].rsplit(":part", 1)[0] for i in range(n)}
+            if len(keys) == 1:
+                return n
+    return None
+
+
+def merge_parts(store_dir: Path, n: int) -> dict:
+    """Join n complete worker parts into one store: shards renumbered and moved (no copy),
+    statistics combined from the parts' raw sums, one manifest. The parts are removed."""
+    from .io import read_json
+    from .store import RunningStats, StoreWriter
+
+    parts = [part_dir(store_dir, (i, n)) for i in range(n)]
+    manifests = [read_json(p / MANIFEST) for p in parts]
+    first = manifests[0]
+    meta = {k: v for k, v in first.items() if k in ("subject", "n_instances", "meta", "inputs")}
+    writer = StoreWriter(store_dir, first["hook_points"], first["dtype"], meta)
+    for p, m in zip(parts, manifests):
+        raw = RunningStats.load_raw(p)
+        for hook, stats in writer.stats.items():
+            stats.merge(raw[hook])
+        for shard in m["shards"]:
+            name = f"shard_{len(writer.shards):05d}.safetensors"
+            (p / shard["file"]).rename(store_dir / name)
+            writer.shards.append({**shard, "file": name})
+        writer.dropped_rows += m.get("dropped_nonfinite_rows", 0)
+    manifest = writer.finish()
+    for p in parts:
+        shutil.rmtree(p)
+    return manifest

@@ -44,15 +44,31 @@ def _dataset(spec_path: Path):
     return paths, dataset, subject_spec
 
 
-def stage_collect(spec_path: Path) -> None:
-    from .collect import collect
+def stage_collect(spec_path: Path, shard: tuple[int, int] | None = None) -> None:
+    from .collect import collect, complete_parts, merge_parts, part_status
     from .subjects import load_subject
 
     paths, dataset, subject_spec = _dataset(spec_path)
-    subject = load_subject(subject_spec, paths.subject_dir(subject_spec.id), paths.root)
-    subject.configure(dataset)
     external = paths.external_store_dir(dataset.id)
-    manifest = collect(dataset, subject, external or paths.store_dir(dataset.id))
+    target = external or paths.store_dir(dataset.id)
+    n_parts = complete_parts(target) if shard is None and target.exists() else None
+    status = part_status(target) if shard is None and target.exists() else None
+    if status and not n_parts:
+        from .errors import DataError
+
+        raise DataError(f"{target}: {status[0]} of {status[1]} worker parts are complete (saeclt stage collect {spec_path} "
+                        f"--shard i/{status[1]}); finish the others, or delete {target}/part-* to collect in one process")
+    if n_parts:  # workers (--shard i/n) collected every part: join them
+        manifest = merge_parts(target, n_parts)
+        _log(f"[collect] {dataset.id}: merged {n_parts} worker parts")
+    else:
+        subject = load_subject(subject_spec, paths.subject_dir(subject_spec.id), paths.root)
+        subject.configure(dataset)
+        manifest = collect(dataset, subject, target, part=shard)
+        if shard is not None:
+            _log(f"[collect] {dataset.id}: part {shard[0]} of {shard[1]}: {manifest['n_rows']} rows; "
+                 f"`saeclt stage collect {spec_path}` (or saeclt run / dvc repro) merges the parts once all are complete")
+            return
     if external is not None:
         from .store import write_pointer
 
@@ -135,7 +151,12 @@ def stage_export(spec_path: Path) -> None:
     _log(f"[export] {exp.id}: {result['n_edges']} edges over {result['n_features']} live features")
 
 
-def run_stage(name: str, spec_path: str | Path) -> None:
+def run_stage(name: str, spec_path: str | Path, shard: tuple[int, int] | None = None) -> None:
     if name not in STAGES:
         raise ValueError(f"unknown stage '{name}'; stages: {', '.join(STAGES)}")
+    if shard is not None:
+        if name != "collect":
+            raise ValueError("--shard applies to the collect stage only")
+        stage_collect(Path(spec_path), shard)
+        return
     globals()[f"stage_{name}"](Path(spec_path))

@@ -28,6 +28,7 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 POINTER = "location.json"  # a local stand-in for a store kept elsewhere ($ACTIVATIONS_ROOT)
 PROGRESS = "collect_progress.safetensors"  # present only while a collection is unfinished
+RAW_STATS = "part_stats.safetensors"  # a worker part's running sums, for merging
 PROVENANCE_FIELDS = ("instance_id", "position")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -72,6 +73,29 @@ class RunningStats:
     def restore(self, scalars: dict, tensors: dict[str, torch.Tensor]) -> None:
         self.n, self.norm_sum, self.zeros = scalars["n"], scalars["norm_sum"], scalars["zeros"]
         self.sum, self.sumsq = tensors["sum"].clone(), tensors["sumsq"].clone()
+
+    def merge(self, other: "RunningStats") -> None:
+        self.n += other.n
+        self.sum += other.sum
+        self.sumsq += other.sumsq
+        self.norm_sum += other.norm_sum
+        self.zeros += other.zeros
+
+    @staticmethod
+    def load_raw(folder: Path) -> dict[str, "RunningStats"]:
+        """The raw sums a worker part kept beside its manifest (for merging)."""
+        import json
+
+        from safetensors import safe_open
+
+        out = {}
+        with safe_open(str(Path(folder) / RAW_STATS), framework="pt") as f:
+            scalars = json.loads(f.metadata()["scalars"])
+            for hook, values in scalars.items():
+                stats = RunningStats(f.get_tensor(f"{hook}.sum").numel())
+                stats.restore(values, {"sum": f.get_tensor(f"{hook}.sum"), "sumsq": f.get_tensor(f"{hook}.sumsq")})
+                out[hook] = stats
+        return out
 
     def summary(self) -> dict:
         std = self.var.sqrt()
@@ -169,8 +193,17 @@ class StoreWriter:
             stats.restore(state["stats"][hook], {k: tensors.pop(f"stats.{hook}.{k}") for k in ("sum", "sumsq")})
         return state["caller"], tensors
 
-    def finish(self) -> dict:
-        """Write the manifest (the store is complete from here on) and drop the progress file."""
+    def finish(self, keep_raw_stats: bool = False) -> dict:
+        """Write the manifest (the store is complete from here on) and drop the progress file.
+        ``keep_raw_stats``: also keep the running sums (a worker part, to be merged)."""
+        if keep_raw_stats:
+            import json
+
+            tensors, scalars = {}, {}
+            for hook, stats in self.stats.items():
+                scalars[hook], arrays = stats.state()
+                tensors.update({f"{hook}.{k}": v for k, v in arrays.items()})
+            save_safetensors(self.folder / RAW_STATS, tensors, metadata={"scalars": json.dumps(scalars)})
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "hook_points": self.hook_dims,

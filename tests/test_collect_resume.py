@@ -101,3 +101,33 @@ def test_changed_spec_discards_a_partial_collection(tmp_path):
     assert proc.returncode == 0, out
     assert "resuming" not in out
     assert _manifest(store)["n_rows"] == N_INPUTS * POSITIONS
+
+
+def test_sharded_collection_merges_into_one_complete_store(tmp_path, reference):
+    """Workers --shard 0/3, 1/3, 2/3 each collect their run of inputs; the plain collect stage
+    then merges them: every row once, the same rows and statistics as one process collects."""
+    root = _project(tmp_path / "proj", delay=0.0)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+    run = [sys.executable, "-m", "sae_clt", "stage", "collect", "specs/datasets/mlp_acts.yaml"]
+    for i in (2, 0):
+        assert subprocess.run(run + ["--shard", f"{i}/3"], cwd=root, env=env, capture_output=True).returncode == 0
+    waiting = subprocess.run(run, cwd=root, env=env, capture_output=True, text=True)
+    assert waiting.returncode != 0 and "2 of 3 worker parts are complete" in waiting.stderr  # nothing merged or wiped early
+    assert subprocess.run(run + ["--shard", "1/3"], cwd=root, env=env, capture_output=True).returncode == 0
+    merged = subprocess.run(run, cwd=root, env=env, capture_output=True, text=True)
+    assert merged.returncode == 0 and "merged 3 worker parts" in merged.stderr
+    store = root / "runs/datasets/mlp_acts/store"
+    manifest = _manifest(store)
+    ref = _manifest(reference)
+    assert manifest["n_rows"] == ref["n_rows"] and not list(store.glob("part-*"))
+    for hook, stats in ref["stats"].items():
+        for name, value in stats.items():
+            assert manifest["stats"][hook][name] == pytest.approx(value, rel=1e-9)
+    from sae_clt.store import ActivationStore
+
+    ActivationStore.open(store).verify()
+    seen = []
+    for name in _shards(store):
+        shard = load_file(str(store / name))
+        seen += list(zip(shard["instance_id"].tolist(), shard["position"].tolist()))
+    assert len(seen) == len(set(seen)) == N_INPUTS * POSITIONS

@@ -118,17 +118,21 @@ class FilesSubject:
     def prepare_task(self, dataset) -> None:
         pass
 
-    def activation_batches(self, points: list[str], n_instances: int, seed: int, batch_size: int, skip: int = 0):
+    def activation_batches(self, points: list[str], n_instances: int, seed: int, batch_size: int, skip: int = 0,
+                           stop: int | None = None):
         """(activations [rows, d] per point, provenance, keep mask, inputs in the batch); the
         batches covering the first ``skip`` inputs (already collected) are passed over."""
         per = self.spec.rows_per_instance
         if n_instances > self.n_instances:
             raise DataError(f"{self.paths[0]}: {self.n_rows} rows = {self.n_instances} inputs of {per} rows; "
                             f"collect.n_instances asks for {n_instances}")
+        end = stop
         for start in range(0, n_instances, batch_size):
             stop = min(start + batch_size, n_instances)
             if stop <= skip:
                 continue
+            if end is not None and start >= end:
+                return
             acts = {p: read_rows(self.sources[p], start * per, stop * per) for p in points}
             provenance = {"instance_id": torch.arange(start, stop).repeat_interleave(per),
                           "position": torch.arange(per, dtype=torch.int32).repeat(stop - start)}

@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--gigabytes", type=float, default=8.0)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--store-dir", default="/tmp/saeclt_stream_store")
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     args = parser.parse_args()
     folder = Path(args.store_dir)
@@ -101,13 +102,18 @@ def main() -> None:
     build_store(folder, args.gigabytes)
     size = sum(p.stat().st_size for p in folder.glob("shard_*.safetensors")) / 1e9
     print(f"store: {size:.1f} GB on disk; {args.steps} steps of {BATCH} rows, fast bf16 TopK step")
-    results = {}
-    for mode in ("disk", "ram"):
-        out = subprocess.run([sys.executable, __file__, "--mode", mode, "--steps", str(args.steps), "--store-dir", str(folder)],
-                             capture_output=True, text=True, check=True)
-        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-        r = results[mode]
-        print(f"{mode:>5}: {r['tokens_per_s']:>9,.0f} tokens/s, peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
+    results: dict[str, dict] = {}
+    for rep in range(args.repeats):  # alternated, best of each: this machine's timings drift
+        for mode in ("disk", "ram"):
+            out = subprocess.run([sys.executable, __file__, "--mode", mode, "--steps", str(args.steps), "--store-dir", str(folder)],
+                                 capture_output=True, text=True, check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"run {rep + 1} {mode:>5}: {r['tokens_per_s']:>9,.0f} tokens/s, peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
+            best = results.setdefault(mode, r)
+            best["tokens_per_s"] = max(best["tokens_per_s"], r["tokens_per_s"])
+            best["peak_rss_gb"] = max(best["peak_rss_gb"], r["peak_rss_gb"])
+    for mode, r in results.items():
+        print(f"{mode:>5}: best {r['tokens_per_s']:,.0f} tokens/s, peak RSS {r['peak_rss_gb']:.2f} GB")
     print(f"disk / ram throughput: {results['disk']['tokens_per_s'] / results['ram']['tokens_per_s']:.3f}")
 
 

@@ -60,19 +60,47 @@ class LatentRows:
         return torch.sparse.mm(sparse, dense)
 
 
-def _aux_k(W_dec: torch.Tensor, pre: torch.Tensor, residual: torch.Tensor, dead_idx: torch.Tensor, aux_k: int):
-    """AuxK on the dead columns only (the loss of train.aux_k_loss): returns the loss and its
-    gradients with respect to those columns of ``pre`` and those rows of ``W_dec``."""
-    k = min(aux_k, dead_idx.numel())
-    pre_dead = pre[:, dead_idx].to(residual.dtype).requires_grad_(True)
-    w_dead = W_dec.detach()[dead_idx].requires_grad_(True)
-    with torch.enable_grad():
-        values, local = pre_dead.topk(k, dim=-1, sorted=False)
-        z = torch.zeros_like(pre_dead).scatter(-1, local, torch.relu(values))
-        recon = z @ w_dead
-        loss = ((recon - residual) ** 2).sum(-1).mean() / ((residual - residual.mean(0)) ** 2).sum(-1).mean().clamp_min(1e-12)
-        g_pre_dead, g_w_dead = torch.autograd.grad(loss, (pre_dead, w_dead))
-    return loss.detach(), g_pre_dead, g_w_dead
+def _aux_k(W_dec: torch.Tensor, pre: torch.Tensor, residual: torch.Tensor, x_in: torch.Tensor, dead_idx: torch.Tensor,
+           aux_k: int):
+    """AuxK (the loss of train.aux_k_loss) with a hand-written backward. When few of the dead
+    latents are active per row, through the active entries only (gather, sampled and sparse
+    products as in the main loss); otherwise dense products over the dead columns. Returns the loss and its gradients with
+    respect to the dead latents' encoder columns [d_in, n_dead], biases and decoder rows."""
+    n_rows, n_dead = pre.shape[0], dead_idx.numel()
+    k = min(aux_k, n_dead)
+    pre_dead = pre.index_select(1, dead_idx).to(residual.dtype)  # [B, n_dead]
+    values, local = select_topk(pre_dead, k)
+    acts = torch.relu(values)
+    w_dead = W_dec.index_select(0, dead_idx)
+    centred = residual - residual.mean(0)
+    variance = centred.square_().sum(-1).mean().clamp_min(1e-12)
+    if 8 * k > n_dead:
+        # Many of the dead latents active per row: dense products beat gathers and scatters.
+        z = torch.zeros_like(pre_dead).scatter_(1, local, acts)
+        err = (z @ w_dead).sub_(residual)
+        loss = err.square().sum(-1).mean() / variance
+        g_recon = err.mul_(2.0 / (n_rows * variance))
+        g_pre = (g_recon @ w_dead.t()).mul_(z > 0)
+        return loss, x_in.t() @ g_pre, g_pre.sum(0), z.t() @ g_recon
+    recon = F.embedding_bag(local, w_dead, per_sample_weights=acts, mode="sum")
+    err = recon.sub_(residual)
+    loss = err.square().sum(-1).mean() / variance
+    g_recon = err.mul_(2.0 / (n_rows * variance))
+    g_acts = _sampled_rows(g_recon, w_dead, local)
+    g_pre = g_acts * (values > 0)
+    pattern = LatentRows(local, n_dead)
+    g_enc = pattern.matmul(g_pre, x_in).t()  # [d_in, n_dead]
+    g_bias = torch.zeros(n_dead, dtype=g_pre.dtype).index_add_(0, local.reshape(-1), g_pre.reshape(-1))
+    g_dec = pattern.matmul(acts, g_recon)  # [n_dead, d_out]
+    return loss, g_enc, g_bias, g_dec
+
+
+def _sampled_rows(g: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """[B, k]: g[b] · rows[idx[b, j]] (a sampled dense-dense product, no [B, n] intermediate)."""
+    n_rows, k = idx.shape
+    crow = torch.arange(0, n_rows * k + 1, k)
+    mask = torch.sparse_csr_tensor(crow, idx.reshape(-1), torch.zeros(n_rows * k, dtype=g.dtype), (n_rows, rows.shape[0]))
+    return torch.sparse.sampled_addmm(mask, g, rows.t()).values().reshape(n_rows, k)
 
 
 class FastTopKStep:
@@ -119,9 +147,7 @@ class FastTopKStep:
         err = y_hat - y
         mse = (err * err).sum(-1).mean()
         g_yhat = err * (2.0 / n_rows)
-        crow = torch.arange(0, n_rows * k + 1, k, device=idx.device)
-        mask = torch.sparse_csr_tensor(crow, idx.reshape(-1), torch.zeros(n_rows * k, dtype=x.dtype), (n_rows, n_latents))
-        g_acts = torch.sparse.sampled_addmm(mask, g_yhat, W_dec.t()).values().reshape(n_rows, k)
+        g_acts = _sampled_rows(g_yhat, W_dec, idx)
         g_pre = g_acts * (values > 0)
         pattern = LatentRows(idx, n_latents)
         g_W_enc = pattern.matmul(g_pre, x_in).t()
@@ -133,11 +159,11 @@ class FastTopKStep:
         aux = x.new_zeros(())
         dead_idx = dead.nonzero().squeeze(1)
         if cfg.aux_k and dead_idx.numel():
-            aux, g_pre_dead, g_w_dead = _aux_k(W_dec, pre, y - y_hat, dead_idx, cfg.aux_k)
+            aux, g_enc_dead, g_bias_dead, g_dec_dead = _aux_k(W_dec, pre, y - y_hat, x_in, dead_idx, cfg.aux_k)
             g_W_enc = g_W_enc.contiguous()
-            g_W_enc[:, dead_idx] += cfg.aux_coeff * (x_in.t() @ g_pre_dead)
-            g_b_enc[dead_idx] += cfg.aux_coeff * g_pre_dead.sum(0)
-            g_W_dec[dead_idx] += cfg.aux_coeff * g_w_dead
+            g_W_enc.index_add_(1, dead_idx, g_enc_dead, alpha=cfg.aux_coeff)
+            g_b_enc.index_add_(0, dead_idx, g_bias_dead, alpha=cfg.aux_coeff)
+            g_W_dec.index_add_(0, dead_idx, g_dec_dead, alpha=cfg.aux_coeff)
         if sae:  # b_dec is also subtracted from the input: its gradient there is -W_enc · Σ_rows ∂L/∂pre
             g_b_dec -= W_enc @ g_b_enc
         loss = mse + cfg.aux_coeff * aux

@@ -26,7 +26,7 @@ def _pair(architecture: str, d_in: int, d_out: int):
 
 
 @pytest.mark.parametrize("architecture, d_in, d_out", [("sae", 10, 10), ("transcoder", 6, 12)])
-@pytest.mark.parametrize("aux_k", [0, 8])
+@pytest.mark.parametrize("aux_k", [0, 2, 8])  # 2: few dead latents active per row (the sparse AuxK path)
 def test_fast_step_matches_plain_autograd_step_in_float64(architecture, d_in, d_out, aux_k):
     plain, fast = _pair(architecture, d_in, d_out)
     # dead_after_rows small so AuxK has dead latents to work with from the second step.

@@ -69,6 +69,14 @@ class World:
         dist.all_reduce(as_int, op=dist.ReduceOp.MAX)
         return as_int.bool()
 
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In-place sum across ranks."""
+        if self.active:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor)
+        return tensor
+
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         if not self.active or not values:
             return values

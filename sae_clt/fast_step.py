@@ -110,6 +110,8 @@ class FastTopKStep:
         self.model, self.opt, self.cfg, self.world = model, opt, cfg, world
         self.bf16 = cfg.precision == "bf16"
         self._pre: torch.Tensor | None = None
+        self.refit = None  # a refit.DecoderRefit collecting this step's codes, when set
+        self.refit_weight = 1.0
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, y: torch.Tensor, rows_since_fired: torch.Tensor, lr: float) -> dict[str, float]:
@@ -133,6 +135,9 @@ class FastTopKStep:
         values = values.to(x.dtype)
         acts = torch.relu(values)
         y_hat = F.embedding_bag(idx, W_dec, per_sample_weights=acts, mode="sum") + b_dec
+
+        if self.refit is not None:
+            self.refit.add(idx, acts, y, self.refit_weight)
 
         # Bookkeeping of dead latents (as the plain step)
         fired = torch.zeros_like(rows_since_fired, dtype=torch.bool)
@@ -175,7 +180,8 @@ class FastTopKStep:
         if self.world is not None:
             self.world.average_grads(model.parameters())
         model.remove_parallel_grad()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         self.opt.step()
         model.normalize_decoder()
         return {"loss": float(loss), "mse": float(mse), "aux_loss": float(aux),

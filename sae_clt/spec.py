@@ -221,10 +221,14 @@ class TrainSection(StrictModel):
     seed: int = 0
     batch_size: int = Field(4096, ge=1)
     epochs: float = Field(4.0, gt=0, description="Passes over the training split.")
-    lr: float = Field(1e-2, gt=0, description="Peak Adam learning rate (safe this high thanks to the warm-up).")
+    lr: float = Field(1.5e-2, gt=0, description="Peak Adam learning rate (safe this high thanks to the long warm-up).")
+    optimizer: Literal["adam", "signum_schedule_free"] = Field(
+        "adam", description="adam (fused); signum_schedule_free: sign descent with schedule-free averaging "
+        "(momentum = beta1; needs the schedulefree package).")
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
-    warmup_frac: float = Field(0.1, ge=0, le=1, description="Fraction of steps with a linear learning-rate warm-up.")
+    warmup_frac: float = Field(0.6, ge=0, le=1, description="Fraction of steps with a linear learning-rate warm-up "
+                               "(long: it makes the high peak rate safe).")
     decay: Literal["linear", "constant"] = Field("linear", description="linear: decay to zero after warm-up.")
     init: Literal["data", "transpose"] = Field(
         "data", description="data: latent i starts as a sampled (source, target) row pair; transpose: random decoder, encoder = its transpose."
@@ -241,12 +245,15 @@ class TrainSection(StrictModel):
     l0_coeff: float = Field(1e-3, ge=0, description="jumprelu: coefficient of the L0 penalty (straight-through on the thresholds).")
     b_dec_init: Literal["zeros", "mean", "geometric_median"] = Field(
         "zeros", description="Initial decoder bias: zeros, or the mean / geometric median of a sample of target rows.")
+    decoder_refit_frac: float = Field(0.5, ge=0, le=1, description="topk (fast step): refit the decoder in closed form "
+                                      "from the codes of this last fraction of the training pass (0 = off); see sae_clt/refit.py.")
     resample_at: list[float] = Field(default_factory=list, description="Fractions of training (e.g. [0.25, 0.5]) at which "
                                      "dead latents are re-initialised towards badly reconstructed rows, their Adam moments reset.")
-    aux_k: int = Field(256, ge=0, description="AuxK: dead latents used to model the residual (topk only; 0 = off).")
+    aux_k: int = Field(512, ge=0, description="AuxK: dead latents used to model the residual (topk only; 0 = off).")
     aux_coeff: float = Field(1 / 32, ge=0)
-    dead_after_rows: int = Field(200_000, ge=1, description="A latent silent for this many rows counts as dead.")
-    grad_clip: float = Field(1.0, gt=0)
+    dead_after_rows: int = Field(12_288, ge=1, description="A latent silent for this many rows counts as dead.")
+    grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm at this value (null = no clipping: "
+                                    "with Adam and the warm-up it only slowed learning).")
     log_every: int = Field(10, ge=1, description="Training curves get a row every this many steps.")
     checkpoint_every: int = Field(50, ge=0, description="Steps between resumable checkpoints (0 = none); a killed run resumes from the last one.")
 

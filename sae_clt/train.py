@@ -68,6 +68,36 @@ def sample_rows(loader: PairLoader, n: int, seed: int) -> tuple[torch.Tensor, to
     return x[:n], y[:n]
 
 
+def make_optimizer(model: Dictionary, cfg) -> torch.optim.Optimizer:
+    """adam: fused Adam (the schedule's learning rate is set each step); signum_schedule_free:
+    sign descent wrapped in schedule-free averaging (EleutherAI sparsify's default recipe),
+    evaluated and saved at the averaged weights."""
+    params = list(model.parameters())
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    try:
+        from schedulefree import ScheduleFreeWrapper
+    except ImportError:
+        raise PipelineError("train.optimizer signum_schedule_free needs the schedulefree package (pip install schedulefree)") from None
+
+    class SignDescent(torch.optim.Optimizer):
+        """Steepest descent in the max norm: every weight moves by lr along its gradient's sign."""
+
+        def __init__(self, params, lr):
+            super().__init__(params, {"lr": lr})
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.add_(p.grad.sign(), alpha=-group["lr"])
+
+    opt = ScheduleFreeWrapper(SignDescent(params, cfg.lr), momentum=cfg.beta1)
+    opt.train()
+    return opt
+
+
 def uses_fast_step(spec: ExperimentSpec) -> bool:
     """The fast step covers TopK SAEs and transcoders without L1 or Matryoshka terms."""
     m, t = spec.model, spec.train
@@ -127,13 +157,14 @@ class TrainState:
         self.fingerprint = fingerprint  # spec hash of the training sections: a changed spec never resumes
 
     def save(self, model: Dictionary, opt: torch.optim.Optimizer, rows_since_fired: torch.Tensor, step: int,
-             epoch: int, batch_in_epoch: int, curves: "CurveWriter") -> None:
+             epoch: int, batch_in_epoch: int, curves: "CurveWriter", extra: dict[str, torch.Tensor] | None = None) -> None:
         tensors = {f"model.{k}": v.detach() for k, v in model.state_dict().items()}
         opt_state = opt.state_dict()["state"]
         for idx, state in opt_state.items():
             for name, value in state.items():
                 tensors[f"opt.{idx}.{name}"] = value.detach().reshape(-1) if name == "step" else value.detach()
         tensors["rows_since_fired"] = rows_since_fired
+        tensors.update({f"extra.{k}": v for k, v in (extra or {}).items()})
         save_safetensors(self.folder / self.FILE, tensors)
         # The JSON goes last: a checkpoint counts only once its JSON names the step it holds.
         write_json(self.folder / self.META, {"fingerprint": self.fingerprint, "step": step, "epoch": epoch,
@@ -161,6 +192,7 @@ class TrainState:
                 state["state"].setdefault(int(idx), {})[name] = value.reshape(()) if name == "step" else value
         opt.load_state_dict(state)
         rows_since_fired.copy_(tensors["rows_since_fired"])
+        self.extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
         curves.rows = {k: list(v) for k, v in meta["curves"].items()}
         return meta["step"], meta["epoch"], meta["batch_in_epoch"]
 
@@ -201,10 +233,12 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
         if cfg.init == "data":
             model.init_from_data(x0, y0)
     world.broadcast_params(model)  # initialisation sampled rank-local rows: rank 0's wins
-    opt = torch.optim.Adam(list(model.parameters()), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    opt = make_optimizer(model, cfg)
     rows_since_fired = torch.zeros(spec.model.d_sae, dtype=torch.long)
     curves = CurveWriter(curves_dir, CURVES)
     step, epoch, skip = 0, 0, 0
+    saved_refit: dict = {}  # decoder-refit sums of a resumed run
+    fast = None
     state = TrainState(checkpoint_dir, spec_hash(spec, TRAIN_SECTIONS)) if checkpoint_dir and cfg.checkpoint_every else None
     if world.active and state is not None:
         state.fingerprint += f":world{world.size}"  # a checkpoint resumes only with the same number of processes
@@ -212,6 +246,7 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
         resumed = state.load(model, opt, rows_since_fired, curves)
         if resumed is not None:
             step, epoch, skip = resumed
+            saved_refit = getattr(state, "extra", {})
             log(f"train {spec.id}: resuming from the checkpoint at step {step}")
     prefixes = tuple(spec.model.matryoshka_prefixes)
     penalty_ramp = max(1, int(cfg.l1_warmup_frac * total_steps))
@@ -219,8 +254,19 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
         from .fast_step import FastTopKStep
 
         fast = FastTopKStep(model, opt, cfg, world=world if world.active else None)
+        refit_from = total_steps - int(cfg.decoder_refit_frac * total_steps) if cfg.decoder_refit_frac else None
+        if saved_refit:  # resumed mid-accumulation: continue from the saved sums
+            from .refit import DecoderRefit
+
+            fast.refit = DecoderRefit.from_state(saved_refit)
 
         def step_fn(x, y, lr, step):
+            if refit_from is not None and step >= refit_from and fast.refit is None:
+                from .refit import DecoderRefit
+
+                fast.refit = DecoderRefit(model.cfg.d_sae, model.cfg.d_out)
+            if fast.refit is not None:  # later codes are closer to the final encoder's: weigh them more
+                fast.refit_weight = float((step - refit_from + 1) ** 2)
             return fast(x, y, rows_since_fired, lr)
     else:
         def step_fn(x, y, lr, step):
@@ -254,11 +300,21 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
                 step += 1
                 bar.update(1)
                 if state is not None and world.is_main and step % cfg.checkpoint_every == 0 and step < total_steps:
-                    state.save(model, opt, rows_since_fired, step, epoch, batch_index + 1, curves)
+                    refit = fast.refit if fast is not None else None
+                    state.save(model, opt, rows_since_fired, step, epoch, batch_index + 1, curves,
+                               extra=refit.state() if refit is not None else None)
             epoch, skip = epoch + 1, 0
 
     # Outputs (rank 0): curves, the dictionary with its config, the training summary
     seconds = time.perf_counter() - started
+    if hasattr(opt, "eval"):  # schedule-free: the averaged weights are the model
+        opt.eval()
+        model.normalize_decoder()
+    refit = fast.refit if fast is not None else None
+    if refit is not None:  # every rank's codes count: sum the accumulators, solve the same system everywhere
+        world.sum_(refit.gram)
+        world.sum_(refit.cross)
+        refit.apply(model)
     calibration = {}
     if spec.model.activation == "batchtopk":  # saved as JumpReLU: one threshold keeping k per row on average
         batches = [x for _, (x, _) in zip(range(8), loader.epoch(0))]
@@ -346,7 +402,8 @@ def train_step(model: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, y
     if world is not None:
         world.average_grads(model.parameters())
     model.remove_parallel_grad()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    if cfg.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     opt.step()
     model.normalize_decoder()
     return {"loss": float(loss.detach()), "mse": float(mse.detach()), "aux_loss": float(aux.detach()),
@@ -371,21 +428,27 @@ def geometric_median(points: torch.Tensor, iterations: int = 64) -> torch.Tensor
 def resample_dead(model: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor,
                   rows_since_fired: torch.Tensor, seed: int) -> int:
     """Re-initialise dead latents towards rows the dictionary reconstructs worst (drawn with
-    probability ∝ squared error): encoder column along the row's input (at the alive columns'
-    mean norm), decoder row along its residual, bias zero, Adam moments reset. Returns how many."""
+    probability ∝ squared error): encoder column along the row's input, scaled so the latent's
+    activation there is the residual's norm; decoder row along the residual; bias zero; Adam
+    moments reset. Returns how many."""
     idx = dead.nonzero().squeeze(1)
     if idx.numel() == 0:
         return 0
     y_hat = model.decode(model.activate(model.pre_acts(x), training=True), x)
     err = ((y - y_hat) ** 2).sum(-1).double()
     gen = torch.Generator().manual_seed(seed)
-    rows = torch.multinomial(err**2 / (err**2).sum().clamp_min(1e-30), idx.numel(), replacement=True, generator=gen)
-    alive = ~dead
-    enc_norm = model.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+    weights = err**2 / (err**2).sum().clamp_min(1e-30)
+    # Distinct rows: latents aimed at the same row would fire together and overshoot it.
+    distinct = idx.numel() <= int((weights > 0).sum())
+    rows = torch.multinomial(weights, idx.numel(), replacement=not distinct, generator=gen)
     x_in = x[rows] - model.b_dec if model.cfg.apply_b_dec_to_input else x[rows]
-    model.W_enc[:, idx] = F.normalize(x_in, dim=1).t() * enc_norm
+    residual = y[rows] - y_hat[rows]
+    # Scaled so the new latent's activation on its row equals that row's residual norm: alone,
+    # it would remove the residual exactly there.
+    scale = residual.norm(dim=1) / x_in.norm(dim=1).clamp_min(1e-8) ** 2
+    model.W_enc[:, idx] = (x_in * scale[:, None]).t()
     model.b_enc[idx] = 0
-    model.W_dec[idx] = F.normalize(y[rows] - y_hat[rows], dim=1)
+    model.W_dec[idx] = F.normalize(residual, dim=1)
     for param, index in ((model.W_enc, (slice(None), idx)), (model.b_enc, idx), (model.W_dec, idx)):
         state = opt.state.get(param, {})
         for name in ("exp_avg", "exp_avg_sq"):

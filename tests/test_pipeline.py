@@ -64,9 +64,10 @@ def test_normalised_training_rows_have_unit_rms_norm(built_project):
 
 
 def test_saved_dictionary_reloads_with_unit_norm_decoder_and_same_outputs(built_project):
-    model = Dictionary.load(Paths(built_project).dictionary_dir("tiny_sae"))
-    norms = model.W_dec.norm(dim=1)
+    # Unit-norm rows (the relu transcoder; a TopK SAE's decoder is refitted in closed form at the end).
+    norms = Dictionary.load(Paths(built_project).dictionary_dir("tiny_tc")).W_dec.norm(dim=1)
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+    model = Dictionary.load(Paths(built_project).dictionary_dir("tiny_sae"))
     x = torch.randn(5, 16)
     again = Dictionary.load(Paths(built_project).dictionary_dir("tiny_sae"))
     assert torch.equal(model.predict_raw(x), again.predict_raw(x))

@@ -105,7 +105,7 @@ def test_out_of_memory_gives_a_clear_message_not_a_traceback(monkeypatch):
     import sae_clt.stages as stages
     from sae_clt.cli import app
 
-    def boom(name, spec):
+    def boom(*args):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1")
 
     monkeypatch.setattr(stages, "run_stage", boom)

@@ -21,7 +21,7 @@ dataset: tiny_acts
 source: encoder.layers.{src}
 target: encoder.layers.1
 model: {{architecture: {arch}, d_sae: 64, activation: {act}, k: 4{extra}}}
-train: {{batch_size: 256, epochs: 3, lr: 3.0e-3, log_every: 2, dead_after_rows: 1000{train}}}
+train: {{batch_size: 256, epochs: 3, lr: 3.0e-3, log_every: 2, dead_after_rows: 1000, decoder_refit_frac: 0.0{train}}}
 evaluate: {{batch_size: 500, causal: false}}
 export: {{}}
 """

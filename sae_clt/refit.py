@@ -1,0 +1,64 @@
+"""Closed-form decoder refit: the least-squares decoder for the codes the encoder produces.
+
+With the encoder fixed, the best decoder (and bias) is a linear least-squares problem:
+    [Z 1] [W_dec; b_dec] ≈ Y,  solved from ZᵀZ (d_sae+1 square) and ZᵀY (d_sae+1 by d_out).
+Both are accumulated from the sparse codes during the last part of the one training pass
+(``train.decoder_refit_frac``, while the learning rate decays and the codes have settled), so
+no data is read twice; each row adds the outer product of its k active values. At the end the
+system is solved in float64 with a small ridge and the decoder replaced; for an SAE the encoder
+bias absorbs the change of b_dec (which it subtracts from its input), so the codes are unchanged.
+Decoder rows are no longer constrained to unit norm after the refit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class DecoderRefit:
+    def __init__(self, d_sae: int, d_out: int):
+        self.n = d_sae + 1  # the last index is the bias column (a constant 1)
+        self.gram = torch.zeros(self.n * self.n, dtype=torch.float64)
+        self.cross = torch.zeros(self.n, d_out, dtype=torch.float64)
+        self.rows = 0
+
+    @torch.no_grad()
+    def add(self, idx: torch.Tensor, acts: torch.Tensor, y: torch.Tensor, weight: float = 1.0) -> None:
+        """Rows' active latents ``idx`` [B, k] with values ``acts`` [B, k] and targets ``y``;
+        ``weight`` counts later (better settled) codes more."""
+        b = idx.shape[0]
+        ia = torch.cat([idx, torch.full((b, 1), self.n - 1, dtype=idx.dtype)], 1)
+        va = torch.cat([acts.to(torch.float64), torch.ones(b, 1, dtype=torch.float64)], 1)
+        flat = (ia.unsqueeze(2) * self.n + ia.unsqueeze(1)).reshape(-1)
+        self.gram.index_add_(0, flat, (va.unsqueeze(2) * va.unsqueeze(1)).reshape(-1), alpha=weight)
+        kk = ia.shape[1]
+        sparse = torch.sparse_coo_tensor(torch.stack([ia.reshape(-1), torch.arange(b).repeat_interleave(kk)]),
+                                         va.reshape(-1), (self.n, b))
+        self.cross.add_(torch.sparse.mm(sparse, y.to(torch.float64)), alpha=weight)
+        self.rows += b
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint keeps so a resumed run continues the same sums."""
+        return {"refit_gram": self.gram, "refit_cross": self.cross, "refit_rows": torch.tensor([self.rows])}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> "DecoderRefit":
+        refit = cls(state["refit_cross"].shape[0] - 1, state["refit_cross"].shape[1])
+        refit.gram.copy_(state["refit_gram"])
+        refit.cross.copy_(state["refit_cross"])
+        refit.rows = int(state["refit_rows"][0])
+        return refit
+
+    @torch.no_grad()
+    def apply(self, model, ridge: float = 1e-4) -> None:
+        """Replace the model's decoder and decoder bias with the least-squares solution."""
+        if self.rows == 0:
+            return
+        gram = self.gram.view(self.n, self.n)
+        scale = gram.diagonal().mean().clamp_min(1e-12)
+        solution = torch.linalg.solve(gram + ridge * scale * torch.eye(self.n, dtype=torch.float64), self.cross)
+        old_b_dec = model.b_dec.detach().clone()
+        model.W_dec.copy_(solution[:-1].to(model.W_dec.dtype))
+        model.b_dec.copy_(solution[-1].to(model.b_dec.dtype))
+        if model.cfg.apply_b_dec_to_input:  # keep pre = (x - b_dec) W_enc + b_enc unchanged
+            model.b_enc.sub_((old_b_dec - model.b_dec) @ model.W_enc)

@@ -143,7 +143,7 @@ def run_saelens(args) -> None:
     d = train.shape[1]
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=D_SAE, k=K))
     n_batches = len(train) // BATCH
-    cfg = SAETrainerConfig(total_training_samples=n_batches * BATCH, train_batch_size_samples=BATCH)
+    cfg = SAETrainerConfig(total_training_samples=n_batches * BATCH, train_batch_size_samples=BATCH, lr_end=3e-5)
     trainer = SAETrainer(cfg, sae, data_provider=iter(train.split(BATCH)[:n_batches]))
     started = time.perf_counter()
     trainer.fit()

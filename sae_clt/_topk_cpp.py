@@ -77,10 +77,14 @@ std::vector<torch::Tensor> topk_rows(torch::Tensor x, int64_t k) {
 
 def build():
     """Compile (once per machine and torch version; cached by torch) and load the kernel."""
-    from torch.utils.cpp_extension import load_inline
+    from pathlib import Path
 
-    print("saeclt: building the compiled top-k kernel (once; SAECLT_TOPK=torch skips it)", file=sys.stderr, flush=True)
-    module = load_inline(name="saeclt_topk_v3", cpp_sources=[SOURCE], functions=["topk_rows"],
+    from torch.utils.cpp_extension import _get_build_directory, load_inline
+
+    name = "saeclt_topk_v3"
+    if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
+        print("saeclt: building the compiled top-k kernel (once, ~40 s; SAECLT_TOPK=torch skips it)", file=sys.stderr, flush=True)
+    module = load_inline(name=name, cpp_sources=[SOURCE], functions=["topk_rows"],
                          extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
 
     class Kernel:

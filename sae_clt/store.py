@@ -52,11 +52,11 @@ class RunningStats:
         self.zeros = 0
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.double()
+        # Sums accumulate in float64 without a float64 copy of the batch (collection speed).
         self.n += x.shape[0]
-        self.sum += x.sum(0)
-        self.sumsq += (x * x).sum(0)
-        self.norm_sum += float(x.norm(dim=1).sum())
+        self.sum += x.sum(0, dtype=torch.float64)
+        self.sumsq += x.square().sum(0, dtype=torch.float64)
+        self.norm_sum += float(torch.linalg.vector_norm(x, dim=1).sum(dtype=torch.float64))
         self.zeros += int((x == 0).sum())
 
     @property

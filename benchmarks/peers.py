@@ -29,7 +29,6 @@ D_SAE, K, BATCH = 3072, 32, 4096
 
 
 def fvu_and_dead(encode_decode, val) -> dict:
-    import torch
 
     num = den = 0.0
     fired = None
@@ -62,24 +61,16 @@ def export(args) -> None:
 
 
 def run_saeclt(args) -> None:
-    import tempfile
-
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from sae_clt.evaluate import evaluate
+    from _common import fit_and_evaluate
+
     from sae_clt.stages import _experiment
-    from sae_clt.train import train
 
     resolved, store, norm = _experiment(Path(args.spec))
-    spec = resolved.experiment
-    spec = spec.model_copy(update={"evaluate": spec.evaluate.model_copy(update={"causal": False})})
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        started = time.perf_counter()
-        summary = train(spec, store, norm, tmp / "d", tmp / "c", tmp / "t.json", log=lambda *_: None)
-        seconds = time.perf_counter() - started
-        m = evaluate(spec, store, norm, tmp / "d", None, tmp / "e", tmp / "e.json")
+    _, m, rate = fit_and_evaluate(resolved.experiment, store, norm)
     print(json.dumps({"trainer": "saeclt", "fvu": m["reconstruction"]["fvu"], "dead_fraction": m["sparsity"]["dead_fraction"],
-                      "tokens_per_s": summary["rows_seen"] / seconds}))
+                      "tokens_per_s": rate}))
 
 
 def _load(args):

@@ -29,7 +29,6 @@ from torch.nn import functional as F
 from .dictionary import Dictionary
 from .metrics import fvu_batch
 
-
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-
 from torch_subject_helpers import write_torch_project
 
 N_INPUTS, POSITIONS = 200, 8

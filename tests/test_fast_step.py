@@ -37,7 +37,7 @@ def test_fast_step_matches_plain_autograd_step_in_float64(architecture, d_in, d_
     clocks = [torch.zeros(48, dtype=torch.long) for _ in range(2)]
     gen = torch.Generator().manual_seed(1)
     aux_seen = False
-    for step in range(6):
+    for _ in range(6):
         x = torch.randn(64, d_in, generator=gen, dtype=torch.float64)
         y = x[:, :d_out] if architecture == "sae" else torch.randn(64, d_out, generator=gen, dtype=torch.float64) + x.sum(1, keepdim=True)
         m_plain = train_step(plain, opts[0], x, y, clocks[0], cfg, True, 1e-2)

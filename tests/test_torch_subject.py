@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
+from torch_subject_helpers import write_torch_project
 
 from sae_clt.errors import SaecltError
 from sae_clt.stages import run_stage
-
-from torch_subject_helpers import write_torch_project
 
 
 def test_torch_subject_from_import_path_runs_every_stage(tmp_path, monkeypatch):

@@ -1,0 +1,41 @@
+"""Shared by the benchmark scripts: train and evaluate a spec variant in a scratch folder."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def fit_and_evaluate(spec, store, norm, train_updates: dict | None = None, model_updates: dict | None = None):
+    """Train ``spec`` (with overrides; causal check off) on the store; returns (train summary,
+    eval metrics, training rows per second). Nothing is written to the project."""
+    from sae_clt.evaluate import evaluate
+    from sae_clt.train import train
+
+    spec = spec.model_copy(update={
+        "train": spec.train.model_copy(update=train_updates or {}),
+        "model": spec.model.model_copy(update=model_updates or {}),
+        "evaluate": spec.evaluate.model_copy(update={"causal": False}),
+    })
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        started = time.perf_counter()
+        summary = train(spec, store, norm, tmp / "d", tmp / "c", tmp / "t.json", log=lambda *_: None)
+        seconds = time.perf_counter() - started
+        metrics = evaluate(spec, store, norm, tmp / "d", None, tmp / "e", tmp / "e.json")
+    return summary, metrics, summary["rows_seen"] / seconds
+
+
+def load_experiment(argv: list[str], default: str = "specs/minilm_sae_L2.yaml"):
+    """(spec, store, normalisation) of the experiment named on the command line, with a header line."""
+    from sae_clt.stages import _experiment
+
+    resolved, store, norm = _experiment(Path(argv[1] if len(argv) > 1 else default))
+    spec = resolved.experiment
+    print(f"{spec.id}: {spec.model.architecture} {store.hook_dims[spec.source]} -> {spec.model.d_sae}, k = {spec.model.k}, "
+          f"batch {spec.train.batch_size}, {spec.train.epochs} epoch(s)")
+    return spec, store, norm

@@ -24,7 +24,7 @@ from .hooks import StopForward, expand_hook_points, recording
 from .progress import progress_bar
 from .provenance import output_meta
 from .spec import DatasetSpec, spec_hash
-from .store import MANIFEST, PROGRESS, StoreWriter
+from .store import MANIFEST, PROGRESS, StoreWriter, read_progress
 
 BYTES_PER_VALUE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -148,23 +148,13 @@ def collect(dataset: DatasetSpec, subject, store_dir: Path, part: tuple[int, int
 
     skip = lo
     if resumable:
-        # The dims are needed to rebuild the writer: they are in the saved state.
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(store_dir / PROGRESS), framework="pt") as f:
-                import json
-
-                saved = json.loads(f.metadata()["state"])["caller"]
-        except Exception:  # noqa: BLE001 - damaged progress file: start over
-            saved = {}
-        if saved.get("key") == key:
-            writer = make_writer(saved["dims"])
-            restored = writer.restore_progress()
-            if restored is not None:
-                caller, tensors = restored
+        saved = read_progress(store_dir)
+        if saved is not None and saved[0]["caller"].get("key") == key:
+            state, tensors = saved
+            writer = make_writer(state["caller"]["dims"])
+            if writer.restore_progress(state, tensors):
                 gen.set_state(tensors["rng_state"])
-                skip = instances_done = caller["instances_done"]
+                skip = instances_done = state["caller"]["instances_done"]
                 print(f"[collect] {dataset.id}: resuming after {len(writer.shards)} complete shard(s), "
                       f"{instances_done - lo} of {hi - lo} inputs done", flush=True)
             else:

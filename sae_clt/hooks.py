@@ -31,6 +31,11 @@ def resolve_module(model: nn.Module, point: HookPoint, available: list[str]) -> 
     return modules[point.module]
 
 
+def module_hook_points(model: nn.Module) -> list[str]:
+    """Every module's output and input, as named_modules() spells the paths."""
+    return [point for name, _ in model.named_modules() if name for point in (name, f"{name}:input")]
+
+
 class StopForward(Exception):
     """Raised by the last needed hook so the rest of the forward pass is skipped."""
 

@@ -166,32 +166,21 @@ class StoreWriter:
             payload.update({f"stats.{hook}.{k}": v for k, v in arrays.items()})
         save_safetensors(self.folder / PROGRESS, payload, metadata={"state": json.dumps(state)})
 
-    def restore_progress(self) -> tuple[dict, dict[str, torch.Tensor]] | None:
-        """Reload a saved collection state; shards written after it are deleted. None (and a
-        clean folder) when there is nothing valid to resume."""
-        import json
-
-        from safetensors import safe_open
-
-        path = self.folder / PROGRESS
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                state = json.loads(f.metadata()["state"])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception:  # noqa: BLE001 - no progress file, or a damaged one: start over
-            return None
+    def restore_progress(self, state: dict, tensors: dict[str, torch.Tensor]) -> bool:
+        """Continue from a saved state (see ``read_progress``) if every shard it lists is intact;
+        shards written after it are deleted. False when there is nothing valid to resume."""
         listed = {s["file"] for s in state["shards"]}
         for shard in state["shards"]:
             file = self.folder / shard["file"]
             if not file.exists() or sha256_file(file) != shard["sha256"]:
-                return None
+                return False
         for extra in self.folder.glob("shard_*.safetensors"):
             if extra.name not in listed:
                 extra.unlink()  # written after the last saved state: it will be written again
         self.shards, self.dropped_rows = state["shards"], state["dropped_rows"]
         for hook, stats in self.stats.items():
-            stats.restore(state["stats"][hook], {k: tensors.pop(f"stats.{hook}.{k}") for k in ("sum", "sumsq")})
-        return state["caller"], tensors
+            stats.restore(state["stats"][hook], {k: tensors[f"stats.{hook}.{k}"] for k in ("sum", "sumsq")})
+        return True
 
     def finish(self, keep_raw_stats: bool = False) -> dict:
         """Write the manifest (the store is complete from here on) and drop the progress file.
@@ -218,6 +207,20 @@ class StoreWriter:
         write_json(self.folder / MANIFEST, manifest)
         (self.folder / PROGRESS).unlink(missing_ok=True)
         return manifest
+
+
+def read_progress(folder: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """The saved state of an unfinished collection in ``folder`` (JSON state, tensors), or
+    None when there is none or it is damaged (the collection then starts over)."""
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(Path(folder) / PROGRESS), framework="pt") as f:
+            return json.loads(f.metadata()["state"]), {k: f.get_tensor(k) for k in f.keys()}
+    except Exception:  # noqa: BLE001 - no progress file, or a damaged one
+        return None
 
 
 def write_pointer(local: Path, external: Path) -> None:

@@ -135,8 +135,9 @@ class TorchSubject:
         return cls(spec, model.float(), root)
 
     def hook_points(self) -> list[str]:
-        names = [name for name, _ in self.model.named_modules() if name]
-        return [n for name in names for n in (name, f"{name}:input")]
+        from ..hooks import module_hook_points
+
+        return module_hook_points(self.model)
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()

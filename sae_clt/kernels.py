@@ -1,38 +1,128 @@
-"""Row-wise top-k selection: torch.topk, or a compiled kernel where one could be built.
+"""The fast TopK step's three hot operations: compiled CPU kernels where they could be built,
+pure-torch reference implementations otherwise.
 
-torch.topk over [4096, 3072] costs about twice a bf16 encoder matmul on a 2-core CPU. The
-compiled kernel (C++ with OpenMP, built on first use through torch's extension tooling when a
-C++ compiler and ninja are present) scans each row once keeping a small min-heap. It returns
-the same set of entries as torch.topk (order within a row may differ); any failure to build
-falls back to torch.topk. SAECLT_TOPK=torch forces the fallback.
+- ``topk_rows``: row-wise top-k (with an optional bias fused in). ``torch.topk`` over
+  [4096, 3072] costs about twice a bf16 encoder matmul on a 2-core CPU.
+- ``decode_backward``: ŷ = b + Σ_j a_j·W[idx_j], the scaled error g = s·(ŷ - y), the squared
+  error per row, and the gradient of the k selected activations g·W[idx_j] (zero where a_j = 0).
+- ``latent_grads``: the two weight gradients (and the bias gradient) as scatters of the k
+  active entries of each row into their latents' rows.
+
+The kernels (C++ with OpenMP in ``_kernels_cpp.py``) are built on first use through torch's
+extension tooling when a C++ compiler and ninja are present; any failure to build falls back to
+the torch versions, which are also the reference the tests compare against.
+``SAECLT_KERNELS=torch`` (or the older ``SAECLT_TOPK=torch``) forces the fallback.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
+from torch.nn import functional as F
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 _KERNEL = None  # None: not tried yet; False: unavailable
 
 
-def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    kernel = _load_kernel() if x.device.type == "cpu" and x.dim() == 2 and not x.requires_grad else False
-    if kernel and x.dtype in (torch.float32, torch.float64, torch.bfloat16) and x.is_contiguous():
-        return kernel.topk_rows(x, k)
-    return x.topk(k, dim=-1, sorted=False)
+def _use_kernel(*tensors: torch.Tensor):
+    # Parameters updated under no_grad (the fast step) are fine; a graph being recorded is not.
+    if any(t.device.type != "cpu" or (t.requires_grad and torch.is_grad_enabled()) for t in tensors):
+        return False
+    return _load_kernel()
+
+
+def topk_rows(x: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of the k largest entries of each row of ``x (+ bias)``, unsorted.
+    Values are float32 (float64 for float64 input); the compiled kernel breaks ties towards the
+    lower index (torch.topk leaves that unspecified)."""
+    kernel = _use_kernel(x)
+    if kernel and x.dim() == 2 and x.dtype in (torch.float32, torch.float64, torch.bfloat16) and x.is_contiguous() \
+            and not (bias is not None and x.dtype == torch.float64):
+        return tuple(kernel.topk_rows(x, k, bias.detach() if bias is not None else None))
+    return topk_rows_torch(x, k, bias)
+
+
+def topk_rows_torch(x: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = x.double() if x.dtype == torch.float64 else x.float()
+    if bias is not None:
+        scores = scores + bias
+    return scores.topk(k, dim=-1, sorted=False)
+
+
+def decode_backward(idx: torch.Tensor, acts: torch.Tensor, W: torch.Tensor, bias: torch.Tensor, y: torch.Tensor,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ŷ, g = scale·(ŷ - y), g_acts [B, k] = g·W[idx] masked to acts > 0, |ŷ - y|² per row)."""
+    kernel = _use_kernel(acts, W, y)
+    if kernel and acts.dtype == W.dtype == y.dtype == bias.dtype and acts.dtype in (torch.float32, torch.float64):
+        return tuple(kernel.decode_backward(idx.contiguous(), acts.contiguous(), W.detach(), bias.detach().contiguous(),
+                                            y.contiguous(), float(scale)))
+    return decode_backward_torch(idx, acts, W, bias, y, scale)
+
+
+def decode_backward_torch(idx, acts, W, bias, y, scale):
+    y_hat = F.embedding_bag(idx, W, per_sample_weights=acts, mode="sum") + bias
+    err = y_hat - y
+    g = err * scale
+    return y_hat, g, sampled_rows(g, W, idx) * (acts > 0), (err * err).sum(-1)
+
+
+def latent_grads(idx: torch.Tensor, wa: torch.Tensor, xa: torch.Tensor, wb: torch.Tensor, xb: torch.Tensor,
+                 n_latents: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the active entries (b, j) of latent l = idx[b, j]: (Σ wa·xa[b] as [d_a, n] (transposed),
+    Σ wb·xb[b] as [n, d_b], Σ wa as [n])."""
+    kernel = _use_kernel(wa, xa, wb, xb)
+    if kernel and wa.dtype == xa.dtype == wb.dtype == xb.dtype and wa.dtype in (torch.float32, torch.float64):
+        return tuple(kernel.latent_grads(idx.contiguous(), wa.contiguous(), xa.contiguous(), wb.contiguous(),
+                                         xb.contiguous(), n_latents, 1 << 20))
+    return latent_grads_torch(idx, wa, xa, wb, xb, n_latents)
+
+
+def latent_grads_torch(idx, wa, xa, wb, xb, n_latents):
+    pattern = LatentRows(idx, n_latents)
+    bias_grad = torch.zeros(n_latents, dtype=wa.dtype).index_add_(0, idx.reshape(-1), wa.reshape(-1))
+    return pattern.matmul(wa, xa).t().contiguous(), pattern.matmul(wb, xb), bias_grad
+
+
+class LatentRows:
+    """The sparsity pattern of a batch grouped by latent: a [n, B] CSR layout (torch fallback)."""
+
+    def __init__(self, idx: torch.Tensor, n_latents: int):
+        n_rows, k = idx.shape
+        flat = idx.reshape(-1)
+        self.order = flat.argsort(stable=True)
+        self.rows = self.order // k
+        self.crow = torch.zeros(n_latents + 1, dtype=torch.long)
+        self.crow[1:] = torch.bincount(flat, minlength=n_latents).cumsum(0)
+        self.shape = (n_latents, n_rows)
+
+    def matmul(self, weights: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """Σ_b weights[b, j] · dense[b] into row idx[b, j]: [n, d]."""
+        sparse = torch.sparse_csr_tensor(self.crow, self.rows, weights.reshape(-1)[self.order], self.shape)
+        return torch.sparse.mm(sparse, dense)
+
+
+def sampled_rows(g: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """[B, k]: g[b] · rows[idx[b, j]] (a sampled dense-dense product, no [B, n] intermediate)."""
+    n_rows, k = idx.shape
+    crow = torch.arange(0, n_rows * k + 1, k)
+    mask = torch.sparse_csr_tensor(crow, idx.reshape(-1), torch.zeros(n_rows * k, dtype=g.dtype), (n_rows, rows.shape[0]))
+    return torch.sparse.sampled_addmm(mask, g, rows.t()).values().reshape(n_rows, k)
 
 
 def _load_kernel():
     global _KERNEL
     if _KERNEL is None:
         _KERNEL = False
-        if os.environ.get("SAECLT_TOPK", "auto") != "torch":
+        if "torch" not in (os.environ.get("SAECLT_KERNELS", "auto"), os.environ.get("SAECLT_TOPK", "auto")):
             try:
-                from ._topk_cpp import build
+                from ._kernels_cpp import build
 
                 _KERNEL = build()
-            except Exception:  # noqa: BLE001 - no compiler, no ninja, a build error: use torch.topk
+            except Exception:  # noqa: BLE001 - no compiler, no ninja, a build error: use the torch versions
                 _KERNEL = False
     return _KERNEL
 

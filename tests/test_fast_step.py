@@ -10,6 +10,7 @@ import torch
 
 from sae_clt.dictionary import Dictionary, DictionaryConfig
 from sae_clt.fast_step import FastTopKStep
+from sae_clt import kernels
 from sae_clt.kernels import topk_rows
 from sae_clt.spec import TrainSection
 from sae_clt.train import train_step
@@ -54,16 +55,51 @@ def test_fast_step_matches_plain_autograd_step_in_float64(architecture, d_in, d_
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("shape, k", [((37, 3072), 32), ((5, 100), 7), ((3, 20), 20), ((8, 33), 1)])
-def test_topk_rows_selects_the_same_entries_as_torch_topk(dtype, shape, k):
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(dtype)
-    values, indices = topk_rows(x, k)
-    ref_values, ref_indices = x.topk(k, dim=-1)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_topk_rows_selects_the_same_entries_as_torch_topk(dtype, shape, k, with_bias):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen).to(dtype)
+    bias = torch.randn(shape[1], generator=gen) if with_bias and dtype != torch.float64 else None
+    values, indices = topk_rows(x, k, bias)
+    scores = x.double() if dtype == torch.float64 else x.float()  # what the kernel ranks: float32 sums
+    if bias is not None:
+        scores = scores + bias
+    ref_values, ref_indices = scores.topk(k, dim=-1)
     # The same values (bf16 has ties, where either tied entry is a correct choice) ...
     assert torch.equal(values.sort(-1).values, ref_values.sort(-1).values)
-    assert torch.equal(x.gather(1, indices), values)
+    assert torch.equal(scores.gather(1, indices), values)
     assert all(len(set(row)) == k for row in indices.tolist())  # ... at k distinct positions
     if dtype != torch.bfloat16:  # no ties: the very same entries
         assert torch.equal(indices.sort(-1).values, ref_indices.sort(-1).values)
+
+
+def test_compiled_topk_breaks_ties_towards_the_lower_index():
+    if not kernels.kernel_available():
+        pytest.skip("no compiled kernels on this machine (torch.topk's tie order is unspecified)")
+    x = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0, 3.0], [2.0, 2.0, 2.0, 2.0, 2.0, 2.0]])
+    _, indices = topk_rows(x, 2)
+    assert indices.sort(-1).values.tolist() == [[1, 2], [0, 1]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_decode_and_latent_gradients_match_the_torch_reference(dtype):
+    if not kernels.kernel_available():
+        pytest.skip("no compiled kernels on this machine (the torch reference is what runs)")
+    gen = torch.Generator().manual_seed(1)
+    n_rows, k, n, d_in, d_out = 300, 6, 50, 12, 9
+    idx = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(n_rows)])
+    acts = torch.relu(torch.randn(n_rows, k, generator=gen, dtype=dtype))  # about half inactive
+    W = torch.randn(n, d_out, generator=gen, dtype=dtype)
+    bias, y = torch.randn(d_out, generator=gen, dtype=dtype), torch.randn(n_rows, d_out, generator=gen, dtype=dtype)
+    x = torch.randn(n_rows, d_in, generator=gen, dtype=dtype)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    got = kernels.decode_backward(idx, acts, W, bias, y, 0.25)
+    want = kernels.decode_backward_torch(idx, acts, W, bias, y, 0.25)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **tol)
+    g_pre, g_y = want[2], want[1]
+    for a, b in zip(kernels.latent_grads(idx, g_pre, x, acts, g_y, n), kernels.latent_grads_torch(idx, g_pre, x, acts, g_y, n)):
+        torch.testing.assert_close(a, b, **tol)
 
 
 def test_decoder_refit_recovers_the_least_squares_decoder_and_keeps_the_codes():

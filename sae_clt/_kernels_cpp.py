@@ -1,0 +1,348 @@
+"""Source and build of saeclt's compiled CPU kernels for the fast TopK step (see kernels.py).
+
+Three kernels, each replacing a chain of torch calls that would materialise large temporaries:
+
+- ``topk_rows``: fused (bias +) row-wise top-k selection;
+- ``decode_backward``: the decoder as a gather of k rows per input, the reconstruction error and
+  its gradient, and the gradient of the k selected activations, in one pass over each row;
+- ``latent_grads``: both weight gradients (and the encoder bias gradient) as scatters of the k
+  active entries per row, each thread owning a range of latents so that no atomics are needed.
+
+Built on first use with ``-O3 -march=native`` (the build happens on the machine that runs it).
+"""
+
+from __future__ import annotations
+
+import sys
+
+NAME = "saeclt_kernels_v8"
+
+SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <utility>
+#include <vector>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// bf16 -> float by a shift (what the hardware conversion does); vectorises.
+inline float load_float(const c10::BFloat16* p, int64_t j) {
+  uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[j]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline float load_float(const float* p, int64_t j) { return p[j]; }
+inline double load_float(const double* p, int64_t j) { return p[j]; }
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+// The entries of v >= t (values and positions, in order); returns how many.
+template <typename A>
+int64_t gather_ge(const A* v, int64_t cols, A t, A* cv, int64_t* ci) {
+  int64_t n = 0;
+  for (int64_t j = 0; j < cols; ++j) { cv[n] = v[j]; ci[n] = j; n += v[j] >= t; }
+  return n;
+}
+#ifdef __AVX512F__
+template <>
+int64_t gather_ge<float>(const float* v, int64_t cols, float t, float* cv, int64_t* ci) {
+  int64_t n = 0, j = 0;
+  const __m512 tv = _mm512_set1_ps(t);
+  for (; j + 16 <= cols; j += 16) {
+    uint32_t mask = _mm512_cmp_ps_mask(_mm512_loadu_ps(v + j), tv, _CMP_GE_OQ);
+    while (mask) {
+      const int b = __builtin_ctz(mask);
+      cv[n] = v[j + b];
+      ci[n++] = j + b;
+      mask &= mask - 1;
+    }
+  }
+  for (; j < cols; ++j) { cv[n] = v[j]; ci[n] = j; n += v[j] >= t; }
+  return n;
+}
+#endif
+
+// Row-wise top-k. The row is viewed as G strided groups {g, g + G, g + 2G, ...}: (1) the max of
+// every group by vertical (SIMD) maxima over contiguous chunks of G; (2) a threshold t0 such that
+// at least k group maxima are >= t0 (bisection on the group maxima; at most a few more than k),
+// a lower bound on the row's k-th largest value since those maxima are distinct entries; (3) the
+// entries >= t0 (one SIMD compare per 16 entries, typically k to 1.2k of them); (4) the k largest
+// of those: by bisection on the candidates' values, or a partial sort where ties make that
+// ambiguous (ties go to the lower index, as torch.topk).
+template <typename T>
+void topk_impl(const T* xp, const float* bias, int64_t rows, int64_t cols, int64_t k,
+               typename Acc<T>::type* vp, int64_t* ip) {
+  using A = typename Acc<T>::type;
+  constexpr int64_t PER_GROUP = 16;
+  const int64_t G = std::max<int64_t>(k, (cols + PER_GROUP - 1) / PER_GROUP);
+  const int64_t full = cols / G;  // chunks of G entries that are complete
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<A> row(cols), gmax(G), cv(cols + 16);
+    std::vector<int64_t> ci(cols + 16);
+    std::vector<std::pair<A, int64_t>> cand;
+    const auto before = [](const std::pair<A, int64_t>& a, const std::pair<A, int64_t>& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    };
+    const A neg_inf = -std::numeric_limits<A>::infinity();
+    for (int64_t r = begin; r < end; ++r) {
+      const T* src = xp + r * cols;
+      A* v = row.data();
+      if (bias) {
+        for (int64_t j = 0; j < cols; ++j) v[j] = static_cast<A>(load_float(src, j)) + static_cast<A>(bias[j]);
+      } else {
+        for (int64_t j = 0; j < cols; ++j) v[j] = static_cast<A>(load_float(src, j));
+      }
+      A* m = gmax.data();
+      for (int64_t g = 0; g < G; ++g) m[g] = v[g];
+      for (int64_t c = 1; c < full; ++c) {
+        const A* chunk = v + c * G;
+        for (int64_t g = 0; g < G; ++g) m[g] = chunk[g] > m[g] ? chunk[g] : m[g];
+      }
+      for (int64_t j = full * G; j < cols; ++j) m[j - full * G] = v[j] > m[j - full * G] ? v[j] : m[j - full * G];
+      // (2) bisection for t0 on the group maxima: count(m >= lo) >= k holds throughout.
+      A lo = m[0], hi = m[0];
+      for (int64_t g = 1; g < G; ++g) { lo = m[g] < lo ? m[g] : lo; hi = m[g] > hi ? m[g] : hi; }
+      const bool finite = std::isfinite(lo) && std::isfinite(hi);
+      if (finite) {
+        for (int it = 0; it < 30; ++it) {
+          const A mid = lo + (hi - lo) / 2;
+          if (!(mid > lo && mid < hi)) break;
+          int64_t c = 0;
+          for (int64_t g = 0; g < G; ++g) c += m[g] >= mid;
+          if (c >= k) { lo = mid; if (c <= k + 4) break; } else { hi = mid; }
+        }
+      }
+      const A t0 = finite ? lo : neg_inf;
+      // (3) the candidates: entries >= t0
+      int64_t n = gather_ge(v, cols, t0, cv.data(), ci.data());
+      if (n < k) {  // NaNs defeat the bound: take every entry (NaN ranks lowest)
+        for (int64_t j = 0; j < cols; ++j) { cv[j] = std::isnan(v[j]) ? neg_inf : v[j]; ci[j] = j; }
+        n = cols;
+      }
+      // (4) exactly the k largest: bisection on the candidates' values, else a partial sort
+      if (n > k) {
+        A l2 = t0, h2 = t0;
+        for (int64_t q = 0; q < n; ++q) h2 = cv[q] > h2 ? cv[q] : h2;
+        int64_t c = n;
+        if (std::isfinite(l2) && std::isfinite(h2)) {
+          for (int it = 0; it < 64 && c != k; ++it) {
+            const A mid = l2 + (h2 - l2) / 2;
+            if (!(mid > l2 && mid < h2)) break;
+            int64_t cm = 0;
+            for (int64_t q = 0; q < n; ++q) cm += cv[q] >= mid;
+            if (cm >= k) { l2 = mid; c = cm; } else { h2 = mid; }
+          }
+        }
+        if (c == k) {
+          int64_t w = 0;
+          for (int64_t q = 0; q < n; ++q) { cv[w] = cv[q]; ci[w] = ci[q]; w += cv[q] >= l2; }
+          n = w;
+        }
+        if (n != k) {  // ties at the boundary
+          cand.resize(n);
+          for (int64_t q = 0; q < n; ++q) cand[q] = {cv[q], ci[q]};
+          std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), before);
+          for (int64_t q = 0; q < k; ++q) { cv[q] = cand[q].first; ci[q] = cand[q].second; }
+        }
+      }
+      for (int64_t j = 0; j < k; ++j) {
+        vp[r * k + j] = cv[j];
+        ip[r * k + j] = ci[j];
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// (values, indices) of the k largest entries of each row of x (+ bias, when bias is defined).
+// Values are float32 (float64 for float64 input); order within a row is unspecified.
+std::vector<torch::Tensor> topk_rows(torch::Tensor x, int64_t k, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "topk_rows: expected a contiguous 2-D tensor");
+  const int64_t rows = x.size(0), cols = x.size(1);
+  TORCH_CHECK(k >= 1 && k <= cols, "topk_rows: k out of range");
+  const bool dbl = x.scalar_type() == at::kDouble;
+  auto values = torch::empty({rows, k}, x.options().dtype(dbl ? at::kDouble : at::kFloat));
+  auto indices = torch::empty({rows, k}, x.options().dtype(at::kLong));
+  torch::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    b = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(b.numel() == cols, "topk_rows: bias must have one entry per column");
+  }
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  int64_t* ip = indices.data_ptr<int64_t>();
+  switch (x.scalar_type()) {
+    case at::kBFloat16: topk_impl(x.data_ptr<c10::BFloat16>(), bp, rows, cols, k, values.data_ptr<float>(), ip); break;
+    case at::kFloat: topk_impl(x.data_ptr<float>(), bp, rows, cols, k, values.data_ptr<float>(), ip); break;
+    case at::kDouble:
+      TORCH_CHECK(bp == nullptr, "topk_rows: no fused bias for float64");
+      topk_impl(x.data_ptr<double>(), nullptr, rows, cols, k, values.data_ptr<double>(), ip); break;
+    default: TORCH_CHECK(false, "topk_rows: unsupported dtype");
+  }
+  return {values, indices};
+}
+
+// For each row b:  y_hat[b] = bias + sum_j acts[b,j] W[idx[b,j]];  g[b] = scale (y_hat[b] - y[b]);
+// g_acts[b,j] = g[b] . W[idx[b,j]] where acts[b,j] > 0, else 0;  sq_err[b] = |y_hat[b] - y[b]|^2.
+// Returns (y_hat, g, g_acts, sq_err). Inactive entries (acts <= 0) are skipped.
+std::vector<torch::Tensor> decode_backward(torch::Tensor idx, torch::Tensor acts, torch::Tensor W, torch::Tensor bias,
+                                           torch::Tensor y, double scale) {
+  TORCH_CHECK(idx.is_contiguous() && acts.is_contiguous() && W.is_contiguous() && y.is_contiguous() && bias.is_contiguous(),
+              "decode_backward: expected contiguous tensors");
+  const int64_t rows = idx.size(0), k = idx.size(1), d = W.size(1), n = W.size(0);
+  auto y_hat = torch::empty({rows, d}, y.options());
+  auto g = torch::empty({rows, d}, y.options());
+  auto g_acts = torch::empty({rows, k}, y.options());
+  auto sq_err = torch::empty({rows}, y.options());
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "decode_backward", [&] {
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    const scalar_t *ap = acts.data_ptr<scalar_t>(), *wp = W.data_ptr<scalar_t>(), *bp = bias.data_ptr<scalar_t>(),
+                   *yp = y.data_ptr<scalar_t>();
+    scalar_t *hp = y_hat.data_ptr<scalar_t>(), *gp = g.data_ptr<scalar_t>(), *gap = g_acts.data_ptr<scalar_t>(),
+             *sp = sq_err.data_ptr<scalar_t>();
+    const scalar_t s = static_cast<scalar_t>(scale);
+    at::parallel_for(0, rows, 32, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        scalar_t* h = hp + r * d;
+        std::copy(bp, bp + d, h);
+        for (int64_t j = 0; j < k; ++j) {
+          const scalar_t a = ap[r * k + j];
+          if (!(a > 0)) continue;
+          const int64_t l = ip[r * k + j];
+          TORCH_CHECK(l >= 0 && l < n, "decode_backward: index out of range");
+          const scalar_t* w = wp + l * d;
+          for (int64_t i = 0; i < d; ++i) h[i] += a * w[i];
+        }
+        const scalar_t* yr = yp + r * d;
+        scalar_t* gr = gp + r * d;
+        scalar_t sq = 0;
+_Pragma("omp simd reduction(+ : sq)")
+        for (int64_t i = 0; i < d; ++i) {
+          const scalar_t e = h[i] - yr[i];
+          sq += e * e;
+          gr[i] = s * e;
+        }
+        sp[r] = sq;
+        for (int64_t j = 0; j < k; ++j) {
+          const scalar_t a = ap[r * k + j];
+          scalar_t dot = 0;
+          if (a > 0) {
+            const scalar_t* w = wp + ip[r * k + j] * d;
+_Pragma("omp simd reduction(+ : dot)")
+            for (int64_t i = 0; i < d; ++i) dot += gr[i] * w[i];
+          }
+          gap[r * k + j] = dot;
+        }
+      }
+    });
+  });
+  return {y_hat, g, g_acts, sq_err};
+}
+
+// Both weight gradients as scatters of the active entries, without atomics. The latents are cut
+// into ranges (balanced by entry count, accumulators of about range_bytes each); each range is
+// owned by one thread, which scans the entries in row order (the input rows stream, and each
+// stays in L1 for its entries) and keeps those in its range, then writes its rows once.
+// (Measured at 4096 x 32 entries into 3072 x (384 + 384): bucketing the entries by latent was
+// ~1.7x slower, every input row then coming from L3 once per entry; ranges of 1 MB and of one
+// per thread ran alike, 256 KB ones slower.)
+//   ga_t[:, l] = sum over entries (b, j) with idx[b,j] = l of wa[b,j] xa[b]   (written transposed: [da, n])
+//   gb[l]      = sum of wb[b,j] xb[b]                                         ([n, db])
+//   gbias[l]   = sum of wa[b,j]
+template <typename T>
+void latent_grads_impl(const int64_t* ip, const T* wap, const T* xap, const T* wbp, const T* xbp, int64_t rows,
+                       int64_t k, int64_t da, int64_t db, int64_t n, T* gat, T* gbp, T* gbias, int64_t range_bytes) {
+  const int64_t entries = rows * k;
+  std::vector<int64_t> count(n + 1, 0);
+  for (int64_t e = 0; e < entries; ++e) ++count[ip[e] + 1];
+  for (int64_t l = 0; l < n; ++l) count[l + 1] += count[l];
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t by_size = (n * (da + db) * int64_t(sizeof(T)) + range_bytes - 1) / std::max<int64_t>(1, range_bytes);
+  int64_t P = std::max(threads, by_size);
+  P = std::min(n, (P + threads - 1) / threads * threads);  // a multiple of the threads, for balance
+  P = std::max<int64_t>(1, P);
+  std::vector<int64_t> split(P + 1, n);
+  split[0] = 0;
+  for (int64_t t = 1; t < P; ++t) {
+    const int64_t at_ = std::lower_bound(count.begin(), count.end(), entries * t / P) - count.begin();
+    split[t] = std::max(split[t - 1], std::min(at_, n));
+  }
+  at::parallel_for(0, P, 1, [&](int64_t t_begin, int64_t t_end) {
+    std::vector<T> acc, bias_acc;
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t lo = split[t], hi = split[t + 1];
+      if (hi <= lo) continue;
+      acc.assign((hi - lo) * da, T(0));
+      bias_acc.assign(hi - lo, T(0));
+      std::fill(gbp + lo * db, gbp + hi * db, T(0));
+      for (int64_t e = 0; e < entries; ++e) {
+        const int64_t l = ip[e];
+        if (l < lo || l >= hi) continue;
+        const T a = wap[e], b = wbp[e];
+        const int64_t r = e / k;
+        if (a != 0) {
+          T* out = acc.data() + (l - lo) * da;
+          const T* x = xap + r * da;
+          for (int64_t i = 0; i < da; ++i) out[i] += a * x[i];
+          bias_acc[l - lo] += a;
+        }
+        if (b != 0) {
+          T* out = gbp + l * db;
+          const T* x = xbp + r * db;
+          for (int64_t i = 0; i < db; ++i) out[i] += b * x[i];
+        }
+      }
+      for (int64_t l = lo; l < hi; ++l) gbias[l] = bias_acc[l - lo];
+      for (int64_t s0 = lo; s0 < hi; s0 += 16) {  // transposed write in 16-latent strips (whole cache lines)
+        const int64_t s1 = std::min(hi, s0 + 16);
+        for (int64_t i = 0; i < da; ++i) {
+          T* dst = gat + i * n;
+          for (int64_t l = s0; l < s1; ++l) dst[l] = acc[(l - lo) * da + i];
+        }
+      }
+    }
+  });
+}
+
+std::vector<torch::Tensor> latent_grads(torch::Tensor idx, torch::Tensor wa, torch::Tensor xa, torch::Tensor wb,
+                                        torch::Tensor xb, int64_t n, int64_t range_bytes) {
+  TORCH_CHECK(idx.is_contiguous() && wa.is_contiguous() && xa.is_contiguous() && wb.is_contiguous() && xb.is_contiguous(),
+              "latent_grads: expected contiguous tensors");
+  TORCH_CHECK(idx.numel() == 0 || (idx.min().item<int64_t>() >= 0 && idx.max().item<int64_t>() < n),
+              "latent_grads: index out of range");
+  const int64_t rows = idx.size(0), k = idx.size(1), da = xa.size(1), db = xb.size(1);
+  auto ga_t = torch::empty({da, n}, xa.options());
+  auto gb = torch::empty({n, db}, xb.options());
+  auto gbias = torch::empty({n}, xa.options());
+  AT_DISPATCH_FLOATING_TYPES(xa.scalar_type(), "latent_grads", [&] {
+    latent_grads_impl<scalar_t>(idx.data_ptr<int64_t>(), wa.data_ptr<scalar_t>(), xa.data_ptr<scalar_t>(),
+                                wb.data_ptr<scalar_t>(), xb.data_ptr<scalar_t>(), rows, k, da, db, n,
+                                ga_t.data_ptr<scalar_t>(), gb.data_ptr<scalar_t>(), gbias.data_ptr<scalar_t>(),
+                                range_bytes);
+  });
+  return {ga_t, gb, gbias};
+}
+"""
+
+
+def build():
+    """Compile (once per machine and torch version; cached by torch) and load the kernels."""
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import _get_build_directory, load_inline
+
+    if not list(Path(_get_build_directory(NAME, verbose=False)).glob("*.so")):
+        print("saeclt: building the compiled CPU kernels (once, ~1 min; SAECLT_KERNELS=torch skips them)",
+              file=sys.stderr, flush=True)
+    return load_inline(name=NAME, cpp_sources=[SOURCE], functions=["topk_rows", "decode_backward", "latent_grads"],
+                       extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)

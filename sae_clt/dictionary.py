@@ -44,6 +44,7 @@ class DictionaryConfig:
     target: str
     relu_ceiling: float = 6.0
     jumprelu_bandwidth: float = 0.001
+    tied: bool = False  # W_enc is W_decᵀ (no encoder parameter)
 
     @property
     def apply_b_dec_to_input(self) -> bool:
@@ -57,11 +58,14 @@ class Dictionary(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         w_dec = torch.randn(cfg.d_sae, cfg.d_out, generator=gen)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
+        if cfg.tied and cfg.d_in != cfg.d_out:
+            raise DataError(f"a tied decoder needs equal source and target sizes; got d_in {cfg.d_in}, d_out {cfg.d_out}")
         if cfg.d_in == cfg.d_out:  # encoder starts as the decoder's transpose
             w_enc = w_dec.t().clone()
         else:
             w_enc = torch.randn(cfg.d_in, cfg.d_sae, generator=gen) / cfg.d_in**0.5
-        self.W_enc = nn.Parameter(w_enc.contiguous())
+        if not cfg.tied:
+            self.W_enc = nn.Parameter(w_enc.contiguous())
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.W_dec = nn.Parameter(w_dec)
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_out))
@@ -75,6 +79,12 @@ class Dictionary(nn.Module):
             self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(0.001)))
         if cfg.activation == "batchtopk":  # set by calibrate_threshold() after training
             self.register_buffer("threshold", torch.zeros(cfg.d_sae))
+
+    def __getattr__(self, name: str):
+        # Tied: the encoder is a view of the decoder, so every reader of W_enc sees the same weights.
+        if name == "W_enc" and self.cfg.tied:
+            return self.W_dec.t()
+        return super().__getattr__(name)
 
     # ------------------------------------------------------------------ forward pieces
 
@@ -150,8 +160,11 @@ class Dictionary(nn.Module):
         x_dir = F.normalize(x, dim=1)
         y_dir = F.normalize(y - self.b_dec, dim=1)
         # Scaled so the k active latents together start near the target's norm, not k times it.
-        self.W_enc.copy_(x_dir.t() / self.cfg.k)
-        self.W_dec.copy_(y_dir)
+        if self.cfg.tied:  # one matrix plays both parts: split the 1/k between them
+            self.W_dec.copy_(y_dir / self.cfg.k**0.5)
+        else:
+            self.W_enc.copy_(x_dir.t() / self.cfg.k)
+            self.W_dec.copy_(y_dir)
 
     # ------------------------------------------------------------------ decoder constraint
 

@@ -206,6 +206,9 @@ class ModelSection(StrictModel):
     jumprelu_bandwidth: float = Field(0.001, gt=0, description="Width of the straight-through estimator's kernel.")
     matryoshka_prefixes: list[int] = Field(default_factory=list, description="Nested prefix sizes (e.g. [256, 1024]): "
                                            "the first m latents alone are also trained to reconstruct. Empty = off.")
+    tied_decoder: bool = Field(False, description="The encoder is the decoder's transpose (one weight matrix; needs equal "
+                               "source and target sizes). Pair it with train.unit_norm_decoder: false, so the shared rows "
+                               "can scale.")
 
     @model_validator(mode="after")
     def _sizes_fit(self):
@@ -254,6 +257,27 @@ class TrainSection(StrictModel):
     dead_after_rows: int = Field(12_288, ge=1, description="A latent silent for this many rows counts as dead.")
     grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm at this value (null = no clipping: "
                                     "with Adam and the warm-up it only slowed learning).")
+    sparsity_penalty: Literal["l1", "tanh"] = Field(
+        "l1", description="Penalty scaled by l1_coeff (relu kinds): l1 = Σ ‖W_dec,i‖·a_i; tanh = Σ tanh(tanh_scale·‖W_dec,i‖·a_i) "
+        "(the cross-layer-transcoder penalty: saturates, so large activations are not shrunk).")
+    tanh_scale: float = Field(1.0, gt=0, description="c in the tanh penalty.")
+    decoder_l1_coeff: float = Field(0.0, ge=0, description="L1 penalty on the decoder weights (Σ|W_dec|): sparser decoder rows.")
+    decoder_l2_coeff: float = Field(0.0, ge=0, description="L2 penalty on the decoder weights (Σ W_dec²); with unit_norm_decoder "
+                                    "this is constant, so use it with unit_norm_decoder: false.")
+    unit_norm_decoder: bool = Field(True, description="Keep decoder rows at unit norm (gradient along each row removed, rows "
+                                    "renormalised after each step).")
+    group_lasso_coeff: float = Field(0.0, ge=0, description="Group sparsity: coefficient of Σ_groups ‖a_group‖₂ per row.")
+    group_size: int | None = Field(None, ge=1, description="Group lasso: latents are grouped contiguously in groups of this size "
+                                   "(must divide d_sae).")
+    usage_kl_coeff: float = Field(0.0, ge=0, description="Usage regularisation (relu, relu_clipped, jumprelu): coefficient of the "
+                                  "mean over latents of KL(usage_target ‖ firing frequency); cosine schedule after a linear warm-up.")
+    usage_target: float = Field(0.05, gt=0, lt=1, description="Target firing frequency of every latent.")
+    usage_warmup_frac: float = Field(0.1, ge=0, le=1, description="Fraction of steps over which the usage coefficient warms up.")
+    usage_ema: float = Field(0.99, ge=0, lt=1, description="Decay of the running firing frequency.")
+    usage_temperature: float = Field(0.1, gt=0, description="Width of the sigmoid that makes the batch's firing rate differentiable.")
+    wandb: bool = Field(False, description="Also log the curves to Weights & Biases (pip install 'saeclt[wandb]'); offline "
+                        "unless WANDB_API_KEY or WANDB_MODE says otherwise. The run id is kept in train_log.json.")
+    wandb_project: str = Field("saeclt", description="Weights & Biases project.")
     log_every: int = Field(10, ge=1, description="Training curves get a row every this many steps.")
     checkpoint_every: int = Field(50, ge=0, description="Steps between resumable checkpoints (0 = none); a killed run resumes from the last one.")
 
@@ -284,6 +308,12 @@ class ExperimentSpec(StrictModel):
     def _sae_reads_and_writes_one_point(self):
         if self.model.architecture == "sae" and self.source != self.target:
             raise ValueError(f"an sae reconstructs its input: source ({self.source}) and target ({self.target}) must be equal")
+        t, m = self.train, self.model
+        if t.group_lasso_coeff and (t.group_size is None or m.d_sae % t.group_size):
+            raise ValueError(f"train.group_lasso_coeff needs train.group_size dividing model.d_sae ({m.d_sae}); got {t.group_size}")
+        if t.usage_kl_coeff and m.activation not in ("relu", "relu_clipped", "jumprelu"):
+            raise ValueError(f"train.usage_kl_coeff applies to relu, relu_clipped and jumprelu (their firing has a threshold); "
+                             f"model.activation is {m.activation} (top-k kinds revive latents with AuxK)")
         return self
 
 

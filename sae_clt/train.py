@@ -24,6 +24,7 @@ from .normalize import Normalization, PairLoader
 from .progress import progress_bar
 from .provenance import output_meta
 from .spec import ExperimentSpec, spec_hash
+from .tracking import WandbRun
 from .store import ActivationStore
 
 TRAIN_SECTIONS = ["dataset", "source", "target", "model", "train"]
@@ -43,7 +44,11 @@ def make_dictionary(spec: ExperimentSpec, store: ActivationStore, norm: Normaliz
         target=spec.target,
         relu_ceiling=m.relu_ceiling,
         jumprelu_bandwidth=m.jumprelu_bandwidth,
+        tied=m.tied_decoder,
     )
+    if cfg.tied and cfg.d_in != cfg.d_out:
+        raise PipelineError(f"experiment {spec.id}: model.tied_decoder needs equal source and target sizes; "
+                            f"{spec.source} has {cfg.d_in}, {spec.target} has {cfg.d_out}")
     model = Dictionary(cfg, seed=spec.train.seed)
     if m.activation == "jumprelu":
         with torch.no_grad():
@@ -102,7 +107,36 @@ def uses_fast_step(spec: ExperimentSpec) -> bool:
     """The fast step covers TopK SAEs and transcoders without L1 or Matryoshka terms."""
     m, t = spec.model, spec.train
     return (t.step == "fast" and m.activation == "topk" and m.architecture in ("sae", "transcoder")
-            and t.l1_coeff == 0 and not m.matryoshka_prefixes)
+            and t.l1_coeff == 0 and not m.matryoshka_prefixes and not m.tied_decoder and t.unit_norm_decoder
+            and t.decoder_l1_coeff == 0 and t.decoder_l2_coeff == 0 and t.group_lasso_coeff == 0)
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
+    """0 → 1 linearly over ``warmup`` steps, then a half cosine from 1 down to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+class UsageKL:
+    """Usage regularisation: the mean over latents of KL(target ‖ p_i) between Bernoulli firing
+    rates. p_i mixes the running (hard) firing frequency with this batch's soft one,
+    mean_b σ((pre_bi - θ_i) / T), so the gradient reaches silent latents through their
+    pre-activations (θ = 0 for relu kinds, the learned threshold for jumprelu)."""
+
+    def __init__(self, d_sae: int, target: float, decay: float, temperature: float):
+        self.frequency = torch.full((d_sae,), target, dtype=torch.float64)  # starts at the target: no early push
+        self.target, self.decay, self.temperature = target, decay, temperature
+
+    def loss(self, model: Dictionary, pre: torch.Tensor) -> torch.Tensor:
+        theta = model.log_threshold.exp().detach() if model.cfg.activation == "jumprelu" else 0.0
+        soft = torch.sigmoid((pre - theta) / self.temperature).mean(0)
+        p = (self.decay * self.frequency.to(soft.dtype) + (1 - self.decay) * soft).clamp(1e-6, 1 - 1e-6)
+        t = self.target
+        return (t * torch.log(t / p) + (1 - t) * torch.log((1 - t) / (1 - p))).mean()
+
+    def update(self, fired_fraction: torch.Tensor) -> None:
+        self.frequency.mul_(self.decay).add_(fired_fraction.double(), alpha=1 - self.decay)
 
 
 def lr_factor(step: int, total: int, warmup: int, decay: str) -> float:
@@ -139,7 +173,7 @@ class CurveWriter:
 
     def add(self, step: int, values: dict[str, float]) -> None:
         for name, value in values.items():
-            self.rows[name].append(f"{step}\t{value:.6g}")
+            self.rows.setdefault(name, [f"step\t{name}"]).append(f"{step}\t{value:.6g}")
 
     def flush(self) -> None:
         for name, lines in self.rows.items():
@@ -238,6 +272,7 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
     curves = CurveWriter(curves_dir, CURVES)
     step, epoch, skip = 0, 0, 0
     saved_refit: dict = {}  # decoder-refit sums of a resumed run
+    saved_usage = None  # the running firing frequencies of a resumed run (usage KL)
     fast = None
     state = TrainState(checkpoint_dir, spec_hash(spec, TRAIN_SECTIONS)) if checkpoint_dir and cfg.checkpoint_every else None
     if world.active and state is not None:
@@ -246,10 +281,16 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
         resumed = state.load(model, opt, rows_since_fired, curves)
         if resumed is not None:
             step, epoch, skip = resumed
-            saved_refit = getattr(state, "extra", {})
+            saved_refit = dict(getattr(state, "extra", {}))
+            saved_usage = saved_refit.pop("usage_frequency", None)
             log(f"train {spec.id}: resuming from the checkpoint at step {step}")
     prefixes = tuple(spec.model.matryoshka_prefixes)
     penalty_ramp = max(1, int(cfg.l1_warmup_frac * total_steps))
+    usage = UsageKL(spec.model.d_sae, cfg.usage_target, cfg.usage_ema, cfg.usage_temperature) if cfg.usage_kl_coeff else None
+    if usage is not None and saved_usage is not None:
+        usage.frequency.copy_(saved_usage)
+    usage_warmup = int(cfg.usage_warmup_frac * total_steps)
+    tracker = WandbRun.start(spec, cfg, out_dir.parent, log) if cfg.wandb and world.is_main else None
     if uses_fast_step(spec):
         from .fast_step import FastTopKStep
 
@@ -271,7 +312,8 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
     else:
         def step_fn(x, y, lr, step):
             return train_step(model, opt, x, y, rows_since_fired, cfg, lr=lr, prefixes=prefixes,
-                              penalty_scale=min(1.0, (step + 1) / penalty_ramp), world=world if world.active else None)
+                              penalty_scale=min(1.0, (step + 1) / penalty_ramp), world=world if world.active else None,
+                              usage=usage, usage_scale=cosine_with_warmup(step, total_steps, usage_warmup))
     resample_steps = {int(f * total_steps) for f in cfg.resample_at}
     started, steps_at_start = time.perf_counter(), step
     last = {}
@@ -296,20 +338,25 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
                 if step % cfg.log_every == 0 or step == total_steps - 1:
                     last = {**world.mean(metrics), "lr": lr}
                     curves.add(step, last)
+                    if tracker is not None:
+                        tracker.log(step, last)
                     bar.set_postfix(fvu=f"{last['fvu']:.4f}", l0=f"{last['l0']:.1f}", dead=f"{last['dead_fraction']:.3f}")
                 step += 1
                 bar.update(1)
                 if state is not None and world.is_main and step % cfg.checkpoint_every == 0 and step < total_steps:
                     refit = fast.refit if fast is not None else None
-                    state.save(model, opt, rows_since_fired, step, epoch, batch_index + 1, curves,
-                               extra=refit.state() if refit is not None else None)
+                    extra = dict(refit.state()) if refit is not None else {}
+                    if usage is not None:
+                        extra["usage_frequency"] = usage.frequency
+                    state.save(model, opt, rows_since_fired, step, epoch, batch_index + 1, curves, extra=extra or None)
             epoch, skip = epoch + 1, 0
 
     # Outputs (rank 0): curves, the dictionary with its config, the training summary
     seconds = time.perf_counter() - started
     if hasattr(opt, "eval"):  # schedule-free: the averaged weights are the model
         opt.eval()
-        model.normalize_decoder()
+        if cfg.unit_norm_decoder:
+            model.normalize_decoder()
     refit = fast.refit if fast is not None else None
     if refit is not None:  # every rank's codes count: sum the accumulators, solve the same system everywhere
         world.sum_(refit.gram)
@@ -329,7 +376,10 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
     rate = (step - steps_at_start) * cfg.batch_size / max(seconds, 1e-9)
     # Timings vary run to run: kept beside the dictionary, not in it, so the cached output is
     # byte-identical for the same spec and seed.
-    write_json(out_dir.parent / "train_log.json", {"seconds": seconds, "rows_per_second": rate, "resumed_at_step": steps_at_start})
+    run_log = {"seconds": seconds, "rows_per_second": rate, "resumed_at_step": steps_at_start}
+    if tracker is not None:
+        run_log.update(tracker.finish(summary_metrics=last))
+    write_json(out_dir.parent / "train_log.json", run_log)
     summary = {"steps": total_steps, "rows_seen": rows_seen, "final": last, "meta": meta, **calibration}
     write_json(metrics_path, summary)
     if state is not None:
@@ -340,10 +390,12 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
 
 def train_step(model: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                rows_since_fired: torch.Tensor, cfg, topk: bool | None = None, lr: float = 1e-3,
-               penalty_scale: float = 1.0, prefixes: tuple[int, ...] = (), world=None) -> dict[str, float]:
+               penalty_scale: float = 1.0, prefixes: tuple[int, ...] = (), world=None,
+               usage: UsageKL | None = None, usage_scale: float = 0.0) -> dict[str, float]:
     """One optimisation step by autograd (the reference for every architecture and activation);
     updates ``rows_since_fired`` in place; returns the step's metrics. ``penalty_scale`` ramps
-    the L1 / L0 coefficient up; ``prefixes`` are Matryoshka prefix sizes."""
+    the L1 / L0 / group-lasso coefficients up; ``prefixes`` are Matryoshka prefix sizes;
+    ``usage`` (with its scheduled ``usage_scale``) adds the usage KL."""
     for group in opt.param_groups:
         group["lr"] = lr
     act = model.cfg.activation
@@ -381,8 +433,27 @@ def train_step(model: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, y
         sparsity = step_l0(pre, model.log_threshold.exp(), model.cfg.jumprelu_bandwidth).mean()
         penalty = cfg.l0_coeff * penalty_scale * sparsity
     else:
-        sparsity = (active * (model.W_dec.norm(dim=1) if z is not None else 1)).sum(-1).mean()
+        if z is not None:
+            weighted = active * model.W_dec.norm(dim=1)
+        else:  # sparse top-k code: unit-norm rows need no weighting
+            weighted = active if cfg.unit_norm_decoder else active * model.W_dec.norm(dim=1)[indices]
+        if cfg.sparsity_penalty == "tanh":
+            weighted = torch.tanh(cfg.tanh_scale * weighted)
+        sparsity = weighted.sum(-1).mean()
         penalty = cfg.l1_coeff * penalty_scale * sparsity
+    if cfg.group_lasso_coeff:
+        dense = z if z is not None else torch.zeros_like(pre).scatter(-1, indices, values)
+        groups = dense.reshape(dense.shape[0], -1, cfg.group_size).norm(dim=-1).sum(-1).mean()
+        penalty = penalty + cfg.group_lasso_coeff * penalty_scale * groups
+    if cfg.decoder_l1_coeff:
+        penalty = penalty + cfg.decoder_l1_coeff * model.W_dec.abs().sum()
+    if cfg.decoder_l2_coeff:
+        penalty = penalty + cfg.decoder_l2_coeff * model.W_dec.square().sum()
+    usage_loss = pre.new_zeros(())
+    if usage is not None:
+        usage_loss = usage.loss(model, pre)
+        penalty = penalty + cfg.usage_kl_coeff * usage_scale * usage_loss
+        usage.update((active > 0).double().mean(0).detach() if z is not None else fired.double())
 
     # AuxK on latents silent for too long (top-k kinds); firing is combined across ranks
     if world is not None:
@@ -401,13 +472,19 @@ def train_step(model: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, y
     loss.backward()
     if world is not None:
         world.average_grads(model.parameters())
-    model.remove_parallel_grad()
+    if cfg.unit_norm_decoder:
+        model.remove_parallel_grad()
     if cfg.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     opt.step()
-    model.normalize_decoder()
-    return {"loss": float(loss.detach()), "mse": float(mse.detach()), "aux_loss": float(aux.detach()),
-            "fvu": fvu_batch(y, y_hat.detach()), "l0": l0, "dead_fraction": float(dead.double().mean())}
+    if cfg.unit_norm_decoder:
+        model.normalize_decoder()
+    metrics = {"loss": float(loss.detach()), "mse": float(mse.detach()), "aux_loss": float(aux.detach()),
+               "fvu": fvu_batch(y, y_hat.detach()), "l0": l0, "dead_fraction": float(dead.double().mean()),
+               "penalty": float(penalty.detach()) if torch.is_tensor(penalty) else float(penalty)}
+    if usage is not None:
+        metrics["usage_kl"] = float(usage_loss.detach())
+    return metrics
 
 
 def geometric_median(points: torch.Tensor, iterations: int = 64) -> torch.Tensor:
@@ -446,10 +523,12 @@ def resample_dead(model: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor
     # Scaled so the new latent's activation on its row equals that row's residual norm: alone,
     # it would remove the residual exactly there.
     scale = residual.norm(dim=1) / x_in.norm(dim=1).clamp_min(1e-8) ** 2
-    model.W_enc[:, idx] = (x_in * scale[:, None]).t()
+    if not model.cfg.tied:  # tied: the decoder row below is the encoder column too
+        model.W_enc[:, idx] = (x_in * scale[:, None]).t()
     model.b_enc[idx] = 0
     model.W_dec[idx] = F.normalize(residual, dim=1)
-    for param, index in ((model.W_enc, (slice(None), idx)), (model.b_enc, idx), (model.W_dec, idx)):
+    reset = [(model.b_enc, idx), (model.W_dec, idx)] + ([] if model.cfg.tied else [(model.W_enc, (slice(None), idx))])
+    for param, index in reset:
         state = opt.state.get(param, {})
         for name in ("exp_avg", "exp_avg_sq"):
             if name in state:

@@ -10,13 +10,18 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from sae_clt.project import Paths
 
 
-def _prepare(built_project, dest):
+def _prepare(built_project, dest, recipe: str = ""):
     shutil.copytree(built_project, dest)
     spec = dest / "specs" / "tiny_sae.yaml"
-    spec.write_text(spec.read_text().replace("epochs: 2,", "epochs: 30, checkpoint_every: 5,"))
+    text = spec.read_text().replace("epochs: 2,", f"epochs: 30, checkpoint_every: 5,{recipe}")
+    if recipe:
+        text = text.replace("activation: topk, k: 4", "activation: relu")
+    spec.write_text(text)
     shutil.rmtree(Paths(dest).dictionary_dir("tiny_sae"), ignore_errors=True)
     return dest
 
@@ -26,9 +31,10 @@ def _train(root):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
 
 
-def test_killed_training_resumes_to_identical_weights(built_project, tmp_path):
-    whole = _prepare(built_project, tmp_path / "whole")
-    killed = _prepare(built_project, tmp_path / "killed")
+@pytest.mark.parametrize("recipe", ["", " l1_coeff: 0.001, usage_kl_coeff: 0.1,"], ids=["topk_fast_step", "relu_l1_usage_kl"])
+def test_killed_training_resumes_to_identical_weights(built_project, tmp_path, recipe):
+    whole = _prepare(built_project, tmp_path / "whole", recipe)
+    killed = _prepare(built_project, tmp_path / "killed", recipe)
 
     proc = _train(whole)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()

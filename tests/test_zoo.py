@@ -33,6 +33,12 @@ CASES = {
     "z_skip_topk": dict(arch="skip_transcoder", act="topk", src=0, extra="", train=""),
     "z_tc_matryoshka": dict(arch="transcoder", act="topk", src=0, extra=", matryoshka_prefixes: [8, 32]", train=""),
     "z_sae_topk_resample": dict(arch="sae", act="topk", src=1, extra="", train=", resample_at: [0.3, 0.6], b_dec_init: geometric_median"),
+    "z_sae_tied_tanh": dict(arch="sae", act="relu", src=1, extra=", tied_decoder: true",
+                            train=", l1_coeff: 0.001, sparsity_penalty: tanh, tanh_scale: 2.0, unit_norm_decoder: false"),
+    "z_sae_usage_groups": dict(arch="sae", act="relu", src=1, extra="",
+                               train=", l1_coeff: 0.001, usage_kl_coeff: 0.1, group_lasso_coeff: 0.001, group_size: 8"),
+    "z_tc_free_decoder": dict(arch="transcoder", act="relu", src=0, extra="",
+                              train=", l1_coeff: 0.001, unit_norm_decoder: false, decoder_l1_coeff: 1.0e-5, decoder_l2_coeff: 1.0e-4"),
 }
 
 
@@ -64,8 +70,24 @@ def test_every_kind_trains_evaluates_and_reloads_to_the_same_outputs(zoo, eid, t
     model.save(tmp_path / "again", meta={})
     y2, z2 = Dictionary.load(tmp_path / "again")(x)
     assert torch.equal(y1, y2) and torch.equal(z1, z2)
-    # Decoder rows stay unit norm whatever the activation.
-    torch.testing.assert_close(model.W_dec.norm(dim=1), torch.ones(64), rtol=0, atol=1e-5)
+    # Decoder rows stay unit norm whatever the activation (unless the spec turns that off).
+    norms = model.W_dec.norm(dim=1)
+    if "unit_norm_decoder: false" in CASES[eid]["train"]:
+        assert (norms - 1).abs().max() > 1e-3
+    else:
+        torch.testing.assert_close(norms, torch.ones(64), rtol=0, atol=1e-5)
+
+
+def test_tied_decoder_saves_one_matrix_and_encodes_with_its_transpose(zoo):
+    from safetensors.torch import load_file
+
+    folder = zoo / "runs/experiments/z_sae_tied_tanh/dictionary"
+    assert "W_enc" not in load_file(folder / "dictionary.safetensors")
+    model = Dictionary.load(folder)
+    assert torch.equal(model.W_enc, model.W_dec.t())
+    x = _val_rows(zoo)
+    expected = torch.relu((x - model.b_dec) @ model.W_dec.t() + model.b_enc)
+    torch.testing.assert_close(model.encode(x), expected)
 
 
 def test_batchtopk_calibrated_threshold_reproduces_training_l0(zoo):

@@ -45,6 +45,7 @@ class DictionaryConfig:
     relu_ceiling: float = 6.0
     jumprelu_bandwidth: float = 0.001
     tied: bool = False  # W_enc is W_decᵀ (no encoder parameter)
+    n_layers: int = 1  # clt: source/target layers; d_in, d_out, d_sae are totals over the layers
 
     @property
     def apply_b_dec_to_input(self) -> bool:
@@ -69,6 +70,14 @@ class Dictionary(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.W_dec = nn.Parameter(w_dec)
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_out))
+        if cfg.architecture == "clt":
+            if cfg.d_in % cfg.n_layers or cfg.d_out % cfg.n_layers or cfg.d_sae % cfg.n_layers:
+                raise DataError(f"a clt needs equally wide layers: d_in {cfg.d_in}, d_out {cfg.d_out}, d_sae {cfg.d_sae} "
+                                f"over {cfg.n_layers} layers")
+            with torch.no_grad():
+                self.W_enc.mul_(self.encoder_mask())
+                self.W_dec.mul_(self.decoder_mask())
+                self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
         for name, dim in (("source_mean", cfg.d_in), ("target_mean", cfg.d_out)):
             self.register_buffer(name, torch.zeros(dim))
         for name, dim in (("source_scale", cfg.d_in), ("target_scale", cfg.d_out)):
@@ -79,6 +88,38 @@ class Dictionary(nn.Module):
             self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(0.001)))
         if cfg.activation == "batchtopk":  # set by calibrate_threshold() after training
             self.register_buffer("threshold", torch.zeros(cfg.d_sae))
+
+    # ------------------------------------------------------------------ cross-layer structure
+
+    def _layer_of(self, size: int) -> torch.Tensor:
+        """Layer index of each of ``size`` units split evenly over the layers."""
+        return torch.arange(size) // (size // self.cfg.n_layers)
+
+    def encoder_mask(self) -> torch.Tensor:
+        """clt: [d_in, d_sae], 1 where a latent reads its own layer's source."""
+        return (self._layer_of(self.cfg.d_in)[:, None] == self._layer_of(self.cfg.d_sae)[None, :]).float()
+
+    def decoder_mask(self) -> torch.Tensor:
+        """clt: [d_sae, d_out], 1 where a latent writes its own or a later layer's target."""
+        return (self._layer_of(self.cfg.d_sae)[:, None] <= self._layer_of(self.cfg.d_out)[None, :]).float()
+
+    @torch.no_grad()
+    def enforce_structure(self, grads: bool = False) -> None:
+        """clt: zero the encoder and decoder entries outside the layer structure (of the
+        gradients too, when ``grads``, so Adam never moves them). No-op for other kinds."""
+        if self.cfg.architecture != "clt":
+            return
+        for param, mask in ((self.W_enc, self.encoder_mask()), (self.W_dec, self.decoder_mask())):
+            target = param.grad if grads else param
+            if target is not None:
+                target.mul_(mask.to(target.dtype))
+
+    def layer_decoders(self) -> list[torch.Tensor]:
+        """clt: per source layer l, its features' decoders to targets l..L-1 as [d_sae_l, n_targets, d_out_l]."""
+        n = self.cfg.n_layers
+        f, o = self.cfg.d_sae // n, self.cfg.d_out // n
+        w = self.W_dec.detach()
+        return [w[l * f:(l + 1) * f, l * o:].reshape(f, n - l, o) for l in range(n)]
 
     def __getattr__(self, name: str):
         # Tied: the encoder is a view of the decoder, so every reader of W_enc sees the same weights.
@@ -165,6 +206,9 @@ class Dictionary(nn.Module):
         else:
             self.W_enc.copy_(x_dir.t() / self.cfg.k)
             self.W_dec.copy_(y_dir)
+        if self.cfg.architecture == "clt":  # each latent keeps its own layer's part of the row
+            self.enforce_structure()
+            self.normalize_decoder()
 
     # ------------------------------------------------------------------ decoder constraint
 
@@ -188,6 +232,13 @@ class Dictionary(nn.Module):
     def save(self, folder: Path, meta: dict, extra_cfg: dict | None = None) -> None:
         folder = Path(folder)
         tensors = {k: v.detach().float() for k, v in self.state_dict().items()}
+        if self.cfg.architecture == "clt":  # per-layer encoders [d_in_l, d_sae_l], decoders [d_sae_l, n_targets, d_out_l]
+            n = self.cfg.n_layers
+            i, f = self.cfg.d_in // n, self.cfg.d_sae // n
+            del tensors["W_enc"], tensors["W_dec"]
+            for l, dec in enumerate(self.layer_decoders()):
+                tensors[f"W_enc.{l}"] = self.W_enc.detach()[l * i:(l + 1) * i, l * f:(l + 1) * f].float().contiguous()
+                tensors[f"W_dec.{l}"] = dec.float().contiguous()
         save_safetensors(folder / WEIGHTS, tensors, metadata={"spec_hash": meta.get("spec_hash", "")})
         write_json(folder / CONFIG, {**asdict(self.cfg), "apply_b_dec_to_input": self.cfg.apply_b_dec_to_input,
                                      "space": "normalized; *_mean / *_scale map to raw activations", **(extra_cfg or {}), "meta": meta})
@@ -202,7 +253,16 @@ class Dictionary(nn.Module):
         cfg_json = read_json(folder / CONFIG)
         fields = DictionaryConfig.__dataclass_fields__
         model = cls(DictionaryConfig(**{k: cfg_json[k] for k in fields if k in cfg_json}))
-        model.load_state_dict(load_file(folder / WEIGHTS))
+        tensors = load_file(folder / WEIGHTS)
+        if model.cfg.architecture == "clt":  # reassemble the block-structured matrices
+            n = model.cfg.n_layers
+            i, f, o = model.cfg.d_in // n, model.cfg.d_sae // n, model.cfg.d_out // n
+            w_enc, w_dec = torch.zeros_like(model.W_enc), torch.zeros_like(model.W_dec)
+            for l in range(n):
+                w_enc[l * i:(l + 1) * i, l * f:(l + 1) * f] = tensors.pop(f"W_enc.{l}")
+                w_dec[l * f:(l + 1) * f, l * o:] = tensors.pop(f"W_dec.{l}").reshape(f, (n - l) * o)
+            tensors["W_enc"], tensors["W_dec"] = w_enc, w_dec
+        model.load_state_dict(tensors)
         return model.eval()
 
 

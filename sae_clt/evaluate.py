@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .dictionary import Dictionary
+from .hook_groups import members
 from .hooks import patching
 from .io import save_safetensors, write_json
 from .metrics import ReconstructionMeter, SparsityMeter, decoder_redundancy
@@ -108,7 +109,7 @@ def _recovered(ablated: float, patched: float, clean: float) -> float | None:
 
 def causal_check(subject, model: Dictionary, w_lin: torch.Tensor, norm: Normalization, spec: ExperimentSpec) -> dict:
     """Run the subject's task clean and with its target hook point replaced."""
-    source, target = spec.source, spec.target
+    source, target = spec.source_key, spec.target_key
     available = subject.hook_points()
 
     def flat(fn):
@@ -151,7 +152,7 @@ def evaluate(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, 
              out_dir: Path, metrics_path: Path) -> dict:
     cfg = spec.evaluate
     model = Dictionary.load(dictionary_dir)
-    source, target = spec.source, spec.target
+    source, target = spec.source_key, spec.target_key
     train_loader = PairLoader(store, norm, source, target, "train", cfg.batch_size, seed=0, shuffle=False)
     val_loader = PairLoader(store, norm, source, target, "val", cfg.batch_size, seed=0, shuffle=False)
     is_sae = spec.model.architecture == "sae"
@@ -166,14 +167,21 @@ def evaluate(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, 
 
     d_out = store.hook_dims[target]
     recon, linear = ReconstructionMeter(d_out), ReconstructionMeter(d_out)
-    sparsity = SparsityMeter(spec.model.d_sae)
-    top = TopActivations(spec.model.d_sae, n=5)
+    # clt: the reconstruction of each target layer too
+    layers = members(target) if spec.model.architecture == "clt" else []
+    per_layer = {h: ReconstructionMeter(d_out // len(layers)) for h in layers}
+    sparsity = SparsityMeter(model.cfg.d_sae)
+    top = TopActivations(model.cfg.d_sae, n=5)
     with progress_bar(val_loader.steps_per_epoch(), desc=f"evaluate {spec.id}", unit="batch") as bar:
         for x, y, instance_id, position in val_loader.epoch(0, with_provenance=True):
             y_hat, z = model(x)
             top.update(z, instance_id, position)
             y_raw = norm.invert(target, y)
-            recon.update(y_raw, norm.invert(target, y_hat))
+            y_hat_raw = norm.invert(target, y_hat)
+            recon.update(y_raw, y_hat_raw)
+            for i, (h, meter) in enumerate(per_layer.items()):
+                width = d_out // len(layers)
+                meter.update(y_raw[:, i * width:(i + 1) * width], y_hat_raw[:, i * width:(i + 1) * width])
             linear.update(y_raw, norm.invert(target, apply_linear(w_lin, x)))
             sparsity.update(z)
             bar.update(1)
@@ -190,7 +198,11 @@ def evaluate(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, 
         "model": {"architecture": spec.model.architecture, "activation": spec.model.activation, "d_sae": spec.model.d_sae,
                   "k": spec.model.k, "d_in": store.hook_dims[source], "d_out": d_out, "source": source, "target": target},
     }
-    if cfg.causal and getattr(subject, "model", None) is not None:
+    if per_layer:
+        metrics["reconstruction"]["per_target_layer"] = {h: m.summary()["fvu"] for h, m in per_layer.items()}
+    if cfg.causal and spec.model.architecture == "clt":
+        metrics["causal_skipped"] = "patching several target layers at once (a clt) is not implemented yet"
+    elif cfg.causal and getattr(subject, "model", None) is not None:
         metrics["causal"] = causal_check(subject, model, w_lin, norm, spec)
     elif cfg.causal:
         metrics["causal_skipped"] = "the dataset's activations were imported: there is no model to patch"

@@ -17,6 +17,7 @@ import torch
 from .dictionary import Dictionary
 from .io import atomic_write_text, write_json
 from .provenance import output_meta
+from .hook_groups import dim_label, members
 from .spec import ExperimentSpec
 
 EXPORT_SECTIONS = ["dataset", "source", "target", "model", "train", "export"]
@@ -27,6 +28,12 @@ def folded_weights(model: Dictionary) -> tuple[torch.Tensor, torch.Tensor]:
     w_enc = model.W_enc.detach() / model.source_scale.unsqueeze(1)
     w_dec = model.W_dec.detach() * model.target_scale.unsqueeze(0)
     return w_enc, w_dec
+
+
+def _member_dims(name: str, total: int) -> dict[str, int]:
+    """Width of each member of a (possibly grouped) hook point: a clt's layers are equally wide."""
+    parts = members(name)
+    return {m: total // len(parts) for m in parts}
 
 
 def _top(weights: torch.Tensor, k: int, threshold: float) -> list[tuple[int, float]]:
@@ -43,12 +50,16 @@ def export_edges(spec: ExperimentSpec, dictionary_dir: Path, density: torch.Tens
     if density is not None and not cfg.include_dead:
         features = [i for i in features if float(density[i]) > 0]
 
+    # Dimensions are named per hook point (a clt's source and target span several).
+    src_dims, tgt_dims = _member_dims(spec.source_key, model.cfg.d_in), _member_dims(spec.target_key, model.cfg.d_out)
     edges = []
     for f in features:
         for dim, weight in _top(w_enc[:, f], cfg.top_k, cfg.threshold):
-            edges.append({"source": f"{spec.source}[{dim}]", "target": f"{spec.id}.feature[{f}]", "kind": "encoder", "weight": weight})
+            edges.append({"source": dim_label(spec.source_key, dim, src_dims), "target": f"{spec.id}.feature[{f}]",
+                          "kind": "encoder", "weight": weight})
         for dim, weight in _top(w_dec[f], cfg.top_k, cfg.threshold):
-            edges.append({"source": f"{spec.id}.feature[{f}]", "target": f"{spec.target}[{dim}]", "kind": "decoder", "weight": weight})
+            edges.append({"source": f"{spec.id}.feature[{f}]", "target": dim_label(spec.target_key, dim, tgt_dims),
+                          "kind": "decoder", "weight": weight})
 
     meta = output_meta(spec, spec.train.seed, EXPORT_SECTIONS)
     document = {

@@ -29,6 +29,8 @@ import torch
 from .dictionary import Dictionary
 from .kernels import decode_backward, latent_grads, topk_rows
 
+FIRING = "firing_frequency"  # as train.FIRING (train imports this module lazily)
+
 
 def _aux_k(w_dead: torch.Tensor, pre_dead: torch.Tensor, residual: torch.Tensor, x_in: torch.Tensor, aux_k: int):
     """AuxK (the loss of train.aux_k_loss) with a hand-written backward through the active entries
@@ -105,8 +107,8 @@ class FastTopKStep:
             self.refit.add(idx, acts, y, self.refit_weight)
 
         # Bookkeeping of dead latents (as the plain step)
-        fired = torch.zeros_like(rows_since_fired, dtype=torch.bool)
-        fired[idx[acts > 0]] = True
+        counts = torch.bincount(idx[acts > 0], minlength=n_latents)
+        fired = counts > 0
         if self.world is not None:  # data-parallel: combine across ranks
             fired = self.world.any(fired)
         rows_since_fired += n_rows * (self.world.size if self.world is not None else 1)
@@ -142,4 +144,4 @@ class FastTopKStep:
         model.normalize_decoder()
         return {"loss": float(loss), "mse": float(mse), "aux_loss": float(aux),
                 "fvu": float(mse) / _mean_variance(y), "l0": float((acts > 0).sum(-1).to(torch.float32).mean()),
-                "dead_fraction": float(dead.double().mean())}
+                "dead_fraction": float(dead.double().mean()), FIRING: counts.double() / n_rows}

@@ -19,13 +19,16 @@ def inspect_experiment(spec_path: Path, max_rows: int = 200_000) -> str:
     summary = summary_of(paths.norm_dir(resolved.dataset.id))
     lines = [f"dataset {resolved.dataset.id}: {store.manifest['n_rows']} rows, {summary['n_instances']} instances "
              f"({summary['n_val_instances']} held out), dtype {store.manifest['dtype']}"]
-    for role, hook in (("source", exp.source), ("target", exp.target)):
+    from .hook_groups import members
+
+    roles = [("source", h) for h in members(exp.source_key)] + [("target", h) for h in members(exp.target_key)]
+    for role, hook in dict.fromkeys(roles):
         s = summary["train_split"][hook]
         lines.append(f"{role} {hook} (dim {store.hook_dims[hook]}): mean norm {s['mean_norm']:.4g}, "
                      f"centred RMS norm {s['centered_rms_norm']:.4g}, per-dim std min/median/max "
                      f"{s['std_min']:.3g}/{s['std_median']:.3g}/{s['std_max']:.3g}, zeros {100 * s['frac_zeros']:.2f}%")
 
-    loader = PairLoader(store, norm, exp.source, exp.target, "train", batch_size=min(max_rows, 65536), seed=0)
+    loader = PairLoader(store, norm, exp.source_key, exp.target_key, "train", batch_size=min(max_rows, 65536), seed=0)
     xs, ys, n = [], [], 0
     for x, y in loader.epoch(0):
         xs.append(x)
@@ -35,7 +38,7 @@ def inspect_experiment(spec_path: Path, max_rows: int = 200_000) -> str:
             break
     x, y = torch.cat(xs)[:max_rows].double(), torch.cat(ys)[:max_rows].double()
     x, y = x - x.mean(0), y - y.mean(0)
-    if exp.source != exp.target:
+    if exp.source_key != exp.target_key:
         # Linear predictability of the target from the source (in-sample R², with bias).
         xb = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
         w = torch.linalg.lstsq(xb, y).solution

@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 
 from .errors import DataError
+from .hook_groups import is_group, members
 from .io import read_json, save_safetensors, write_json
 from .progress import progress_bar
 from .provenance import output_meta
@@ -99,8 +100,10 @@ class Normalization:
             raise DataError(f"{path}: missing; run the normalize stage first")
         t = load_file(path)
         hooks = [k[: -len(".scale")] for k in t if k.endswith(".scale")]
-        return cls({h: t[f"{h}.mean"] for h in hooks}, {h: t[f"{h}.scale"] for h in hooks},
-                   t["val_instances"], {h: t[f"{h}.raw_mean"] for h in hooks})
+        from .hook_groups import GroupDict
+
+        return cls(GroupDict({h: t[f"{h}.mean"] for h in hooks}), GroupDict({h: t[f"{h}.scale"] for h in hooks}),
+                   t["val_instances"], GroupDict({h: t[f"{h}.raw_mean"] for h in hooks}))
 
     def apply(self, hook: str, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean[hook]) / self.scale[hook]
@@ -155,7 +158,7 @@ class PairLoader:
         as well as within them."""
         gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(len(self.shards), generator=gen) if self.shuffle else torch.arange(len(self.shards))
-        names = list(dict.fromkeys([self.source, self.target, "instance_id", "position"]))
+        names = list(dict.fromkeys([*members(self.source), *members(self.target), "instance_id", "position"]))
         order = [self.shards[i] for i in order.tolist()]
         for g in range(0, len(order), self.mix_shards):
             shards = [self.store.read_shard(i, names, as_stored=True) for i in order[g:g + self.mix_shards]]
@@ -180,11 +183,14 @@ class PairLoader:
 
     def _batch(self, group: dict[str, torch.Tensor], idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Normalised float32 rows ``idx`` of a group (converted a batch at a time)."""
-        def rows(hook: str) -> torch.Tensor:
+        def one(hook: str) -> torch.Tensor:
             # index_select makes a fresh tensor, so normalising it in place is safe (and, on a
             # fresh [B, d] output, several times cheaper than out-of-place arithmetic).
             x = group[hook].index_select(0, idx).to(torch.float32)
             return x.sub_(self.norm.mean[hook]).div_(self.norm.scale[hook])
+
+        def rows(name: str) -> torch.Tensor:  # a hook group: its members side by side
+            return one(name) if not is_group(name) else torch.cat([one(m) for m in members(name)], dim=1)
 
         x = rows(self.source)
         y = x if self.target == self.source else rows(self.target)

@@ -112,6 +112,10 @@ def resolve_dataset(paths: Paths, dataset_id: str, named_in: Path | None = None)
     return dataset, load_spec(spath, "subjects")
 
 
+def _as_list(point: str | list[str]) -> list[str]:
+    return [point] if isinstance(point, str) else list(point)
+
+
 def resolve_experiment(spec_path: str | Path) -> Resolved:
     """Load an experiment spec and everything it names; cross-check hook points."""
     spec_path = Path(spec_path)
@@ -119,10 +123,9 @@ def resolve_experiment(spec_path: str | Path) -> Resolved:
     experiment = load_spec(spec_path, "experiments")
     dataset, subject = resolve_dataset(paths, experiment.dataset, spec_path)
     collected = dataset.collect.hook_points
-    for field in ("source", "target"):
-        point = getattr(experiment, field)
-        from .hook_names import matches
+    from .hook_names import matches
 
+    for field, point in [(f, p) for f in ("source", "target") for p in _as_list(getattr(experiment, f))]:
         if not any(matches(point, pattern) for pattern in collected):
             from .spec import read_yaml
 

@@ -192,10 +192,11 @@ class DatasetSpec(StrictModel):
 
 
 class ModelSection(StrictModel):
-    architecture: Literal["sae", "transcoder", "skip_transcoder"] = Field(
+    architecture: Literal["sae", "transcoder", "skip_transcoder", "clt"] = Field(
         description="sae: source == target; transcoder: source -> target; skip_transcoder: a transcoder plus a learned "
-        "linear skip path W_skip (source -> target).")
-    d_sae: int = Field(4096, ge=1, description="Number of latents (dictionary size).")
+        "linear skip path W_skip (source -> target); clt: cross-layer transcoder, one encoder per source layer, each "
+        "feature decoding to its own and every later target layer (source and target are lists).")
+    d_sae: int = Field(4096, ge=1, description="Number of latents (dictionary size; clt: features per layer).")
     activation: Literal["topk", "batchtopk", "jumprelu", "relu", "relu_clipped"] = Field(
         "topk", description="topk: the k largest per row; batchtopk: the k·B largest over a batch (saved as JumpReLU with a "
         "calibrated threshold); jumprelu: learned per-latent thresholds (straight-through); relu: ReLU + L1; "
@@ -297,15 +298,40 @@ class ExportSection(StrictModel):
 class ExperimentSpec(StrictModel):
     id: str = Field(pattern=SPEC_ID_PATTERN)
     dataset: str = Field(pattern=SPEC_ID_PATTERN, description="Id of a spec under specs/datasets/.")
-    source: str = Field(description="Hook point read by the encoder.")
-    target: str = Field(description="Hook point the decoder reconstructs (= source for an SAE).")
+    source: str | list[str] = Field(description="Hook point read by the encoder (clt: one per layer, in order).")
+    target: str | list[str] = Field(description="Hook point the decoder reconstructs (= source for an SAE; clt: one per "
+                                    "layer, in order: a layer-l feature decodes to targets l, l+1, ...).")
     model: ModelSection
     train: TrainSection = TrainSection()
     evaluate: EvaluateSection = EvaluateSection()
     export: ExportSection = ExportSection()
 
+    @property
+    def source_key(self) -> str:
+        """The source as one (possibly grouped, ``a+b``) hook-point name."""
+        return self.source if isinstance(self.source, str) else "+".join(self.source)
+
+    @property
+    def target_key(self) -> str:
+        return self.target if isinstance(self.target, str) else "+".join(self.target)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.source) if isinstance(self.source, list) else 1
+
     @model_validator(mode="after")
     def _sae_reads_and_writes_one_point(self):
+        multi = isinstance(self.source, list) or isinstance(self.target, list)
+        if self.model.architecture == "clt":
+            if not (isinstance(self.source, list) and isinstance(self.target, list)
+                    and len(self.source) == len(self.target) >= 2):
+                raise ValueError("a clt reads one source and writes one target per layer: source and target must be "
+                                 f"lists of equal length (at least 2); got source {self.source!r}, target {self.target!r}")
+            if self.model.tied_decoder or self.model.matryoshka_prefixes:
+                raise ValueError("a clt has one encoder per layer and upper-triangular decoders: model.tied_decoder and "
+                                 "model.matryoshka_prefixes do not apply")
+        elif multi:
+            raise ValueError(f"lists of hook points in source/target are for architecture clt, not {self.model.architecture}")
         if self.model.architecture == "sae" and self.source != self.target:
             raise ValueError(f"an sae reconstructs its input: source ({self.source}) and target ({self.target}) must be equal")
         t, m = self.train, self.model

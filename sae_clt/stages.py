@@ -96,7 +96,7 @@ def _experiment(spec_path: Path):
     exp, collect = resolved.experiment, resolved.dataset.collect
     store.check_matches(collect.hook_points, collect.dtype, collect.n_instances,
                         str(resolved.paths.dataset_spec(resolved.dataset.id).relative_to(resolved.paths.root)))
-    store.check_hooks([exp.source, exp.target], str(spec_path))
+    store.check_hooks([exp.source_key, exp.target_key], str(spec_path))
     norm = Normalization.load(resolved.paths.norm_dir(resolved.dataset.id))
     return resolved, store, norm
 

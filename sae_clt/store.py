@@ -290,14 +290,18 @@ class ActivationStore:
 
     @property
     def hook_dims(self) -> dict[str, int]:
-        return self.manifest["hook_points"]
+        from .hook_groups import GroupDict
+
+        return GroupDict(self.manifest["hook_points"])
 
     @property
     def n_shards(self) -> int:
         return len(self.manifest["shards"])
 
     def check_hooks(self, names: list[str], where: str) -> None:
-        for name in names:
+        from .hook_groups import members
+
+        for name in [m for n in names for m in members(n)]:
             if name not in self.hook_dims:
                 raise DataError(f"{self.folder / MANIFEST}: hook point '{name}' (from {where}) is not in this store; "
                                 f"it has: {', '.join(self.hook_dims)}")

@@ -33,8 +33,15 @@ class WandbRun:
         log(f"train {spec.id}: logging to Weights & Biases ({mode}), run {run.id}")
         return cls(run)
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.run.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
+    def log(self, step: int, metrics: dict[str, float], firing=None) -> None:
+        import wandb
+
+        row = {f"train/{k}": v for k, v in metrics.items()}
+        if firing is not None:  # usage histogram: log10 firing frequency of the latents that fired
+            fired = firing[firing > 0]
+            if fired.numel():
+                row["train/log10_firing_frequency"] = wandb.Histogram(fired.log10().numpy())
+        self.run.log(row, step=step)
 
     def finish(self, summary_metrics: dict[str, float]) -> dict[str, str]:
         for name, value in summary_metrics.items():

@@ -29,31 +29,39 @@ from .store import ActivationStore
 
 TRAIN_SECTIONS = ["dataset", "source", "target", "model", "train"]
 CURVES = ("loss", "mse", "aux_loss", "fvu", "l0", "dead_fraction", "lr")
+FIRING = "firing_frequency"  # per-latent firing frequency in a step's batch (a tensor, for the usage histogram)
+# Usage histogram bins: silent, then firing frequencies in decades.
+USAGE_BINS = ("silent", "below_1e-4", "1e-4_to_1e-3", "1e-3_to_1e-2", "1e-2_to_1e-1", "above_1e-1")
 
 
 def make_dictionary(spec: ExperimentSpec, store: ActivationStore, norm: Normalization) -> Dictionary:
     m = spec.model
     cfg = DictionaryConfig(
         architecture=m.architecture,
-        d_in=store.hook_dims[spec.source],
-        d_out=store.hook_dims[spec.target],
-        d_sae=m.d_sae,
+        d_in=store.hook_dims[spec.source_key],
+        d_out=store.hook_dims[spec.target_key],
+        d_sae=m.d_sae * spec.n_layers,  # clt: d_sae features per layer
         activation=m.activation,
         k=m.k,
-        source=spec.source,
-        target=spec.target,
+        source=spec.source_key,
+        target=spec.target_key,
         relu_ceiling=m.relu_ceiling,
         jumprelu_bandwidth=m.jumprelu_bandwidth,
         tied=m.tied_decoder,
+        n_layers=spec.n_layers,
     )
+    if m.architecture == "clt" and len({store.hook_dims[h] for h in [*spec.source, *spec.target]}) != 1:
+        dims = {h: store.hook_dims[h] for h in [*spec.source, *spec.target]}
+        raise PipelineError(f"experiment {spec.id}: a clt needs equally wide source and target layers; got {dims}")
     if cfg.tied and cfg.d_in != cfg.d_out:
         raise PipelineError(f"experiment {spec.id}: model.tied_decoder needs equal source and target sizes; "
-                            f"{spec.source} has {cfg.d_in}, {spec.target} has {cfg.d_out}")
+                            f"{spec.source_key} has {cfg.d_in}, {spec.target_key} has {cfg.d_out}")
     model = Dictionary(cfg, seed=spec.train.seed)
     if m.activation == "jumprelu":
         with torch.no_grad():
             model.log_threshold.fill_(math.log(m.jumprelu_init_threshold))
-    model.set_normalization(norm.mean[spec.source], norm.scale[spec.source], norm.mean[spec.target], norm.scale[spec.target])
+    src, tgt = spec.source_key, spec.target_key
+    model.set_normalization(norm.mean[src], norm.scale[src], norm.mean[tgt], norm.scale[tgt])
     return model
 
 
@@ -175,6 +183,14 @@ class CurveWriter:
         for name, value in values.items():
             self.rows.setdefault(name, [f"step\t{name}"]).append(f"{step}\t{value:.6g}")
 
+    def add_usage(self, step: int, frequency: torch.Tensor) -> None:
+        """One row of the usage histogram (how many latents fire at each order of frequency)."""
+        bins = torch.bucketize(frequency.double(), torch.tensor([1e-4, 1e-3, 1e-2, 1e-1], dtype=torch.float64), right=True) + 1
+        bins[frequency == 0] = 0
+        counts = torch.bincount(bins, minlength=len(USAGE_BINS)).tolist()
+        rows = self.rows.setdefault("usage_histogram", ["step\t" + "\t".join(USAGE_BINS)])
+        rows.append(f"{step}\t" + "\t".join(str(c) for c in counts))
+
     def flush(self) -> None:
         for name, lines in self.rows.items():
             atomic_write_text(self.folder / f"{name}.tsv", "\n".join(lines) + "\n")
@@ -247,7 +263,7 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
     if world.size > store.n_shards:
         raise PipelineError(f"{world.size} processes but the store of dataset '{spec.dataset}' has {store.n_shards} shards; "
                             "each process needs at least one")
-    loader = PairLoader(store, norm, spec.source, spec.target, "train", cfg.batch_size // world.size, cfg.seed, drop_last=True,
+    loader = PairLoader(store, norm, spec.source_key, spec.target_key, "train", cfg.batch_size // world.size, cfg.seed, drop_last=True,
                         shards=list(range(world.rank, store.n_shards, world.size)) if world.active else None)
     steps_per_epoch = world.min_int(loader.steps_per_epoch())  # every rank takes the same number of steps
     if steps_per_epoch == 0:
@@ -258,7 +274,7 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
     # Model, optimiser and the state a checkpoint carries
     model = make_dictionary(spec, store, norm)
     if cfg.init == "data" or cfg.b_dec_init != "zeros":
-        x0, y0 = sample_rows(loader, spec.model.d_sae, cfg.seed)
+        x0, y0 = sample_rows(loader, model.cfg.d_sae, cfg.seed)
         with torch.no_grad():
             if cfg.b_dec_init == "mean":
                 model.b_dec.copy_(y0.mean(0))
@@ -268,7 +284,7 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
             model.init_from_data(x0, y0)
     world.broadcast_params(model)  # initialisation sampled rank-local rows: rank 0's wins
     opt = make_optimizer(model, cfg)
-    rows_since_fired = torch.zeros(spec.model.d_sae, dtype=torch.long)
+    rows_since_fired = torch.zeros(model.cfg.d_sae, dtype=torch.long)
     curves = CurveWriter(curves_dir, CURVES)
     step, epoch, skip = 0, 0, 0
     saved_refit: dict = {}  # decoder-refit sums of a resumed run
@@ -286,7 +302,7 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
             log(f"train {spec.id}: resuming from the checkpoint at step {step}")
     prefixes = tuple(spec.model.matryoshka_prefixes)
     penalty_ramp = max(1, int(cfg.l1_warmup_frac * total_steps))
-    usage = UsageKL(spec.model.d_sae, cfg.usage_target, cfg.usage_ema, cfg.usage_temperature) if cfg.usage_kl_coeff else None
+    usage = UsageKL(model.cfg.d_sae, cfg.usage_target, cfg.usage_ema, cfg.usage_temperature) if cfg.usage_kl_coeff else None
     if usage is not None and saved_usage is not None:
         usage.frequency.copy_(saved_usage)
     usage_warmup = int(cfg.usage_warmup_frac * total_steps)
@@ -332,14 +348,17 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
                     world.broadcast_params(model)  # rank 0's resampled latents everywhere
                     log(f"train {spec.id}: step {step}: resampled {n} dead latents")
                 metrics = step_fn(x, y, lr, step)
+                firing = metrics.pop(FIRING, None)
                 if not math.isfinite(metrics["loss"]):
                     kept = f"; the checkpoint of step {read_json(state.folder / state.META)['step']} is kept" if state and (state.folder / state.META).exists() else ""
                     raise PipelineError(f"train {spec.id}: loss became {metrics['loss']} at step {step}; lower train.lr (now {cfg.lr}){kept}")
                 if step % cfg.log_every == 0 or step == total_steps - 1:
                     last = {**world.mean(metrics), "lr": lr}
                     curves.add(step, last)
+                    if firing is not None:  # this rank's batch
+                        curves.add_usage(step, firing)
                     if tracker is not None:
-                        tracker.log(step, last)
+                        tracker.log(step, last, firing)
                     bar.set_postfix(fvu=f"{last['fvu']:.4f}", l0=f"{last['l0']:.1f}", dead=f"{last['dead_fraction']:.3f}")
                 step += 1
                 bar.update(1)
@@ -409,13 +428,14 @@ def train_step(model: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, y
     if act == "topk" and not prefixes:
         values, indices = model.sparse_code(pre)  # [B, k] each: no dense [B, d_sae] code
         y_hat = model.decode_sparse(values, indices) + skip
-        fired = torch.zeros_like(rows_since_fired, dtype=torch.bool)
-        fired[indices[values > 0]] = True
+        counts = torch.bincount(indices[values > 0], minlength=rows_since_fired.numel())
+        fired = counts > 0
         active = values
     else:
         z = model.activate(pre, training=True)
         y_hat = z @ model.W_dec + model.b_dec + skip
-        fired = (z > 0).any(0)
+        counts = (z > 0).sum(0)
+        fired = counts > 0
         active = z
     l0 = float((active > 0).sum(-1).float().mean())
 
@@ -470,6 +490,7 @@ def train_step(model: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, y
     # Backward and update, keeping decoder rows at unit norm
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    model.enforce_structure(grads=True)  # clt: nothing moves outside the layer structure
     if world is not None:
         world.average_grads(model.parameters())
     if cfg.unit_norm_decoder:
@@ -484,6 +505,7 @@ def train_step(model: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, y
                "penalty": float(penalty.detach()) if torch.is_tensor(penalty) else float(penalty)}
     if usage is not None:
         metrics["usage_kl"] = float(usage_loss.detach())
+    metrics[FIRING] = counts.double() / x.shape[0]
     return metrics
 
 
@@ -533,5 +555,8 @@ def resample_dead(model: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor
         for name in ("exp_avg", "exp_avg_sq"):
             if name in state:
                 state[name][index] = 0
+    model.enforce_structure()  # clt: a resampled latent reads and writes only its layers
+    if model.cfg.architecture == "clt":
+        model.W_dec[idx] = F.normalize(model.W_dec[idx], dim=1)
     rows_since_fired[idx] = 0  # a fresh latent gets the full window to fire
     return int(idx.numel())

@@ -42,40 +42,93 @@ CASES = {
 }
 
 
+# A cross-layer transcoder over two layers: layer-0 features read encoder.layers.0 and write
+# both targets; layer-1 features read encoder.layers.1 and write only the second target.
+CLT_SOURCES = ["encoder.layers.0", "encoder.layers.1"]
+CLT_TARGETS = ["encoder.layers.1:input", "encoder.layers.1"]
+CLT_SPEC = f"""\
+id: z_clt_topk
+dataset: tiny_acts
+source: {json.dumps(CLT_SOURCES)}
+target: {json.dumps(CLT_TARGETS)}
+model: {{architecture: clt, d_sae: 32, activation: topk, k: 6}}
+train: {{batch_size: 256, epochs: 3, lr: 3.0e-3, log_every: 2, dead_after_rows: 1000, decoder_refit_frac: 0.0}}
+evaluate: {{batch_size: 500, causal: true}}
+export: {{}}
+"""
+
+
 @pytest.fixture(scope="module")
 def zoo(built_project, tmp_path_factory):
     root = tmp_path_factory.mktemp("zoo") / "proj"
     shutil.copytree(built_project, root)
-    for eid, case in CASES.items():
-        (root / "specs" / f"{eid}.yaml").write_text(SPEC.format(id=eid, **case))
+    specs = {eid: SPEC.format(id=eid, **case) for eid, case in CASES.items()}
+    specs["z_clt_topk"] = CLT_SPEC
+    for eid, text in specs.items():
+        (root / "specs" / f"{eid}.yaml").write_text(text)
         for stage in ("train", "evaluate", "report", "export"):
             run_stage(stage, root / "specs" / f"{eid}.yaml")
     return root
 
 
-def _val_rows(root, source="encoder.layers.1"):
+def _val_rows(root, source="encoder.layers.1", target="encoder.layers.1", both=False):
     store = ActivationStore.open(root / "runs/datasets/tiny_acts/store")
     norm = Normalization.load(root / "runs/datasets/tiny_acts/normalize")
-    x, _ = next(PairLoader(store, norm, source, "encoder.layers.1", "val", 10_000, seed=0, shuffle=False).epoch(0))
-    return x
+    x, y = next(PairLoader(store, norm, source, target, "val", 10_000, seed=0, shuffle=False).epoch(0))
+    return (x, y) if both else x
 
 
-@pytest.mark.parametrize("eid", list(CASES))
+def test_clt_trains_evaluates_and_reloads_with_per_layer_decoders(zoo, tmp_path):
+    from safetensors.torch import load_file
+
+    folder = zoo / "runs/experiments/z_clt_topk/dictionary"
+    tensors = load_file(folder / "dictionary.safetensors")
+    # Stored per source layer: encoder [d_in_l, d_sae_l], decoder [d_sae_l, n_targets, d_out_l]
+    d = tensors["W_enc.0"].shape[0]
+    assert tensors["W_enc.0"].shape == tensors["W_enc.1"].shape == (d, 32)
+    assert tensors["W_dec.0"].shape == (32, 2, d) and tensors["W_dec.1"].shape == (32, 1, d)
+    model = Dictionary.load(folder)
+    x, y = _val_rows(zoo, "+".join(CLT_SOURCES), "+".join(CLT_TARGETS), both=True)
+    y_hat, z = model(x)
+    # The same outputs from the stored per-layer pieces: layer-l features see only source l and
+    # write target l and later ones.
+    pre = torch.cat([(x[:, l * d:(l + 1) * d]) @ tensors[f"W_enc.{l}"] for l in range(2)], dim=1) + tensors["b_enc"]
+    values, idx = pre.topk(6, dim=-1)
+    codes = torch.zeros_like(pre).scatter(-1, idx, torch.relu(values))
+    manual = tensors["b_dec"].clone().expand(len(x), -1).clone()
+    manual[:, :d] += codes[:, :32] @ tensors["W_dec.0"][:, 0]
+    manual[:, d:] += codes[:, :32] @ tensors["W_dec.0"][:, 1] + codes[:, 32:] @ tensors["W_dec.1"][:, 0]
+    torch.testing.assert_close(y_hat, manual, rtol=1e-4, atol=1e-4)
+    metrics = json.loads((zoo / "metrics/z_clt_topk/eval.json").read_text())
+    per_layer = metrics["reconstruction"]["per_target_layer"]
+    assert set(per_layer) == set(CLT_TARGETS) and all(0 <= v < 1 for v in per_layer.values())
+    assert "several target layers" in metrics["causal_skipped"]
+    edges = json.loads((zoo / "runs/experiments/z_clt_topk/export/edges.json").read_text())["edges"]
+    # Edges name the layer each dimension belongs to; layer-1 features never write the first target.
+    assert {e["source"].split("[")[0] for e in edges if e["kind"] == "encoder"} == set(CLT_SOURCES)
+    layer1 = {f"z_clt_topk.feature[{f}]" for f in range(32, 64)}
+    assert not [e for e in edges if e["kind"] == "decoder" and e["source"] in layer1 and e["target"].startswith(CLT_TARGETS[0] + "[")]
+
+
+@pytest.mark.parametrize("eid", [*CASES, "z_clt_topk"])
 def test_every_kind_trains_evaluates_and_reloads_to_the_same_outputs(zoo, eid, tmp_path):
     metrics = json.loads((zoo / f"metrics/{eid}/eval.json").read_text())
     assert 0 <= metrics["reconstruction"]["fvu"] < 1.0  # better than predicting the mean
     model = Dictionary.load(zoo / f"runs/experiments/{eid}/dictionary")
-    x = _val_rows(zoo, "encoder.layers.0" if CASES[eid]["src"] == 0 else "encoder.layers.1")
+    if eid == "z_clt_topk":
+        x = _val_rows(zoo, "+".join(CLT_SOURCES))
+    else:
+        x = _val_rows(zoo, "encoder.layers.0" if CASES[eid]["src"] == 0 else "encoder.layers.1")
     y1, z1 = model(x)
     model.save(tmp_path / "again", meta={})
     y2, z2 = Dictionary.load(tmp_path / "again")(x)
     assert torch.equal(y1, y2) and torch.equal(z1, z2)
     # Decoder rows stay unit norm whatever the activation (unless the spec turns that off).
     norms = model.W_dec.norm(dim=1)
-    if "unit_norm_decoder: false" in CASES[eid]["train"]:
+    if "unit_norm_decoder: false" in CASES.get(eid, {}).get("train", ""):
         assert (norms - 1).abs().max() > 1e-3
     else:
-        torch.testing.assert_close(norms, torch.ones(64), rtol=0, atol=1e-5)
+        torch.testing.assert_close(norms, torch.ones(model.cfg.d_sae), rtol=0, atol=1e-5)
 
 
 def test_tied_decoder_saves_one_matrix_and_encodes_with_its_transpose(zoo):

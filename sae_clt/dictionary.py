@@ -119,7 +119,7 @@ class Dictionary(nn.Module):
         n = self.cfg.n_layers
         f, o = self.cfg.d_sae // n, self.cfg.d_out // n
         w = self.W_dec.detach()
-        return [w[l * f:(l + 1) * f, l * o:].reshape(f, n - l, o) for l in range(n)]
+        return [w[i * f:(i + 1) * f, i * o:].reshape(f, n - i, o) for i in range(n)]
 
     def __getattr__(self, name: str):
         # Tied: the encoder is a view of the decoder, so every reader of W_enc sees the same weights.
@@ -135,7 +135,14 @@ class Dictionary(nn.Module):
         return x @ self.W_enc + self.b_enc
 
     def sparse_code(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values, indices) of the active latents, [B, k] each; topk only."""
+        """(values, indices) of the active latents, [B, k] each; topk only. A clt takes k per
+        layer ([B, n_layers·k]): a global top-k would let later layers' features compete with
+        earlier ones, so a target layer's reconstruction would depend on later sources."""
+        if self.cfg.architecture == "clt":
+            n, f = self.cfg.n_layers, self.cfg.d_sae // self.cfg.n_layers
+            values, indices = pre.reshape(pre.shape[0], n, f).topk(self.cfg.k, dim=-1, sorted=False)
+            indices = indices + (torch.arange(n, device=pre.device) * f)[None, :, None]
+            return F.relu(values).reshape(pre.shape[0], -1), indices.reshape(pre.shape[0], -1)
         values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
         return F.relu(values), indices
 
@@ -236,9 +243,9 @@ class Dictionary(nn.Module):
             n = self.cfg.n_layers
             i, f = self.cfg.d_in // n, self.cfg.d_sae // n
             del tensors["W_enc"], tensors["W_dec"]
-            for l, dec in enumerate(self.layer_decoders()):
-                tensors[f"W_enc.{l}"] = self.W_enc.detach()[l * i:(l + 1) * i, l * f:(l + 1) * f].float().contiguous()
-                tensors[f"W_dec.{l}"] = dec.float().contiguous()
+            for layer, dec in enumerate(self.layer_decoders()):
+                tensors[f"W_enc.{layer}"] = self.W_enc.detach()[layer * i:(layer + 1) * i, layer * f:(layer + 1) * f].float().contiguous()
+                tensors[f"W_dec.{layer}"] = dec.float().contiguous()
         save_safetensors(folder / WEIGHTS, tensors, metadata={"spec_hash": meta.get("spec_hash", "")})
         write_json(folder / CONFIG, {**asdict(self.cfg), "apply_b_dec_to_input": self.cfg.apply_b_dec_to_input,
                                      "space": "normalized; *_mean / *_scale map to raw activations", **(extra_cfg or {}), "meta": meta})
@@ -258,9 +265,9 @@ class Dictionary(nn.Module):
             n = model.cfg.n_layers
             i, f, o = model.cfg.d_in // n, model.cfg.d_sae // n, model.cfg.d_out // n
             w_enc, w_dec = torch.zeros_like(model.W_enc), torch.zeros_like(model.W_dec)
-            for l in range(n):
-                w_enc[l * i:(l + 1) * i, l * f:(l + 1) * f] = tensors.pop(f"W_enc.{l}")
-                w_dec[l * f:(l + 1) * f, l * o:] = tensors.pop(f"W_dec.{l}").reshape(f, (n - l) * o)
+            for layer in range(n):
+                w_enc[layer * i:(layer + 1) * i, layer * f:(layer + 1) * f] = tensors.pop(f"W_enc.{layer}")
+                w_dec[layer * f:(layer + 1) * f, layer * o:] = tensors.pop(f"W_dec.{layer}").reshape(f, (n - layer) * o)
             tensors["W_enc"], tensors["W_dec"] = w_enc, w_dec
         model.load_state_dict(tensors)
         return model.eval()

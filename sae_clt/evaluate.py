@@ -147,6 +147,62 @@ def causal_check(subject, model: Dictionary, w_lin: torch.Tensor, norm: Normaliz
     return out
 
 
+def causal_check_layers(subject, model: Dictionary, norm: Normalization, spec: ExperimentSpec) -> dict:
+    """A clt's causal check: every target layer replaced at once by the dictionary's output for
+    it, computed from the sources recorded in the same, already patched, forward pass (the
+    replacement model: a layer's reconstruction feeds the later layers' sources)."""
+    from contextlib import ExitStack
+
+    sources, targets = members(spec.source_key), members(spec.target_key)
+    available = subject.hook_points()
+    width_in, width_out = model.cfg.d_in // len(sources), model.cfg.d_out // len(targets)
+
+    def reconstruct(j: int):
+        def replace(original: torch.Tensor, recorded: dict) -> torch.Tensor:
+            rows = original.numel() // original.shape[-1]
+            parts = []
+            for i, hook in enumerate(sources):
+                if i > j:  # later layers' sources cannot reach target j (zero decoders): zeros
+                    parts.append(torch.zeros(rows, width_in))
+                else:
+                    x = original if hook == targets[j] else recorded[hook]
+                    parts.append(x.reshape(rows, -1).float())
+            y = model.predict_raw(torch.cat(parts, dim=1))[:, j * width_out:(j + 1) * width_out]
+            return y.reshape(*original.shape[:-1], width_out).to(original.dtype)
+        return replace
+
+    def everywhere(make):
+        stack = ExitStack()
+        for j, target in enumerate(targets):  # registered in layer order: later reads see earlier patches
+            stack.enter_context(patching(subject.model, target, make(j, target), available, read=sources[: j + 1]))
+        return stack
+
+    variants = {
+        "dictionary": lambda j, target: reconstruct(j),
+        "zero_ablation": lambda j, target: (lambda original, recorded: torch.zeros_like(original)),
+        "mean_ablation": lambda j, target: (lambda original, recorded:
+                                            norm.raw_mean[target].to(original.dtype).expand_as(original).clone()),
+    }
+    clean = subject.task_metric()
+    results = {"clean": clean}
+    for name, make in variants.items():
+        with everywhere(make):
+            results[name] = subject.task_metric()
+    out: dict = {}
+    for metric, clean_value in clean.items():
+        values = {name: r[metric] for name, r in results.items()}
+        out[metric] = {
+            "values": values,
+            "pct_change_vs_clean": {k: _pct(v, clean_value) for k, v in values.items() if k != "clean"},
+            "fraction_recovered": {
+                "vs_zero_ablation": _recovered(values["zero_ablation"], values["dictionary"], clean_value),
+                "vs_mean_ablation": _recovered(values["mean_ablation"], values["dictionary"], clean_value),
+            },
+            "targets_replaced": targets,
+        }
+    return out
+
+
 @torch.no_grad()
 def evaluate(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, dictionary_dir: Path, subject,
              out_dir: Path, metrics_path: Path) -> dict:
@@ -179,7 +235,7 @@ def evaluate(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, 
             y_raw = norm.invert(target, y)
             y_hat_raw = norm.invert(target, y_hat)
             recon.update(y_raw, y_hat_raw)
-            for i, (h, meter) in enumerate(per_layer.items()):
+            for i, meter in enumerate(per_layer.values()):
                 width = d_out // len(layers)
                 meter.update(y_raw[:, i * width:(i + 1) * width], y_hat_raw[:, i * width:(i + 1) * width])
             linear.update(y_raw, norm.invert(target, apply_linear(w_lin, x)))
@@ -200,10 +256,11 @@ def evaluate(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, 
     }
     if per_layer:
         metrics["reconstruction"]["per_target_layer"] = {h: m.summary()["fvu"] for h, m in per_layer.items()}
-    if cfg.causal and spec.model.architecture == "clt":
-        metrics["causal_skipped"] = "patching several target layers at once (a clt) is not implemented yet"
-    elif cfg.causal and getattr(subject, "model", None) is not None:
-        metrics["causal"] = causal_check(subject, model, w_lin, norm, spec)
+    if cfg.causal and getattr(subject, "model", None) is not None:
+        if spec.model.architecture == "clt":
+            metrics["causal"] = causal_check_layers(subject, model, norm, spec)
+        else:
+            metrics["causal"] = causal_check(subject, model, w_lin, norm, spec)
     elif cfg.causal:
         metrics["causal_skipped"] = "the dataset's activations were imported: there is no model to patch"
     metrics["meta"] = output_meta(spec, spec.train.seed, EVAL_SECTIONS)

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from .dictionary import Dictionary
+from .hook_groups import dim_label, members
 from .io import atomic_write_text, write_json
 from .provenance import output_meta
-from .hook_groups import dim_label, members
 from .spec import ExperimentSpec
 
 EXPORT_SECTIONS = ["dataset", "source", "target", "model", "train", "export"]

@@ -201,7 +201,7 @@ class ModelSection(StrictModel):
         "topk", description="topk: the k largest per row; batchtopk: the k·B largest over a batch (saved as JumpReLU with a "
         "calibrated threshold); jumprelu: learned per-latent thresholds (straight-through); relu: ReLU + L1; "
         "relu_clipped: ReLU capped at relu_ceiling + L1.")
-    k: int = Field(32, ge=1, description="Active latents per row (topk; batchtopk on average).")
+    k: int = Field(32, ge=1, description="Active latents per row (topk; batchtopk on average; clt topk: per layer).")
     relu_ceiling: float = Field(6.0, gt=0, description="Cap of relu_clipped.")
     jumprelu_init_threshold: float = Field(0.001, gt=0, description="Initial per-latent threshold of jumprelu.")
     jumprelu_bandwidth: float = Field(0.001, gt=0, description="Width of the straight-through estimator's kernel.")

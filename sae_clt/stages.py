@@ -123,7 +123,9 @@ def stage_evaluate(spec_path: Path) -> None:
     line = f"[evaluate] {exp.id}: FVU {m['reconstruction']['fvu']:.4f} (linear {m['linear_baseline']['fvu']:.4f}), L0 {m['sparsity']['l0']:.1f}, dead {m['sparsity']['dead_fraction']:.3f}"
     for metric, block in m.get("causal", {}).items():
         pct = block["pct_change_vs_clean"]
-        line += f"; {metric} {pct['dictionary'] or 0:+.2f}% (linear {pct['linear_baseline'] or 0:+.2f}%)"
+        line += f"; {metric} {pct['dictionary'] or 0:+.2f}%"
+        if "linear_baseline" in pct:
+            line += f" (linear {pct['linear_baseline'] or 0:+.2f}%)"
     _log(line)
 
 

@@ -24,8 +24,8 @@ from .normalize import Normalization, PairLoader
 from .progress import progress_bar
 from .provenance import output_meta
 from .spec import ExperimentSpec, spec_hash
-from .tracking import WandbRun
 from .store import ActivationStore
+from .tracking import WandbRun
 
 TRAIN_SECTIONS = ["dataset", "source", "target", "model", "train"]
 CURVES = ("loss", "mse", "aux_loss", "fvu", "l0", "dead_fraction", "lr")

@@ -8,9 +8,9 @@ import copy
 import pytest
 import torch
 
+from sae_clt import kernels
 from sae_clt.dictionary import Dictionary, DictionaryConfig
 from sae_clt.fast_step import FastTopKStep
-from sae_clt import kernels
 from sae_clt.kernels import topk_rows
 from sae_clt.spec import TrainSection
 from sae_clt.train import train_step

@@ -92,9 +92,9 @@ def test_clt_trains_evaluates_and_reloads_with_per_layer_decoders(zoo, tmp_path)
     y_hat, z = model(x)
     # The same outputs from the stored per-layer pieces: layer-l features see only source l and
     # write target l and later ones.
-    pre = torch.cat([(x[:, l * d:(l + 1) * d]) @ tensors[f"W_enc.{l}"] for l in range(2)], dim=1) + tensors["b_enc"]
-    values, idx = pre.topk(6, dim=-1)
-    codes = torch.zeros_like(pre).scatter(-1, idx, torch.relu(values))
+    pre = torch.cat([(x[:, i * d:(i + 1) * d]) @ tensors[f"W_enc.{i}"] for i in range(2)], dim=1) + tensors["b_enc"]
+    codes = torch.cat([torch.zeros(len(x), 32).scatter(-1, p.topk(6, dim=-1).indices, torch.relu(p.topk(6, dim=-1).values))
+                       for p in pre.split(32, dim=1)], dim=1)  # k = 6 per layer
     manual = tensors["b_dec"].clone().expand(len(x), -1).clone()
     manual[:, :d] += codes[:, :32] @ tensors["W_dec.0"][:, 0]
     manual[:, d:] += codes[:, :32] @ tensors["W_dec.0"][:, 1] + codes[:, 32:] @ tensors["W_dec.1"][:, 0]
@@ -102,7 +102,11 @@ def test_clt_trains_evaluates_and_reloads_with_per_layer_decoders(zoo, tmp_path)
     metrics = json.loads((zoo / "metrics/z_clt_topk/eval.json").read_text())
     per_layer = metrics["reconstruction"]["per_target_layer"]
     assert set(per_layer) == set(CLT_TARGETS) and all(0 <= v < 1 for v in per_layer.values())
-    assert "several target layers" in metrics["causal_skipped"]
+    causal = metrics["causal"]["mean_tour_length"]
+    assert causal["targets_replaced"] == CLT_TARGETS
+    assert set(causal["values"]) == {"clean", "dictionary", "zero_ablation", "mean_ablation"}
+    # the replacement model stays closer to the clean policy than zeroing both layers does
+    assert abs(causal["pct_change_vs_clean"]["dictionary"]) < abs(causal["pct_change_vs_clean"]["zero_ablation"])
     edges = json.loads((zoo / "runs/experiments/z_clt_topk/export/edges.json").read_text())["edges"]
     # Edges name the layer each dimension belongs to; layer-1 features never write the first target.
     assert {e["source"].split("[")[0] for e in edges if e["kind"] == "encoder"} == set(CLT_SOURCES)

@@ -77,6 +77,10 @@ def step_ms(kind: str, precision: str, data: torch.Tensor, args) -> tuple[float,
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     clock = torch.zeros(D_SAE, dtype=torch.long)
     n_dead = int(args.dead_fraction * D_SAE)
+    with torch.no_grad():  # the held-dead latents sit a typical top-k threshold lower: they rarely
+        # win a place (as real dead latents), yet have positive pre-activations for AuxK to use
+        threshold = (data[:BATCH] @ model.W_enc + model.b_enc).topk(K, dim=-1).values[:, -1].median()
+        model.b_enc[:n_dead] -= threshold
     fast = FastTopKStep(model, opt, cfg)
     batches = data.split(BATCH)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32

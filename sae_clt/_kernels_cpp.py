@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 
-NAME = "saeclt_kernels_v8"
+NAME = "saeclt_kernels_v9"
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -192,11 +192,12 @@ std::vector<torch::Tensor> topk_rows(torch::Tensor x, int64_t k, c10::optional<t
   return {values, indices};
 }
 
-// For each row b:  y_hat[b] = bias + sum_j acts[b,j] W[idx[b,j]];  g[b] = scale (y_hat[b] - y[b]);
-// g_acts[b,j] = g[b] . W[idx[b,j]] where acts[b,j] > 0, else 0;  sq_err[b] = |y_hat[b] - y[b]|^2.
+// For each row b:  y_hat[b] = bias + sum_j acts[b,j] W[idx[b,j]];  g[b] = scale (y_hat[b] - sign y[b]);
+// g_acts[b,j] = g[b] . W[idx[b,j]] where acts[b,j] > 0, else 0;  sq_err[b] = |y_hat[b] - sign y[b]|^2.
+// (sign lets AuxK fit the residual y - y_hat given the main loss's scaled error, without a pass to negate it.)
 // Returns (y_hat, g, g_acts, sq_err). Inactive entries (acts <= 0) are skipped.
 std::vector<torch::Tensor> decode_backward(torch::Tensor idx, torch::Tensor acts, torch::Tensor W, torch::Tensor bias,
-                                           torch::Tensor y, double scale) {
+                                           torch::Tensor y, double scale, double sign) {
   TORCH_CHECK(idx.is_contiguous() && acts.is_contiguous() && W.is_contiguous() && y.is_contiguous() && bias.is_contiguous(),
               "decode_backward: expected contiguous tensors");
   const int64_t rows = idx.size(0), k = idx.size(1), d = W.size(1), n = W.size(0);
@@ -210,7 +211,7 @@ std::vector<torch::Tensor> decode_backward(torch::Tensor idx, torch::Tensor acts
                    *yp = y.data_ptr<scalar_t>();
     scalar_t *hp = y_hat.data_ptr<scalar_t>(), *gp = g.data_ptr<scalar_t>(), *gap = g_acts.data_ptr<scalar_t>(),
              *sp = sq_err.data_ptr<scalar_t>();
-    const scalar_t s = static_cast<scalar_t>(scale);
+    const scalar_t s = static_cast<scalar_t>(scale), ys = static_cast<scalar_t>(sign);
     at::parallel_for(0, rows, 32, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         scalar_t* h = hp + r * d;
@@ -228,7 +229,7 @@ std::vector<torch::Tensor> decode_backward(torch::Tensor idx, torch::Tensor acts
         scalar_t sq = 0;
 _Pragma("omp simd reduction(+ : sq)")
         for (int64_t i = 0; i < d; ++i) {
-          const scalar_t e = h[i] - yr[i];
+          const scalar_t e = h[i] - ys * yr[i];
           sq += e * e;
           gr[i] = s * e;
         }

@@ -32,11 +32,13 @@ from .kernels import decode_backward, latent_grads, topk_rows
 FIRING = "firing_frequency"  # as train.FIRING (train imports this module lazily)
 
 
-def _aux_k(w_dead: torch.Tensor, pre_dead: torch.Tensor, residual: torch.Tensor, x_in: torch.Tensor, aux_k: int):
+def _aux_k(w_dead: torch.Tensor, pre_dead: torch.Tensor, g_main: torch.Tensor, main_scale: float, x_in: torch.Tensor,
+           aux_k: int):
     """AuxK (the loss of train.aux_k_loss) with a hand-written backward through the active entries
     of the dead latents only: the same kernels as the main loss, on the dead latents'
-    pre-activations [B, n_dead] and decoder rows [n_dead, d_out]. Returns the loss and its
-    gradients with respect to the dead latents' encoder columns [d_in, n_dead], biases and
+    pre-activations [B, n_dead] and decoder rows [n_dead, d_out]. The residual they fit,
+    y - ŷ, is read from the main loss's gradient g_main = main_scale·(ŷ - y). Returns the loss and
+    its gradients with respect to the dead latents' encoder columns [d_in, n_dead], biases and
     decoder rows."""
     n_rows, n_dead = pre_dead.shape
     k = min(aux_k, n_dead)
@@ -44,11 +46,12 @@ def _aux_k(w_dead: torch.Tensor, pre_dead: torch.Tensor, residual: torch.Tensor,
         values, local = topk_rows(pre_dead, k)
     else:  # every dead latent takes part: nothing to select
         values, local = pre_dead, torch.arange(n_dead).expand(n_rows, n_dead)
-    acts = torch.relu(values.to(residual.dtype)).contiguous()
-    centred = residual - residual.mean(0)
-    variance = centred.square_().sum(-1).mean().clamp_min(1e-12)
-    zero = torch.zeros(residual.shape[1], dtype=residual.dtype)
-    _, g_recon, g_pre, sq_err = decode_backward(local, acts, w_dead, zero, residual, 2.0 / (n_rows * float(variance)))
+    acts = torch.relu(values.to(g_main.dtype)).contiguous()
+    variance = max(_mean_variance(g_main) / main_scale**2, 1e-12)  # of the residual, per row
+    zero = torch.zeros(g_main.shape[1], dtype=g_main.dtype)
+    # recon - residual = recon + g_main / main_scale
+    _, g_recon, g_pre, sq_err = decode_backward(local, acts, w_dead, zero, g_main, 2.0 / (n_rows * variance),
+                                                sign=-1.0 / main_scale)
     loss = sq_err.sum() / n_rows / variance
     g_enc, g_dec, g_bias = latent_grads(local, g_pre, x_in, acts, g_recon, n_dead)
     return loss, g_enc, g_bias, g_dec
@@ -89,7 +92,8 @@ class FastTopKStep:
         if self._pre is None or self._pre.shape != (n_rows, n_latents) or self._pre.dtype != dtype:
             self._pre = torch.empty(n_rows, n_latents, dtype=dtype)
         if self.bf16:
-            pre = torch.mm(x_in.to(dtype), W_enc.to(dtype), out=self._pre)
+            x_low, W_low = x_in.to(dtype), W_enc.to(dtype)
+            pre = torch.mm(x_low, W_low, out=self._pre)
             values, idx = topk_rows(pre, k, b_enc)
         else:
             pre = torch.addmm(b_enc, x_in, W_enc, out=self._pre)
@@ -98,7 +102,8 @@ class FastTopKStep:
 
         # The decoder as a gather of k rows, and the backward of the reconstruction loss through
         # the active entries only
-        y_hat, g_yhat, g_pre, sq_err = decode_backward(idx, acts, W_dec, b_dec, y, 2.0 / n_rows)
+        scale = 2.0 / n_rows
+        _, g_yhat, g_pre, sq_err = decode_backward(idx, acts, W_dec, b_dec, y, scale)
         mse = sq_err.sum() / n_rows
         g_W_enc, g_W_dec, g_b_enc = latent_grads(idx, g_pre, x_in, acts, g_yhat, n_latents)
         g_b_dec = g_yhat.sum(0)
@@ -119,10 +124,11 @@ class FastTopKStep:
         aux = x.new_zeros(())
         dead_idx = dead.nonzero().squeeze(1)
         if cfg.aux_k and dead_idx.numel():
-            pre_dead = pre.index_select(1, dead_idx).to(x.dtype)
-            if self.bf16:
-                pre_dead += b_enc[dead_idx]
-            aux, g_enc_dead, g_bias_dead, g_dec_dead = _aux_k(W_dec.index_select(0, dead_idx), pre_dead, y - y_hat,
+            if self.bf16:  # a small matmul of the dead columns beats gathering them from pre
+                pre_dead = torch.mm(x_low, W_low.index_select(1, dead_idx)).to(x.dtype) + b_enc[dead_idx]
+            else:
+                pre_dead = pre.index_select(1, dead_idx)
+            aux, g_enc_dead, g_bias_dead, g_dec_dead = _aux_k(W_dec.index_select(0, dead_idx), pre_dead, g_yhat, scale,
                                                               x_in, cfg.aux_k)
             g_W_enc.index_add_(1, dead_idx, g_enc_dead, alpha=cfg.aux_coeff)
             g_b_enc.index_add_(0, dead_idx, g_bias_dead, alpha=cfg.aux_coeff)

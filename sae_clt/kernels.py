@@ -54,18 +54,18 @@ def topk_rows_torch(x: torch.Tensor, k: int, bias: torch.Tensor | None = None) -
 
 
 def decode_backward(idx: torch.Tensor, acts: torch.Tensor, W: torch.Tensor, bias: torch.Tensor, y: torch.Tensor,
-                    scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ŷ, g = scale·(ŷ - y), g_acts [B, k] = g·W[idx] masked to acts > 0, |ŷ - y|² per row)."""
+                    scale: float, sign: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ŷ, g = scale·(ŷ - sign·y), g_acts [B, k] = g·W[idx] masked to acts > 0, |ŷ - sign·y|² per row)."""
     kernel = _use_kernel(acts, W, y)
     if kernel and acts.dtype == W.dtype == y.dtype == bias.dtype and acts.dtype in (torch.float32, torch.float64):
         return tuple(kernel.decode_backward(idx.contiguous(), acts.contiguous(), W.detach(), bias.detach().contiguous(),
-                                            y.contiguous(), float(scale)))
-    return decode_backward_torch(idx, acts, W, bias, y, scale)
+                                            y.contiguous(), float(scale), float(sign)))
+    return decode_backward_torch(idx, acts, W, bias, y, scale, sign)
 
 
-def decode_backward_torch(idx, acts, W, bias, y, scale):
+def decode_backward_torch(idx, acts, W, bias, y, scale, sign=1.0):
     y_hat = F.embedding_bag(idx, W, per_sample_weights=acts, mode="sum") + bias
-    err = y_hat - y
+    err = y_hat - sign * y
     g = err * scale
     return y_hat, g, sampled_rows(g, W, idx) * (acts > 0), (err * err).sum(-1)
 

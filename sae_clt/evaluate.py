@@ -68,13 +68,16 @@ class TopActivations:
         return out
 
 
-def fit_linear_baseline(loader: PairLoader, rank: int | None = None) -> torch.Tensor:
+def fit_linear_baseline(loader: PairLoader, rank: int | None = None, layers: int = 1) -> torch.Tensor:
     """Least squares [x, 1] @ W ≈ y on the loader's rows (normal equations in float64, a tiny
     ridge for rank-deficient sources). Returns W [d_in + 1, d_out].
 
     With ``rank`` (SAEs, where the full map is the identity), the baseline is instead the
     best rank-``rank`` linear reconstruction: projection onto the top principal components,
     a dense code with as many numbers per row as the dictionary's L0.
+
+    With ``layers`` > 1 (a clt: sources and targets are that many equal blocks), target block j
+    is fitted from source blocks 0..j only, the structure the dictionary itself has.
     """
     xtx = xty = None
     for x, y in loader.epoch(0):
@@ -90,7 +93,17 @@ def fit_linear_baseline(loader: PairLoader, rank: int | None = None) -> torch.Te
         proj = top @ top.t()
         return torch.cat([proj, (mean - mean @ proj).unsqueeze(0)]).float()
     ridge = 1e-8 * xtx.diagonal().mean() * torch.eye(xtx.shape[0], dtype=torch.float64)
-    return torch.linalg.solve(xtx + ridge, xty).float()
+    if layers == 1:
+        return torch.linalg.solve(xtx + ridge, xty).float()
+    d_in, d_out = xtx.shape[0] - 1, xty.shape[1]
+    w_in, w_out = d_in // layers, d_out // layers
+    w = torch.zeros_like(xty)
+    for j in range(layers):
+        rows = torch.cat([torch.arange((j + 1) * w_in), torch.tensor([d_in])])  # sources 0..j and the bias
+        cols = slice(j * w_out, (j + 1) * w_out)
+        sub = (xtx + ridge)[rows][:, rows]
+        w[rows, cols] = torch.linalg.solve(sub, xty[rows, cols])
+    return w.float()
 
 
 def apply_linear(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -147,7 +160,7 @@ def causal_check(subject, model: Dictionary, w_lin: torch.Tensor, norm: Normaliz
     return out
 
 
-def causal_check_layers(subject, model: Dictionary, norm: Normalization, spec: ExperimentSpec) -> dict:
+def causal_check_layers(subject, model: Dictionary, w_lin: torch.Tensor, norm: Normalization, spec: ExperimentSpec) -> dict:
     """A clt's causal check: every target layer replaced at once by the dictionary's output for
     it, computed from the sources recorded in the same, already patched, forward pass (the
     replacement model: a layer's reconstruction feeds the later layers' sources)."""
@@ -157,7 +170,10 @@ def causal_check_layers(subject, model: Dictionary, norm: Normalization, spec: E
     available = subject.hook_points()
     width_in, width_out = model.cfg.d_in // len(sources), model.cfg.d_out // len(targets)
 
-    def reconstruct(j: int):
+    def linear(x_raw: torch.Tensor) -> torch.Tensor:
+        return norm.invert(spec.target_key, apply_linear(w_lin, norm.apply(spec.source_key, x_raw)))
+
+    def reconstruct(j: int, predict):
         def replace(original: torch.Tensor, recorded: dict) -> torch.Tensor:
             rows = original.numel() // original.shape[-1]
             parts = []
@@ -167,7 +183,7 @@ def causal_check_layers(subject, model: Dictionary, norm: Normalization, spec: E
                 else:
                     x = original if hook == targets[j] else recorded[hook]
                     parts.append(x.reshape(rows, -1).float())
-            y = model.predict_raw(torch.cat(parts, dim=1))[:, j * width_out:(j + 1) * width_out]
+            y = predict(torch.cat(parts, dim=1))[:, j * width_out:(j + 1) * width_out]
             return y.reshape(*original.shape[:-1], width_out).to(original.dtype)
         return replace
 
@@ -178,7 +194,8 @@ def causal_check_layers(subject, model: Dictionary, norm: Normalization, spec: E
         return stack
 
     variants = {
-        "dictionary": lambda j, target: reconstruct(j),
+        "dictionary": lambda j, target: reconstruct(j, model.predict_raw),
+        "linear_baseline": lambda j, target: reconstruct(j, linear),
         "zero_ablation": lambda j, target: (lambda original, recorded: torch.zeros_like(original)),
         "mean_ablation": lambda j, target: (lambda original, recorded:
                                             norm.raw_mean[target].to(original.dtype).expand_as(original).clone()),
@@ -197,6 +214,7 @@ def causal_check_layers(subject, model: Dictionary, norm: Normalization, spec: E
             "fraction_recovered": {
                 "vs_zero_ablation": _recovered(values["zero_ablation"], values["dictionary"], clean_value),
                 "vs_mean_ablation": _recovered(values["mean_ablation"], values["dictionary"], clean_value),
+                "vs_linear_baseline": _recovered(values["linear_baseline"], values["dictionary"], clean_value),
             },
             "targets_replaced": targets,
         }
@@ -219,7 +237,7 @@ def evaluate(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, 
             counts = [(model.encode(x) > 0).sum(-1).float() for x, _ in val_loader.epoch(0)]
             l0 = round(float(torch.cat(counts).mean())) if counts else 1
         baseline_rank = max(1, min(l0, store.hook_dims[source]))
-    w_lin = fit_linear_baseline(train_loader, rank=baseline_rank)
+    w_lin = fit_linear_baseline(train_loader, rank=baseline_rank, layers=spec.n_layers)
 
     d_out = store.hook_dims[target]
     recon, linear = ReconstructionMeter(d_out), ReconstructionMeter(d_out)
@@ -249,7 +267,9 @@ def evaluate(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, 
         "sparsity": {**sparsity.summary(cfg.dense_threshold),
                      "decoder_redundancy_0.9": decoder_redundancy(model.W_dec.detach(), 0.9, alive)},
         "linear_baseline": {**linear.summary(),
-                            "kind": f"top-{baseline_rank} principal components" if is_sae else "least squares source -> target"},
+                            "kind": f"top-{baseline_rank} principal components" if is_sae else
+                            "least squares source -> target" if spec.n_layers == 1 else
+                            "least squares, each target layer from its own and earlier source layers"},
         "fvu_vs_linear_pct": _pct(recon.summary()["fvu"], linear.summary()["fvu"]),
         "model": {"architecture": spec.model.architecture, "activation": spec.model.activation, "d_sae": spec.model.d_sae,
                   "k": spec.model.k, "d_in": store.hook_dims[source], "d_out": d_out, "source": source, "target": target},
@@ -258,7 +278,7 @@ def evaluate(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, 
         metrics["reconstruction"]["per_target_layer"] = {h: m.summary()["fvu"] for h, m in per_layer.items()}
     if cfg.causal and getattr(subject, "model", None) is not None:
         if spec.model.architecture == "clt":
-            metrics["causal"] = causal_check_layers(subject, model, norm, spec)
+            metrics["causal"] = causal_check_layers(subject, model, w_lin, norm, spec)
         else:
             metrics["causal"] = causal_check(subject, model, w_lin, norm, spec)
     elif cfg.causal:

@@ -56,3 +56,20 @@ def test_l0_density_dead_and_dense():
 def test_decoder_redundancy_counts_near_duplicate_directions():
     w = torch.tensor([[1.0, 0, 0], [0.99, 0.05, 0], [0, 1.0, 0], [0, 0, 1.0]])
     assert decoder_redundancy(w, 0.9) == pytest.approx(0.5)
+
+
+def test_layered_linear_baseline_predicts_each_target_layer_from_its_own_and_earlier_sources_only():
+    from sae_clt.evaluate import apply_linear, fit_linear_baseline
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 6, generator=gen)  # two source layers of 3
+    a, b, c = (torch.randn(3, 3, generator=gen) for _ in range(3))
+    y = torch.cat([x[:, :3] @ a, x[:, :3] @ b + x[:, 3:] @ c], dim=1)  # target 0 from source 0; target 1 from both
+
+    class Rows:
+        def epoch(self, _):
+            yield x, y
+
+    w = fit_linear_baseline(Rows(), layers=2)
+    assert torch.equal(w[3:6, :3], torch.zeros(3, 3))  # source layer 1 never feeds target layer 0
+    torch.testing.assert_close(apply_linear(w, x), y, rtol=1e-3, atol=1e-3)

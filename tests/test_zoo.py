@@ -104,7 +104,7 @@ def test_clt_trains_evaluates_and_reloads_with_per_layer_decoders(zoo, tmp_path)
     assert set(per_layer) == set(CLT_TARGETS) and all(0 <= v < 1 for v in per_layer.values())
     causal = metrics["causal"]["mean_tour_length"]
     assert causal["targets_replaced"] == CLT_TARGETS
-    assert set(causal["values"]) == {"clean", "dictionary", "zero_ablation", "mean_ablation"}
+    assert set(causal["values"]) == {"clean", "dictionary", "linear_baseline", "zero_ablation", "mean_ablation"}
     # the replacement model stays closer to the clean policy than zeroing both layers does
     assert abs(causal["pct_change_vs_clean"]["dictionary"]) < abs(causal["pct_change_vs_clean"]["zero_ablation"])
     edges = json.loads((zoo / "runs/experiments/z_clt_topk/export/edges.json").read_text())["edges"]

@@ -5,7 +5,7 @@ The peers live in their own environment (they pin other versions of things), so 
 three steps; each prints one JSON line:
 
     python benchmarks/peers.py export --spec specs/minilm_sae_L2.yaml --out /tmp/peer_data
-    python benchmarks/peers.py saeclt --spec specs/minilm_sae_L2.yaml --out /tmp/peer_data
+    python benchmarks/peers.py saeclt --spec specs/minilm_sae_L2.yaml --out /tmp/peer_data [--precision bf16]
     PEER/bin/python benchmarks/peers.py sparsify --out /tmp/peer_data   # pip install eai-sparsify
     PEER/bin/python benchmarks/peers.py saelens --out /tmp/peer_data    # pip install sae-lens
 
@@ -68,8 +68,9 @@ def run_saeclt(args) -> None:
     from sae_clt.stages import _experiment
 
     resolved, store, norm = _experiment(Path(args.spec))
-    _, m, rate = fit_and_evaluate(resolved.experiment, store, norm)
-    print(json.dumps({"trainer": "saeclt", "fvu": m["reconstruction"]["fvu"], "dead_fraction": m["sparsity"]["dead_fraction"],
+    overrides = {"precision": args.precision} if args.precision else {}
+    _, m, rate = fit_and_evaluate(resolved.experiment, store, norm, overrides)
+    print(json.dumps({"trainer": "saeclt", **overrides, "fvu": m["reconstruction"]["fvu"], "dead_fraction": m["sparsity"]["dead_fraction"],
                       "tokens_per_s": rate}))
 
 
@@ -154,6 +155,7 @@ def main() -> None:
     parser.add_argument("--spec", default="specs/minilm_sae_L2.yaml")
     parser.add_argument("--out", default="/tmp/peer_data")
     parser.add_argument("--auxk", action="store_true", help="sparsify: AuxK on (its default is off)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], help="saeclt: override train.precision")
     parser.add_argument("--dead-tokens", type=int, default=5 * BATCH)
     args = parser.parse_args()
     {"export": export, "saeclt": run_saeclt, "sparsify": run_sparsify, "saelens": run_saelens}[args.what](args)

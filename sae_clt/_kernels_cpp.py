@@ -6,7 +6,8 @@ Three kernels, each replacing a chain of torch calls that would materialise larg
 - ``decode_backward``: the decoder as a gather of k rows per input, the reconstruction error and
   its gradient, and the gradient of the k selected activations, in one pass over each row;
 - ``latent_grads``: both weight gradients (and the encoder bias gradient) as scatters of the k
-  active entries per row, each thread owning a range of latents so that no atomics are needed.
+  active entries per row, each thread owning a range of latents so that no atomics are needed;
+- ``gram_accumulate``: the decoder refit's ZᵀZ from the sparse codes, row by row.
 
 Built on first use with ``-O3 -march=native`` (the build happens on the machine that runs it).
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-NAME = "saeclt_kernels_v9"
+NAME = "saeclt_kernels_v10"
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -315,6 +316,42 @@ void latent_grads_impl(const int64_t* ip, const T* wap, const T* xap, const T* w
   });
 }
 
+// Decoder refit: gram[l, m] += weight * sum over rows b where latents l and m are both active of
+// a_bl a_bm (l, m < n; the bias row/column is handled by the caller). The entries are grouped by
+// latent (a counting sort); each thread owns a range of gram rows, and a row stays in cache while
+// all of its latent's entries add their row's k values into it: no atomics, no random misses
+// over the whole (n x n) matrix as an index_add of B·k² pairs would have.
+void gram_accumulate(torch::Tensor idx, torch::Tensor acts, torch::Tensor gram, double weight) {
+  TORCH_CHECK(idx.is_contiguous() && acts.is_contiguous() && gram.is_contiguous(), "gram_accumulate: contiguous tensors expected");
+  TORCH_CHECK(acts.scalar_type() == at::kFloat && gram.scalar_type() == at::kDouble, "gram_accumulate: float32 acts, float64 gram");
+  const int64_t rows = idx.size(0), k = idx.size(1), entries = rows * k, stride = gram.size(1);
+  const int64_t n = gram.size(0);
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const float* ap = acts.data_ptr<float>();
+  double* gp = gram.data_ptr<double>();
+  std::vector<int64_t> start(n + 1, 0), order(entries);
+  for (int64_t e = 0; e < entries; ++e) {
+    TORCH_CHECK(ip[e] >= 0 && ip[e] < n, "gram_accumulate: index out of range");
+    ++start[ip[e] + 1];
+  }
+  for (int64_t l = 0; l < n; ++l) start[l + 1] += start[l];
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t e = 0; e < entries; ++e) order[fill[ip[e]]++] = e;
+  }
+  at::parallel_for(0, n, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t l = lo; l < hi; ++l) {
+      double* row = gp + l * stride;
+      for (int64_t q = start[l]; q < start[l + 1]; ++q) {
+        const int64_t e = order[q], r = e / k;
+        const double a = weight * static_cast<double>(ap[e]);
+        if (a == 0) continue;
+        for (int64_t j = 0; j < k; ++j) row[ip[r * k + j]] += a * static_cast<double>(ap[r * k + j]);
+      }
+    }
+  });
+}
+
 std::vector<torch::Tensor> latent_grads(torch::Tensor idx, torch::Tensor wa, torch::Tensor xa, torch::Tensor wb,
                                         torch::Tensor xb, int64_t n, int64_t range_bytes) {
   TORCH_CHECK(idx.is_contiguous() && wa.is_contiguous() && xa.is_contiguous() && wb.is_contiguous() && xb.is_contiguous(),
@@ -345,5 +382,5 @@ def build():
     if not list(Path(_get_build_directory(NAME, verbose=False)).glob("*.so")):
         print("saeclt: building the compiled CPU kernels (once, ~1 min; SAECLT_KERNELS=torch skips them)",
               file=sys.stderr, flush=True)
-    return load_inline(name=NAME, cpp_sources=[SOURCE], functions=["topk_rows", "decode_backward", "latent_grads"],
+    return load_inline(name=NAME, cpp_sources=[SOURCE], functions=["topk_rows", "decode_backward", "latent_grads", "gram_accumulate"],
                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)

@@ -87,6 +87,26 @@ def latent_grads_torch(idx, wa, xa, wb, xb, n_latents):
     return pattern.matmul(wa, xa).t().contiguous(), pattern.matmul(wb, xb), bias_grad
 
 
+def gram_accumulate(idx: torch.Tensor, acts: torch.Tensor, gram: torch.Tensor, weight: float) -> None:
+    """gram[l, m] += weight · Σ_rows a_l a_m over the pairs of latents active in the same row
+    (``gram`` float64 [n, ≥ n], updated in place; the decoder refit's ZᵀZ)."""
+    kernel = _use_kernel(acts)
+    if kernel and acts.dtype == torch.float32 and gram.dtype == torch.float64 and gram.is_contiguous():
+        kernel.gram_accumulate(idx.contiguous(), acts.contiguous(), gram, float(weight))
+        return
+    gram_accumulate_torch(idx, acts, gram, weight)
+
+
+def gram_accumulate_torch(idx, acts, gram, weight):
+    n, k = gram.shape[0], idx.shape[1]
+    rows = idx.unsqueeze(2).expand(-1, k, k).reshape(-1)
+    cols = idx.unsqueeze(1).expand(-1, k, k).reshape(-1)
+    values = (acts.double().unsqueeze(2) * acts.double().unsqueeze(1)).reshape(-1) * weight
+    gram.view(-1).index_add_(0, rows * gram.shape[1] + cols, values) if gram.is_contiguous() else \
+        gram.index_put_((rows, cols), values, accumulate=True)
+    del n
+
+
 class LatentRows:
     """The sparsity pattern of a batch grouped by latent: a [n, B] CSR layout (torch fallback)."""
 

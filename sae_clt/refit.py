@@ -26,15 +26,21 @@ class DecoderRefit:
     def add(self, idx: torch.Tensor, acts: torch.Tensor, y: torch.Tensor, weight: float = 1.0) -> None:
         """Rows' active latents ``idx`` [B, k] with values ``acts`` [B, k] and targets ``y``;
         ``weight`` counts later (better settled) codes more."""
-        b = idx.shape[0]
-        ia = torch.cat([idx, torch.full((b, 1), self.n - 1, dtype=idx.dtype)], 1)
-        va = torch.cat([acts.to(torch.float64), torch.ones(b, 1, dtype=torch.float64)], 1)
-        flat = (ia.unsqueeze(2) * self.n + ia.unsqueeze(1)).reshape(-1)
-        self.gram.index_add_(0, flat, (va.unsqueeze(2) * va.unsqueeze(1)).reshape(-1), alpha=weight)
-        kk = ia.shape[1]
-        sparse = torch.sparse_coo_tensor(torch.stack([ia.reshape(-1), torch.arange(b).repeat_interleave(kk)]),
-                                         va.reshape(-1), (self.n, b))
-        self.cross.add_(torch.sparse.mm(sparse, y.to(torch.float64)), alpha=weight)
+        from .kernels import gram_accumulate, latent_grads
+
+        b, d_sae = idx.shape[0], self.n - 1
+        acts = acts.contiguous()  # float32 in training (the compiled kernels); float64 stays exact
+        y = y.to(acts.dtype).contiguous()
+        gram = self.gram.view(self.n, self.n)
+        gram_accumulate(idx, acts, gram[:d_sae], weight)  # ZᵀZ over the latents
+        # Zᵀ Y and the code sums (the bias row and column), by the gradient scatter kernel
+        zty, _, sums = latent_grads(idx, acts, y, torch.zeros_like(acts), y, d_sae)
+        sums = sums.double() * weight
+        gram[:d_sae, d_sae] += sums
+        gram[d_sae, :d_sae] += sums
+        gram[d_sae, d_sae] += weight * b
+        self.cross[:d_sae].add_(zty.t().double(), alpha=weight)
+        self.cross[d_sae].add_(y.double().sum(0), alpha=weight)
         self.rows += b
 
     def state(self) -> dict[str, torch.Tensor]:

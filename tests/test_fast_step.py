@@ -126,3 +126,25 @@ def test_decoder_refit_recovers_the_least_squares_decoder_and_keeps_the_codes():
     torch.testing.assert_close(model.W_dec[used], true_w[used], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(model.b_dec.detach(), true_b, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(model.encode(x), z_before)  # b_enc absorbed the new b_dec: the codes did not move
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_refit_accumulates_the_exact_gram_and_cross_products_of_the_codes(use_kernel, monkeypatch):
+    from sae_clt.refit import DecoderRefit
+
+    if use_kernel and not kernels.kernel_available():
+        pytest.skip("no compiled kernels on this machine")
+    if not use_kernel:
+        monkeypatch.setattr(kernels, "_KERNEL", False)
+    gen = torch.Generator().manual_seed(3)
+    n_rows, k, n, d = 300, 5, 30, 7
+    idx = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(n_rows)])
+    acts = torch.relu(torch.randn(n_rows, k, generator=gen))
+    y = torch.randn(n_rows, d, generator=gen)
+    refit = DecoderRefit(n, d)
+    refit.add(idx[:100], acts[:100], y[:100], weight=2.0)
+    refit.add(idx[100:], acts[100:], y[100:], weight=1.0)
+    z = torch.cat([torch.zeros(n_rows, n).scatter(1, idx, acts), torch.ones(n_rows, 1)], dim=1).double()
+    w = torch.cat([torch.full((100,), 2.0), torch.ones(200)]).double()
+    torch.testing.assert_close(refit.gram.view(n + 1, n + 1), z.t() @ (z * w[:, None]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(refit.cross, z.t() @ (y.double() * w[:, None]), rtol=1e-5, atol=1e-5)

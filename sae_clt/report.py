@@ -56,6 +56,20 @@ def make_plots(curves_dir: Path, eval_tensors: dict[str, torch.Tensor]) -> dict[
     fig.tight_layout()
     plots["curves"] = _svg(fig)
 
+    usage = curves_dir / "usage_histogram.tsv"
+    if usage.exists():  # latents per decade of firing frequency, per logged step (a training batch)
+        lines = [line.split("\t") for line in usage.read_text().splitlines()]
+        header, rows = lines[0][1:], [[float(v) for v in row] for row in lines[1:]]
+        if rows:
+            fig, ax = plt.subplots(figsize=(9, 2.6))
+            steps = [row[0] for row in rows]
+            ax.stackplot(steps, *[[row[1 + i] for row in rows] for i in range(len(header))], labels=header)
+            ax.set_title("latents by firing frequency in the batch (training)")
+            ax.set_xlabel("step")
+            ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+            fig.tight_layout()
+            plots["usage"] = _svg(fig)
+
     fig, axes = plt.subplots(1, 2, figsize=(9, 2.6))
     counts = eval_tensors["l0_counts"].double()
     axes[0].bar(range(counts.numel()), counts.tolist(), width=1.0)

@@ -112,8 +112,9 @@ def test_report_is_byte_identical_when_rerendered(built_project):
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     run_stage("report", built_project / "specs" / "tiny_sae.yaml")
     after = {p.name: p.read_bytes() for p in folder.iterdir()}
-    assert set(before) == {"report.md", "report.html", "curves.svg", "histograms.svg", "r2.svg"} and before == after
+    assert set(before) == {"report.md", "report.html", "curves.svg", "histograms.svg", "r2.svg", "usage.svg"} and before == after
     assert "![training" not in after["report.md"].decode() and "(curves.svg)" in after["report.md"].decode()
+    assert "(usage.svg)" in after["report.md"].decode()  # the usage histogram over training
     html = after["report.html"].decode()
     assert "<svg" in html
     # Opens offline: nothing fetched from elsewhere (XML namespace URIs are names, not fetches).

@@ -98,13 +98,11 @@ def gram_accumulate(idx: torch.Tensor, acts: torch.Tensor, gram: torch.Tensor, w
 
 
 def gram_accumulate_torch(idx, acts, gram, weight):
-    n, k = gram.shape[0], idx.shape[1]
+    k = idx.shape[1]
     rows = idx.unsqueeze(2).expand(-1, k, k).reshape(-1)
     cols = idx.unsqueeze(1).expand(-1, k, k).reshape(-1)
     values = (acts.double().unsqueeze(2) * acts.double().unsqueeze(1)).reshape(-1) * weight
-    gram.view(-1).index_add_(0, rows * gram.shape[1] + cols, values) if gram.is_contiguous() else \
-        gram.index_put_((rows, cols), values, accumulate=True)
-    del n
+    gram.index_put_((rows, cols), values.to(gram.dtype), accumulate=True)
 
 
 class LatentRows:

@@ -28,8 +28,7 @@ import torch
 
 from .dictionary import Dictionary
 from .kernels import decode_backward, latent_grads, topk_rows
-
-FIRING = "firing_frequency"  # as train.FIRING (train imports this module lazily)
+from .train import FIRING
 
 
 def _aux_k(w_dead: torch.Tensor, pre_dead: torch.Tensor, g_main: torch.Tensor, main_scale: float, x_in: torch.Tensor,

@@ -309,11 +309,15 @@ class ExperimentSpec(StrictModel):
     @property
     def source_key(self) -> str:
         """The source as one (possibly grouped, ``a+b``) hook-point name."""
-        return self.source if isinstance(self.source, str) else "+".join(self.source)
+        from .hook_groups import join
+
+        return join(self.source)
 
     @property
     def target_key(self) -> str:
-        return self.target if isinstance(self.target, str) else "+".join(self.target)
+        from .hook_groups import join
+
+        return join(self.target)
 
     @property
     def n_layers(self) -> int:

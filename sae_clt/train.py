@@ -473,7 +473,7 @@ def train_step(model: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, y
     if usage is not None:
         usage_loss = usage.loss(model, pre)
         penalty = penalty + cfg.usage_kl_coeff * usage_scale * usage_loss
-        usage.update((active > 0).double().mean(0).detach() if z is not None else fired.double())
+        usage.update(counts.double() / x.shape[0])
 
     # AuxK on latents silent for too long (top-k kinds); firing is combined across ranks
     if world is not None:
@@ -502,7 +502,7 @@ def train_step(model: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, y
         model.normalize_decoder()
     metrics = {"loss": float(loss.detach()), "mse": float(mse.detach()), "aux_loss": float(aux.detach()),
                "fvu": fvu_batch(y, y_hat.detach()), "l0": l0, "dead_fraction": float(dead.double().mean()),
-               "penalty": float(penalty.detach()) if torch.is_tensor(penalty) else float(penalty)}
+               "penalty": float(penalty.detach())}
     if usage is not None:
         metrics["usage_kl"] = float(usage_loss.detach())
     metrics[FIRING] = counts.double() / x.shape[0]

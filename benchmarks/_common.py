@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def fit_and_evaluate(spec, store, norm, train_updates: dict | None = None, model_updates: dict | None = None):
     """Train ``spec`` (with overrides; causal check off) on the store; returns (train summary,
-    eval metrics, training rows per second). Nothing is written to the project."""
+    eval metrics, training rows read per second). Nothing is written to the project."""
     from sae_clt.evaluate import evaluate
     from sae_clt.train import train
 
@@ -27,7 +27,7 @@ def fit_and_evaluate(spec, store, norm, train_updates: dict | None = None, model
         summary = train(spec, store, norm, tmp / "d", tmp / "c", tmp / "t.json", log=lambda *_: None)
         seconds = time.perf_counter() - started
         metrics = evaluate(spec, store, norm, tmp / "d", None, tmp / "e", tmp / "e.json")
-    return summary, metrics, summary["rows_seen"] / seconds
+    return summary, metrics, summary["rows_read"] / seconds  # tokens read (data echoing trains on each more than once)
 
 
 def load_experiment(argv: list[str], default: str = "specs/minilm_sae_L2.yaml"):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-NAME = "saeclt_kernels_v10"
+NAME = "saeclt_kernels_v12"
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -197,8 +197,54 @@ std::vector<torch::Tensor> topk_rows(torch::Tensor x, int64_t k, c10::optional<t
 // g_acts[b,j] = g[b] . W[idx[b,j]] where acts[b,j] > 0, else 0;  sq_err[b] = |y_hat[b] - sign y[b]|^2.
 // (sign lets AuxK fit the residual y - y_hat given the main loss's scaled error, without a pass to negate it.)
 // Returns (y_hat, g, g_acts, sq_err). Inactive entries (acts <= 0) are skipped.
+template <typename T, typename TW>
+void decode_backward_impl(const int64_t* ip, const T* ap, const TW* wp, const T* bp, const T* yp, int64_t rows, int64_t k,
+                          int64_t d, int64_t n, T s, T ys, T* hp, T* gp, c10::BFloat16* glp, T* gap, T* sp) {
+  at::parallel_for(0, rows, 32, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T* h = hp + r * d;
+      std::copy(bp, bp + d, h);
+      for (int64_t j = 0; j < k; ++j) {
+        const T a = ap[r * k + j];
+        if (!(a > 0)) continue;
+        const int64_t l = ip[r * k + j];
+        TORCH_CHECK(l >= 0 && l < n, "decode_backward: index out of range");
+        const TW* w = wp + l * d;
+_Pragma("omp simd")
+        for (int64_t i = 0; i < d; ++i) h[i] += a * static_cast<T>(load_float(w, i));
+      }
+      const T* yr = yp + r * d;
+      T* gr = gp + r * d;
+      T sq = 0;
+_Pragma("omp simd reduction(+ : sq)")
+      for (int64_t i = 0; i < d; ++i) {
+        const T e = h[i] - ys * yr[i];
+        sq += e * e;
+        gr[i] = s * e;
+      }
+      if (glp) {  // the bf16 copy of g the weight-gradient scatter reads
+        c10::BFloat16* gl = glp + r * d;
+        for (int64_t i = 0; i < d; ++i) gl[i] = c10::BFloat16(static_cast<float>(gr[i]));
+      }
+      sp[r] = sq;
+      for (int64_t j = 0; j < k; ++j) {
+        const T a = ap[r * k + j];
+        T dot = 0;
+        if (a > 0) {
+          const TW* w = wp + ip[r * k + j] * d;
+_Pragma("omp simd reduction(+ : dot)")
+          for (int64_t i = 0; i < d; ++i) dot += gr[i] * static_cast<T>(load_float(w, i));
+        }
+        gap[r * k + j] = dot;
+      }
+    }
+  });
+}
+
+// Returns (y_hat, g, g_acts, sq_err[, g as bf16 when low_g]). W may be bfloat16 with float32 acts,
+// bias and y (a bf16 copy of the decoder halves the memory traffic of the gathers).
 std::vector<torch::Tensor> decode_backward(torch::Tensor idx, torch::Tensor acts, torch::Tensor W, torch::Tensor bias,
-                                           torch::Tensor y, double scale, double sign) {
+                                           torch::Tensor y, double scale, double sign, bool low_g) {
   TORCH_CHECK(idx.is_contiguous() && acts.is_contiguous() && W.is_contiguous() && y.is_contiguous() && bias.is_contiguous(),
               "decode_backward: expected contiguous tensors");
   const int64_t rows = idx.size(0), k = idx.size(1), d = W.size(1), n = W.size(0);
@@ -206,48 +252,24 @@ std::vector<torch::Tensor> decode_backward(torch::Tensor idx, torch::Tensor acts
   auto g = torch::empty({rows, d}, y.options());
   auto g_acts = torch::empty({rows, k}, y.options());
   auto sq_err = torch::empty({rows}, y.options());
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "decode_backward", [&] {
-    const int64_t* ip = idx.data_ptr<int64_t>();
-    const scalar_t *ap = acts.data_ptr<scalar_t>(), *wp = W.data_ptr<scalar_t>(), *bp = bias.data_ptr<scalar_t>(),
-                   *yp = y.data_ptr<scalar_t>();
-    scalar_t *hp = y_hat.data_ptr<scalar_t>(), *gp = g.data_ptr<scalar_t>(), *gap = g_acts.data_ptr<scalar_t>(),
-             *sp = sq_err.data_ptr<scalar_t>();
-    const scalar_t s = static_cast<scalar_t>(scale), ys = static_cast<scalar_t>(sign);
-    at::parallel_for(0, rows, 32, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        scalar_t* h = hp + r * d;
-        std::copy(bp, bp + d, h);
-        for (int64_t j = 0; j < k; ++j) {
-          const scalar_t a = ap[r * k + j];
-          if (!(a > 0)) continue;
-          const int64_t l = ip[r * k + j];
-          TORCH_CHECK(l >= 0 && l < n, "decode_backward: index out of range");
-          const scalar_t* w = wp + l * d;
-          for (int64_t i = 0; i < d; ++i) h[i] += a * w[i];
-        }
-        const scalar_t* yr = yp + r * d;
-        scalar_t* gr = gp + r * d;
-        scalar_t sq = 0;
-_Pragma("omp simd reduction(+ : sq)")
-        for (int64_t i = 0; i < d; ++i) {
-          const scalar_t e = h[i] - ys * yr[i];
-          sq += e * e;
-          gr[i] = s * e;
-        }
-        sp[r] = sq;
-        for (int64_t j = 0; j < k; ++j) {
-          const scalar_t a = ap[r * k + j];
-          scalar_t dot = 0;
-          if (a > 0) {
-            const scalar_t* w = wp + ip[r * k + j] * d;
-_Pragma("omp simd reduction(+ : dot)")
-            for (int64_t i = 0; i < d; ++i) dot += gr[i] * w[i];
-          }
-          gap[r * k + j] = dot;
-        }
-      }
+  torch::Tensor g_low;
+  if (low_g) g_low = torch::empty({rows, d}, y.options().dtype(at::kBFloat16));
+  c10::BFloat16* glp = low_g ? g_low.data_ptr<c10::BFloat16>() : nullptr;
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  if (W.scalar_type() == at::kBFloat16) {
+    TORCH_CHECK(y.scalar_type() == at::kFloat, "decode_backward: a bf16 decoder needs float32 acts and targets");
+    decode_backward_impl<float, c10::BFloat16>(ip, acts.data_ptr<float>(), W.data_ptr<c10::BFloat16>(), bias.data_ptr<float>(),
+                                               y.data_ptr<float>(), rows, k, d, n, float(scale), float(sign), y_hat.data_ptr<float>(),
+                                               g.data_ptr<float>(), glp, g_acts.data_ptr<float>(), sq_err.data_ptr<float>());
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "decode_backward", [&] {
+      decode_backward_impl<scalar_t, scalar_t>(ip, acts.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
+                                               y.data_ptr<scalar_t>(), rows, k, d, n, scalar_t(scale), scalar_t(sign),
+                                               y_hat.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), glp, g_acts.data_ptr<scalar_t>(),
+                                               sq_err.data_ptr<scalar_t>());
     });
-  });
+  }
+  if (low_g) return {y_hat, g, g_acts, sq_err, g_low};
   return {y_hat, g, g_acts, sq_err};
 }
 
@@ -261,9 +283,11 @@ _Pragma("omp simd reduction(+ : dot)")
 //   ga_t[:, l] = sum over entries (b, j) with idx[b,j] = l of wa[b,j] xa[b]   (written transposed: [da, n])
 //   gb[l]      = sum of wb[b,j] xb[b]                                         ([n, db])
 //   gbias[l]   = sum of wa[b,j]
-template <typename T>
-void latent_grads_impl(const int64_t* ip, const T* wap, const T* xap, const T* wbp, const T* xbp, int64_t rows,
-                       int64_t k, int64_t da, int64_t db, int64_t n, T* gat, T* gbp, T* gbias, int64_t range_bytes) {
+//   fired[l]   = number of entries with wb[b,j] != 0 (with wb the activations: how often l fired)
+template <typename T, typename TX>
+void latent_grads_impl(const int64_t* ip, const T* wap, const TX* xap, const T* wbp, const TX* xbp, int64_t rows,
+                       int64_t k, int64_t da, int64_t db, int64_t n, T* gat, T* gbp, T* gbias, int64_t* fired,
+                       int64_t range_bytes) {
   const int64_t entries = rows * k;
   std::vector<int64_t> count(n + 1, 0);
   for (int64_t e = 0; e < entries; ++e) ++count[ip[e] + 1];
@@ -287,6 +311,7 @@ void latent_grads_impl(const int64_t* ip, const T* wap, const T* xap, const T* w
       acc.assign((hi - lo) * da, T(0));
       bias_acc.assign(hi - lo, T(0));
       std::fill(gbp + lo * db, gbp + hi * db, T(0));
+      std::fill(fired + lo, fired + hi, int64_t(0));
       for (int64_t e = 0; e < entries; ++e) {
         const int64_t l = ip[e];
         if (l < lo || l >= hi) continue;
@@ -294,14 +319,17 @@ void latent_grads_impl(const int64_t* ip, const T* wap, const T* xap, const T* w
         const int64_t r = e / k;
         if (a != 0) {
           T* out = acc.data() + (l - lo) * da;
-          const T* x = xap + r * da;
-          for (int64_t i = 0; i < da; ++i) out[i] += a * x[i];
+          const TX* x = xap + r * da;
+_Pragma("omp simd")
+          for (int64_t i = 0; i < da; ++i) out[i] += a * static_cast<T>(load_float(x, i));
           bias_acc[l - lo] += a;
         }
         if (b != 0) {
+          ++fired[l];
           T* out = gbp + l * db;
-          const T* x = xbp + r * db;
-          for (int64_t i = 0; i < db; ++i) out[i] += b * x[i];
+          const TX* x = xbp + r * db;
+_Pragma("omp simd")
+          for (int64_t i = 0; i < db; ++i) out[i] += b * static_cast<T>(load_float(x, i));
         }
       }
       for (int64_t l = lo; l < hi; ++l) gbias[l] = bias_acc[l - lo];
@@ -359,16 +387,28 @@ std::vector<torch::Tensor> latent_grads(torch::Tensor idx, torch::Tensor wa, tor
   TORCH_CHECK(idx.numel() == 0 || (idx.min().item<int64_t>() >= 0 && idx.max().item<int64_t>() < n),
               "latent_grads: index out of range");
   const int64_t rows = idx.size(0), k = idx.size(1), da = xa.size(1), db = xb.size(1);
-  auto ga_t = torch::empty({da, n}, xa.options());
-  auto gb = torch::empty({n, db}, xb.options());
-  auto gbias = torch::empty({n}, xa.options());
-  AT_DISPATCH_FLOATING_TYPES(xa.scalar_type(), "latent_grads", [&] {
-    latent_grads_impl<scalar_t>(idx.data_ptr<int64_t>(), wa.data_ptr<scalar_t>(), xa.data_ptr<scalar_t>(),
-                                wb.data_ptr<scalar_t>(), xb.data_ptr<scalar_t>(), rows, k, da, db, n,
-                                ga_t.data_ptr<scalar_t>(), gb.data_ptr<scalar_t>(), gbias.data_ptr<scalar_t>(),
-                                range_bytes);
-  });
-  return {ga_t, gb, gbias};
+  // bf16 inputs (x and the error gradient as bf16 copies: half the traffic) accumulate in float32
+  const auto out_options = wa.options();
+  auto ga_t = torch::empty({da, n}, out_options);
+  auto gb = torch::empty({n, db}, out_options);
+  auto gbias = torch::empty({n}, out_options);
+  auto fired = torch::zeros({n}, idx.options());  // ranges left empty stay zero
+  if (xa.scalar_type() == at::kBFloat16) {
+    TORCH_CHECK(xb.scalar_type() == at::kBFloat16 && wa.scalar_type() == at::kFloat && wb.scalar_type() == at::kFloat,
+                "latent_grads: bf16 inputs need bf16 xb and float32 weights");
+    latent_grads_impl<float, c10::BFloat16>(idx.data_ptr<int64_t>(), wa.data_ptr<float>(), xa.data_ptr<c10::BFloat16>(),
+                                            wb.data_ptr<float>(), xb.data_ptr<c10::BFloat16>(), rows, k, da, db, n,
+                                            ga_t.data_ptr<float>(), gb.data_ptr<float>(), gbias.data_ptr<float>(),
+                                            fired.data_ptr<int64_t>(), range_bytes);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(xa.scalar_type(), "latent_grads", [&] {
+      latent_grads_impl<scalar_t, scalar_t>(idx.data_ptr<int64_t>(), wa.data_ptr<scalar_t>(), xa.data_ptr<scalar_t>(),
+                                            wb.data_ptr<scalar_t>(), xb.data_ptr<scalar_t>(), rows, k, da, db, n,
+                                            ga_t.data_ptr<scalar_t>(), gb.data_ptr<scalar_t>(), gbias.data_ptr<scalar_t>(),
+                                            fired.data_ptr<int64_t>(), range_bytes);
+    });
+  }
+  return {ga_t, gb, gbias, fired};
 }
 """
 

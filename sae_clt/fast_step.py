@@ -32,11 +32,13 @@ from .train import FIRING
 
 
 def _aux_k(w_dead: torch.Tensor, pre_dead: torch.Tensor, g_main: torch.Tensor, main_scale: float, x_in: torch.Tensor,
-           aux_k: int):
+           aux_k: int, variance: float):
     """AuxK (the loss of train.aux_k_loss) with a hand-written backward through the active entries
     of the dead latents only: the same kernels as the main loss, on the dead latents'
     pre-activations [B, n_dead] and decoder rows [n_dead, d_out]. The residual they fit,
-    y - ŷ, is read from the main loss's gradient g_main = main_scale·(ŷ - y). Returns the loss and
+    y - ŷ, is read from the main loss's gradient g_main = main_scale·(ŷ - y); ``variance`` is the
+    residual's (Σ_d Var_b, its FVU denominator). ``x_in`` may be the bf16 copy of the encoder
+    input (the scatter then reads a bf16 copy of the error gradient too). Returns the loss and
     its gradients with respect to the dead latents' encoder columns [d_in, n_dead], biases and
     decoder rows."""
     n_rows, n_dead = pre_dead.shape
@@ -46,13 +48,14 @@ def _aux_k(w_dead: torch.Tensor, pre_dead: torch.Tensor, g_main: torch.Tensor, m
     else:  # every dead latent takes part: nothing to select
         values, local = pre_dead, torch.arange(n_dead).expand(n_rows, n_dead)
     acts = torch.relu(values.to(g_main.dtype)).contiguous()
-    variance = max(_mean_variance(g_main) / main_scale**2, 1e-12)  # of the residual, per row
+    variance = max(variance, 1e-12)
     zero = torch.zeros(g_main.shape[1], dtype=g_main.dtype)
+    low = x_in.dtype == torch.bfloat16
     # recon - residual = recon + g_main / main_scale
-    _, g_recon, g_pre, sq_err = decode_backward(local, acts, w_dead, zero, g_main, 2.0 / (n_rows * variance),
-                                                sign=-1.0 / main_scale)
+    _, g_recon, g_pre, sq_err, *g_low = decode_backward(local, acts, w_dead, zero, g_main, 2.0 / (n_rows * variance),
+                                                        sign=-1.0 / main_scale, low_g=low)
     loss = sq_err.sum() / n_rows / variance
-    g_enc, g_dec, g_bias = latent_grads(local, g_pre, x_in, acts, g_recon, n_dead)
+    g_enc, g_dec, g_bias, _ = latent_grads(local, g_pre, x_in, acts, g_low[0] if low else g_recon, n_dead)
     return loss, g_enc, g_bias, g_dec
 
 
@@ -74,6 +77,7 @@ class FastTopKStep:
         self._pre: torch.Tensor | None = None
         self.refit = None  # a refit.DecoderRefit collecting this step's codes, when set
         self.refit_weight = 1.0
+        self.want_metrics = True  # False: return only the loss (the training loop asks on logging steps)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, y: torch.Tensor, rows_since_fired: torch.Tensor, lr: float) -> dict[str, float]:
@@ -85,33 +89,42 @@ class FastTopKStep:
         sae = model.cfg.apply_b_dec_to_input
 
         # Forward: the encoder matmul (into a reused buffer: no page faults on a fresh output),
-        # then top-k. In bf16 the bias is added inside the top-k kernel, in fp32.
-        x_in = (x - b_dec) if sae else x
+        # then top-k. In bf16 the input is centred straight into a bf16 buffer (one pass) and the
+        # bias is added inside the top-k kernel, in fp32.
         dtype = torch.bfloat16 if self.bf16 else W_enc.dtype
         if self._pre is None or self._pre.shape != (n_rows, n_latents) or self._pre.dtype != dtype:
             self._pre = torch.empty(n_rows, n_latents, dtype=dtype)
+            self._x_low = torch.empty(n_rows, x.shape[1], dtype=dtype)
         if self.bf16:
-            x_low, W_low = x_in.to(dtype), W_enc.to(dtype)
+            x_low = torch.sub(x, b_dec, out=self._x_low) if sae else x.to(dtype)
+            W_low = W_enc.to(dtype)
             pre = torch.mm(x_low, W_low, out=self._pre)
             values, idx = topk_rows(pre, k, b_enc)
+            x_in = x_low  # what the weight-gradient scatters read
         else:
+            x_in = (x - b_dec) if sae else x
             pre = torch.addmm(b_enc, x_in, W_enc, out=self._pre)
             values, idx = topk_rows(pre, k)
         acts = torch.relu(values.to(x.dtype))
 
         # The decoder as a gather of k rows, and the backward of the reconstruction loss through
-        # the active entries only
+        # the active entries only. (bf16: the gathers and scatters read bf16 copies of W_dec, x
+        # and g, half the bytes of these memory-bound passes; sums, errors and gradients stay
+        # float32.) The scatter also counts how often each latent fired.
         scale = 2.0 / n_rows
-        _, g_yhat, g_pre, sq_err = decode_backward(idx, acts, W_dec, b_dec, y, scale)
+        if self.bf16:
+            _, g_yhat, g_pre, sq_err, g_low = decode_backward(idx, acts, W_dec.to(dtype), b_dec, y, scale, low_g=True)
+            g_W_enc, g_W_dec, g_b_enc, counts = latent_grads(idx, g_pre, x_low, acts, g_low, n_latents)
+        else:
+            _, g_yhat, g_pre, sq_err = decode_backward(idx, acts, W_dec, b_dec, y, scale)
+            g_W_enc, g_W_dec, g_b_enc, counts = latent_grads(idx, g_pre, x_in, acts, g_yhat, n_latents)
         mse = sq_err.sum() / n_rows
-        g_W_enc, g_W_dec, g_b_enc = latent_grads(idx, g_pre, x_in, acts, g_yhat, n_latents)
         g_b_dec = g_yhat.sum(0)
 
         if self.refit is not None:
             self.refit.add(idx, acts, y, self.refit_weight)
 
         # Bookkeeping of dead latents (as the plain step)
-        counts = torch.bincount(idx[acts > 0], minlength=n_latents)
         fired = counts > 0
         if self.world is not None:  # data-parallel: combine across ranks
             fired = self.world.any(fired)
@@ -127,8 +140,11 @@ class FastTopKStep:
                 pre_dead = torch.mm(x_low, W_low.index_select(1, dead_idx)).to(x.dtype) + b_enc[dead_idx]
             else:
                 pre_dead = pre.index_select(1, dead_idx)
+            # the residual's variance from what is at hand: mean |e|² - |mean e|², e = ŷ - y = g_ŷ / scale
+            mean_error = g_b_dec / (scale * n_rows)
+            variance = float(mse) - float(mean_error @ mean_error)
             aux, g_enc_dead, g_bias_dead, g_dec_dead = _aux_k(W_dec.index_select(0, dead_idx), pre_dead, g_yhat, scale,
-                                                              x_in, cfg.aux_k)
+                                                              x_in, cfg.aux_k, variance)
             g_W_enc.index_add_(1, dead_idx, g_enc_dead, alpha=cfg.aux_coeff)
             g_b_enc.index_add_(0, dead_idx, g_bias_dead, alpha=cfg.aux_coeff)
             g_W_dec.index_add_(0, dead_idx, g_dec_dead, alpha=cfg.aux_coeff)
@@ -147,6 +163,8 @@ class FastTopKStep:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         self.opt.step()
         model.normalize_decoder()
+        if not self.want_metrics:  # steps that are not logged skip the metrics' extra passes
+            return {"loss": float(loss)}
         return {"loss": float(loss), "mse": float(mse), "aux_loss": float(aux),
                 "fvu": float(mse) / _mean_variance(y), "l0": float((acts > 0).sum(-1).to(torch.float32).mean()),
                 "dead_fraction": float(dead.double().mean()), FIRING: counts.double() / n_rows}

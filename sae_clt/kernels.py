@@ -54,13 +54,18 @@ def topk_rows_torch(x: torch.Tensor, k: int, bias: torch.Tensor | None = None) -
 
 
 def decode_backward(idx: torch.Tensor, acts: torch.Tensor, W: torch.Tensor, bias: torch.Tensor, y: torch.Tensor,
-                    scale: float, sign: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ŷ, g = scale·(ŷ - sign·y), g_acts [B, k] = g·W[idx] masked to acts > 0, |ŷ - sign·y|² per row)."""
+                    scale: float, sign: float = 1.0, low_g: bool = False) -> tuple[torch.Tensor, ...]:
+    """(ŷ, g = scale·(ŷ - sign·y), g_acts [B, k] = g·W[idx] masked to acts > 0, |ŷ - sign·y|² per row),
+    plus g as bfloat16 when ``low_g``. ``W`` may be a bfloat16 copy of the decoder (float32 acts,
+    bias and y): the gathers then move half the bytes, the arithmetic stays float32."""
     kernel = _use_kernel(acts, W, y)
-    if kernel and acts.dtype == W.dtype == y.dtype == bias.dtype and acts.dtype in (torch.float32, torch.float64):
-        return tuple(kernel.decode_backward(idx.contiguous(), acts.contiguous(), W.detach(), bias.detach().contiguous(),
-                                            y.contiguous(), float(scale), float(sign)))
-    return decode_backward_torch(idx, acts, W, bias, y, scale, sign)
+    low_w = W.dtype == torch.bfloat16 and acts.dtype == torch.float32
+    if kernel and acts.dtype == y.dtype == bias.dtype and (W.dtype == acts.dtype or low_w) \
+            and acts.dtype in (torch.float32, torch.float64):
+        return tuple(kernel.decode_backward(idx.contiguous(), acts.contiguous(), W.detach().contiguous(),
+                                            bias.detach().contiguous(), y.contiguous(), float(scale), float(sign), low_g))
+    out = decode_backward_torch(idx, acts, W.to(acts.dtype), bias, y, scale, sign)
+    return (*out, out[1].to(torch.bfloat16)) if low_g else out
 
 
 def decode_backward_torch(idx, acts, W, bias, y, scale, sign=1.0):
@@ -71,20 +76,24 @@ def decode_backward_torch(idx, acts, W, bias, y, scale, sign=1.0):
 
 
 def latent_grads(idx: torch.Tensor, wa: torch.Tensor, xa: torch.Tensor, wb: torch.Tensor, xb: torch.Tensor,
-                 n_latents: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 n_latents: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For the active entries (b, j) of latent l = idx[b, j]: (Σ wa·xa[b] as [d_a, n] (transposed),
-    Σ wb·xb[b] as [n, d_b], Σ wa as [n])."""
+    Σ wb·xb[b] as [n, d_b], Σ wa as [n], the count of entries with wb ≠ 0 as [n] int64; with wb the
+    activations, how often each latent fired). ``xa`` and ``xb`` may be bfloat16 copies (float32
+    weights; sums in float32)."""
     kernel = _use_kernel(wa, xa, wb, xb)
-    if kernel and wa.dtype == xa.dtype == wb.dtype == xb.dtype and wa.dtype in (torch.float32, torch.float64):
+    low_x = xa.dtype == xb.dtype == torch.bfloat16 and wa.dtype == torch.float32  # bf16 copies of the rows
+    if kernel and wa.dtype == wb.dtype and (wa.dtype == xa.dtype == xb.dtype or low_x) and wa.dtype in (torch.float32, torch.float64):
         return tuple(kernel.latent_grads(idx.contiguous(), wa.contiguous(), xa.contiguous(), wb.contiguous(),
                                          xb.contiguous(), n_latents, 1 << 20))
-    return latent_grads_torch(idx, wa, xa, wb, xb, n_latents)
+    return latent_grads_torch(idx, wa, xa.to(wa.dtype), wb, xb.to(wb.dtype), n_latents)
 
 
 def latent_grads_torch(idx, wa, xa, wb, xb, n_latents):
     pattern = LatentRows(idx, n_latents)
     bias_grad = torch.zeros(n_latents, dtype=wa.dtype).index_add_(0, idx.reshape(-1), wa.reshape(-1))
-    return pattern.matmul(wa, xa).t().contiguous(), pattern.matmul(wb, xb), bias_grad
+    fired = torch.bincount(idx[wb != 0], minlength=n_latents)
+    return pattern.matmul(wa, xa).t().contiguous(), pattern.matmul(wb, xb), bias_grad, fired
 
 
 def gram_accumulate(idx: torch.Tensor, acts: torch.Tensor, gram: torch.Tensor, weight: float) -> None:

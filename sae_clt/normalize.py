@@ -126,7 +126,7 @@ class PairLoader:
 
     def __init__(self, store: ActivationStore, norm: Normalization, source: str, target: str,
                  split: str, batch_size: int, seed: int, drop_last: bool = False, shuffle: bool = True,
-                 mix_shards: int = 2, shards: list[int] | None = None):
+                 mix_shards: int = 2, shards: list[int] | None = None, echo: int = 1):
         if split not in ("train", "val"):
             raise ValueError(split)
         store.check_hooks([source, target], "the spec")
@@ -135,6 +135,9 @@ class PairLoader:
         self.split, self.batch_size, self.seed = split, batch_size, seed
         self.drop_last, self.shuffle = drop_last, shuffle
         self.mix_shards = mix_shards
+        if echo < 1:
+            raise ValueError(f"echo must be at least 1, got {echo}")
+        self.echo = echo  # data echoing: each row is used this many times (see echoed)
         self.shards = list(range(store.n_shards)) if shards is None else list(shards)  # a rank's own shards
         self.rows_per_epoch = self._count_rows()
 
@@ -150,7 +153,7 @@ class PairLoader:
 
     def steps_per_epoch(self) -> int:
         full, rest = divmod(self.rows_per_epoch, self.batch_size)
-        return full if self.drop_last or rest == 0 else full + 1
+        return (full if self.drop_last or rest == 0 else full + 1) * self.echo
 
     def _groups(self, epoch: int) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         """``mix_shards`` shards at a time, as stored (float16 stays float16), with the order in
@@ -196,8 +199,17 @@ class PairLoader:
         y = x if self.target == self.source else rows(self.target)
         return x, y, group["instance_id"].index_select(0, idx), group["position"].index_select(0, idx)
 
-    def epoch(self, epoch: int = 0, with_provenance: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
-        """Minibatches of one epoch. Shards are read on a background thread one group ahead,
+    def epoch(self, epoch: int = 0, with_provenance: bool = False, echo: bool = True) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Minibatches of one epoch (each row ``self.echo`` times unless ``echo`` is false; see
+        :func:`echoed`)."""
+        batches = self._read_epoch(epoch, with_provenance)
+        if self.echo == 1 or not echo:
+            return batches
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 7_919)
+        return echoed(batches, self.echo, gen)
+
+    def _read_epoch(self, epoch: int, with_provenance: bool) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Minibatches of one epoch as read. Shards are read on a background thread one group ahead,
         so reading overlaps training; batches span group boundaries. Memory: two groups as
         stored plus one batch in float32, whatever the store's size."""
         carry: tuple[torch.Tensor, ...] | None = None  # rows left over from the previous group
@@ -220,6 +232,36 @@ class PairLoader:
                 carry = self._batch(group, rows[start:])
         if carry is not None and carry[0].shape[0] and not self.drop_last:
             yield carry if with_provenance else carry[:2]
+
+
+def echoed(batches: Iterator[tuple[torch.Tensor, ...]], echo: int, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Data echoing (Choi et al. 2019, "Faster neural network training with data echoing"):
+    ``echo`` batches are read, then their rows are served ``echo`` times over, each pass in a
+    fresh random order, as ``echo²`` batches of the same size. Every row is read from the store
+    once but trained on ``echo`` times (in full windows never twice in one batch). Reshuffling across the window
+    (example echoing) matters: repeating a batch as is gave a worse fit and more dead latents on
+    MiniLM (BENCHMARKS.md). A short last window is echoed the same way."""
+    window: list[tuple[torch.Tensor, ...]] = []
+
+    def serve() -> Iterator[tuple[torch.Tensor, ...]]:
+        size = max(w[0].shape[0] for w in window)
+        columns = [torch.cat(c) if len(window) > 1 else c[0] for c in zip(*window)]
+        aliased = [i > 0 and window[0][i] is window[0][0] for i in range(len(columns))]  # an SAE's y is its x
+        order = torch.cat([torch.randperm(columns[0].shape[0], generator=gen) for _ in range(echo)])
+        for start in range(0, order.numel(), size):
+            idx = order[start:start + size]
+            picked: list[torch.Tensor] = []
+            for column, alias in zip(columns, aliased):
+                picked.append(picked[0] if alias else column.index_select(0, idx))
+            yield tuple(picked)
+
+    for batch in batches:
+        window.append(batch)
+        if len(window) == echo:
+            yield from serve()
+            window = []
+    if window:
+        yield from serve()
 
 
 def prefetched(items: Iterator, depth: int = 1) -> Iterator:

@@ -34,7 +34,7 @@ class DecoderRefit:
         gram = self.gram.view(self.n, self.n)
         gram_accumulate(idx, acts, gram[:d_sae], weight)  # ZᵀZ over the latents
         # Zᵀ Y and the code sums (the bias row and column), by the gradient scatter kernel
-        zty, _, sums = latent_grads(idx, acts, y, torch.zeros_like(acts), y, d_sae)
+        zty, _, sums, _ = latent_grads(idx, acts, y, torch.zeros_like(acts), y, d_sae)
         sums = sums.double() * weight
         gram[:d_sae, d_sae] += sums
         gram[d_sae, :d_sae] += sums

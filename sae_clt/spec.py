@@ -225,6 +225,9 @@ class TrainSection(StrictModel):
     seed: int = 0
     batch_size: int = Field(4096, ge=1)
     epochs: float = Field(4.0, gt=0, description="Passes over the training split.")
+    echo: int = Field(1, ge=1, description="Data echoing: each row read is trained on this many times, reshuffled within a "
+                      "window of this many batches (steps per epoch × echo; the store is still read once per epoch). "
+                      "More optimiser steps from the same tokens: MiniLM TopK FVU 0.130 → 0.112 at echo 2 (BENCHMARKS.md).")
     lr: float = Field(1.5e-2, gt=0, description="Peak Adam learning rate (safe this high thanks to the long warm-up).")
     optimizer: Literal["adam", "signum_schedule_free"] = Field(
         "adam", description="adam (fused); signum_schedule_free: sign descent with schedule-free averaging "
@@ -237,8 +240,10 @@ class TrainSection(StrictModel):
     init: Literal["data", "transpose"] = Field(
         "data", description="data: latent i starts as a sampled (source, target) row pair; transpose: random decoder, encoder = its transpose."
     )
-    precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="bf16: encoder matmul under bf16 autocast (fp32 master weights, fp32 decoder and loss)."
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16: encoder matmul in bfloat16 (fp32 master weights, fp32 decoder and loss); auto: bf16 where "
+        "the hardware has native bf16 arithmetic (AVX512-BF16/AMX CPUs, bf16 GPUs), else fp32. The resolved value is "
+        "recorded in train.json."
     )
     step: Literal["fast", "plain"] = Field(
         "fast", description="fast: hand-written backward over the k active latents (topk sae/transcoder without L1 or "

@@ -68,7 +68,7 @@ def make_dictionary(spec: ExperimentSpec, store: ActivationStore, norm: Normaliz
 def sample_rows(loader: PairLoader, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` distinct training rows (x, y) drawn from the start of a seeded epoch."""
     xs, ys, got = [], [], 0
-    for x, y in loader.epoch(10_000 + seed):
+    for x, y in loader.epoch(10_000 + seed, echo=False):  # echoed rows would repeat
         xs.append(x)
         ys.append(y)
         got += x.shape[0]
@@ -256,6 +256,10 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
     from .distributed import World
 
     cfg = spec.train
+    if cfg.precision == "auto":
+        from .precision import resolve_precision
+
+        cfg = cfg.model_copy(update={"precision": resolve_precision(cfg.precision)})
     torch.manual_seed(cfg.seed)
     world = World.from_env()  # torchrun: each rank reads its own shards, gradients are averaged
     if cfg.batch_size % world.size:
@@ -263,7 +267,7 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
     if world.size > store.n_shards:
         raise PipelineError(f"{world.size} processes but the store of dataset '{spec.dataset}' has {store.n_shards} shards; "
                             "each process needs at least one")
-    loader = PairLoader(store, norm, spec.source_key, spec.target_key, "train", cfg.batch_size // world.size, cfg.seed, drop_last=True,
+    loader = PairLoader(store, norm, spec.source_key, spec.target_key, "train", cfg.batch_size // world.size, cfg.seed, drop_last=True, echo=cfg.echo,
                         shards=list(range(world.rank, store.n_shards, world.size)) if world.active else None)
     steps_per_epoch = world.min_int(loader.steps_per_epoch())  # every rank takes the same number of steps
     if steps_per_epoch == 0:
@@ -324,6 +328,7 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
                 fast.refit = DecoderRefit(model.cfg.d_sae, model.cfg.d_out)
             if fast.refit is not None:  # later codes are closer to the final encoder's: weigh them more
                 fast.refit_weight = float((step - refit_from + 1) ** 2)
+            fast.want_metrics = step % cfg.log_every == 0 or step == total_steps - 1
             return fast(x, y, rows_since_fired, lr)
     else:
         def step_fn(x, y, lr, step):
@@ -395,11 +400,11 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
     rate = (step - steps_at_start) * cfg.batch_size / max(seconds, 1e-9)
     # Timings vary run to run: kept beside the dictionary, not in it, so the cached output is
     # byte-identical for the same spec and seed.
-    run_log = {"seconds": seconds, "rows_per_second": rate, "resumed_at_step": steps_at_start}
+    run_log = {"seconds": seconds, "rows_per_second": rate, "rows_read_per_second": rate / cfg.echo, "resumed_at_step": steps_at_start}
     if tracker is not None:
         run_log.update(tracker.finish(summary_metrics=last))
     write_json(out_dir.parent / "train_log.json", run_log)
-    summary = {"steps": total_steps, "rows_seen": rows_seen, "final": last, "meta": meta, **calibration}
+    summary = {"steps": total_steps, "precision": cfg.precision, "rows_seen": rows_seen, "rows_read": rows_seen // cfg.echo, "final": last, "meta": meta, **calibration}
     write_json(metrics_path, summary)
     if state is not None:
         state.clear()

@@ -102,6 +102,32 @@ def test_compiled_decode_and_latent_gradients_match_the_torch_reference(dtype):
         torch.testing.assert_close(a, b, **tol)
 
 
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["compiled", "torch"])
+def test_bf16_copies_of_decoder_and_rows_give_the_float32_sums_of_the_rounded_values(use_kernel, monkeypatch):
+    """The bf16 step gathers from a bf16 copy of W_dec and scatters bf16 copies of x and the error
+    gradient: the result must equal float32 arithmetic on those rounded values."""
+    if use_kernel and not kernels.kernel_available():
+        pytest.skip("no compiled kernels on this machine")
+    if not use_kernel:
+        monkeypatch.setattr(kernels, "_use_kernel", lambda *t: False)
+    gen = torch.Generator().manual_seed(2)
+    n_rows, k, n, d = 200, 5, 40, 24
+    idx = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(n_rows)])
+    acts = torch.relu(torch.randn(n_rows, k, generator=gen))
+    W, bias = torch.randn(n, d, generator=gen), torch.randn(d, generator=gen)
+    y, x = torch.randn(n_rows, d, generator=gen), torch.randn(n_rows, d, generator=gen)
+    W_low, x_low = W.to(torch.bfloat16), x.to(torch.bfloat16)
+    y_hat, g, g_acts, sq, g_low = kernels.decode_backward(idx, acts, W_low, bias, y, 0.5, low_g=True)
+    want = kernels.decode_backward_torch(idx, acts, W_low.float(), bias, y, 0.5)
+    for a, b in zip((y_hat, g, g_acts, sq), want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert g_low.dtype == torch.bfloat16 and torch.equal(g_low, g.to(torch.bfloat16))
+    got = kernels.latent_grads(idx, g_acts, x_low, acts, g_low, n)
+    assert all(t.dtype == torch.float32 for t in got[:3]) and got[3].dtype == torch.int64
+    for a, b in zip(got, kernels.latent_grads_torch(idx, g_acts, x_low.float(), acts, g_low.float(), n)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_decoder_refit_recovers_the_least_squares_decoder_and_keeps_the_codes():
     from sae_clt.refit import DecoderRefit
 

@@ -18,8 +18,8 @@ from sae_clt.project import Paths
 def _prepare(built_project, dest, recipe: str = ""):
     shutil.copytree(built_project, dest)
     spec = dest / "specs" / "tiny_sae.yaml"
-    text = spec.read_text().replace("epochs: 2,", f"epochs: 30, checkpoint_every: 5,{recipe}")
-    if recipe:
+    text = spec.read_text().replace("epochs: 2,", f"epochs: {10 if 'echo' in recipe else 30}, checkpoint_every: 5,{recipe}")
+    if "l1_coeff" in recipe:
         text = text.replace("activation: topk, k: 4", "activation: relu")
     spec.write_text(text)
     shutil.rmtree(Paths(dest).dictionary_dir("tiny_sae"), ignore_errors=True)
@@ -31,7 +31,8 @@ def _train(root):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
 
 
-@pytest.mark.parametrize("recipe", ["", " l1_coeff: 0.001, usage_kl_coeff: 0.1,"], ids=["topk_fast_step", "relu_l1_usage_kl"])
+@pytest.mark.parametrize("recipe", ["", " l1_coeff: 0.001, usage_kl_coeff: 0.1,", " echo: 3,"],
+                         ids=["topk_fast_step", "relu_l1_usage_kl", "topk_data_echoing"])
 def test_killed_training_resumes_to_identical_weights(built_project, tmp_path, recipe):
     whole = _prepare(built_project, tmp_path / "whole", recipe)
     killed = _prepare(built_project, tmp_path / "killed", recipe)

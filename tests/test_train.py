@@ -86,3 +86,26 @@ def test_aux_k_gives_gradient_to_dead_latents_only():
     loss.backward()
     touched = model.W_dec.grad.abs().sum(1) > 0
     assert set(touched.nonzero().squeeze(1).tolist()) <= {3, 7}
+
+
+def test_data_echoing_serves_every_row_echo_times_reshuffled(tmp_path):
+    store = _synthetic_store(tmp_path / "store", n_rows=6000)
+    dataset, exp = _specs("sae", "a")
+    fit_normalization(dataset, store, tmp_path / "norm", tmp_path / "norm.json")
+    norm = Normalization.load(tmp_path / "norm")
+    plain = PairLoader(store, norm, "a", "a", "train", 500, seed=3, drop_last=True)
+    echo = PairLoader(store, norm, "a", "a", "train", 500, seed=3, drop_last=True, echo=3)
+    read = torch.cat([x for x, _ in plain.epoch(0)])
+    batches = list(echo.epoch(0))
+    assert echo.steps_per_epoch() == 3 * plain.steps_per_epoch() == len(batches)
+    assert all(x.shape == (500, 16) and y is x for x, y in batches)  # an SAE's target stays its input
+    served = torch.cat([x for x, _ in batches])
+    counts = {}
+    for row in served:
+        counts[tuple(row.tolist())] = counts.get(tuple(row.tolist()), 0) + 1
+    assert sorted(counts) == sorted(tuple(r.tolist()) for r in read) and set(counts.values()) == {3}
+    for x, _ in batches[:9]:  # full windows: no row twice in one batch
+        assert torch.unique(x, dim=0).shape[0] == 500
+    assert not torch.equal(batches[0][0], batches[3][0])  # each pass over the window in a new order
+    again = list(echo.epoch(0))  # deterministic (a resumed run skips into the same stream)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))

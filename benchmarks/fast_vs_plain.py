@@ -25,7 +25,7 @@ def main() -> None:
     for step in ("plain", "fast"):
         for precision in ("fp32", "bf16"):
             # The decoder refit (fast step only) is off in both: this compares the steps themselves.
-            _, m, rate = fit_and_evaluate(base, store, norm, {"step": step, "precision": precision, "decoder_refit_frac": 0.0})
+            _, m, rate = fit_and_evaluate(base, store, norm, {"step": step, "precision": precision, "decoder_refit_frac": 0.0, "echo": 1})
             results[(step, precision)] = m["reconstruction"]["fvu"]
             print(f"{step:<6}{precision:<11}{m['reconstruction']['fvu']:>9.4f}{m['sparsity']['l0']:>7.1f}"
                   f"{m['sparsity']['dead_fraction']:>8.3f}{rate:>10,.0f}")

@@ -6,7 +6,7 @@ three steps; each prints one JSON line:
 
     python benchmarks/peers.py export --spec specs/minilm_sae_L2.yaml --out /tmp/peer_data
     python benchmarks/peers.py saeclt --spec specs/minilm_sae_L2.yaml --out /tmp/peer_data [--precision bf16]
-    PEER/bin/python benchmarks/peers.py sparsify --out /tmp/peer_data   # pip install eai-sparsify
+    PEER/bin/python benchmarks/peers.py sparsify --out /tmp/peer_data [--passes 3]  # pip install eai-sparsify
     PEER/bin/python benchmarks/peers.py saelens --out /tmp/peer_data    # pip install sae-lens
 
 `export` writes the raw (unnormalised) training rows in saeclt's epoch-0 order and the
@@ -97,6 +97,11 @@ def run_sparsify(args) -> None:
     since_fired = torch.zeros(D_SAE, dtype=torch.long)
     started = time.perf_counter()
     batches = train.split(BATCH)[: len(train) // BATCH]
+    n_read = len(batches)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(args.passes - 1):  # --passes: the same rows again, reshuffled (as many steps as saeclt's echo)
+        rows = torch.cat(batches[:n_read])
+        batches += rows[torch.randperm(rows.shape[0], generator=gen)].split(BATCH)
     for step, x in enumerate(batches):
         if step == 0:
             sae.b_dec.data = x.mean(0)
@@ -120,8 +125,8 @@ def run_sparsify(args) -> None:
         z = torch.zeros(x.shape[0], D_SAE).scatter(1, out.latent_indices, out.latent_acts)
         return out.sae_out, z
 
-    print(json.dumps({"trainer": "sparsify" + (" +auxk" if args.auxk else ""), **fvu_and_dead(run, val),
-                      "tokens_per_s": len(batches) * BATCH / seconds}))
+    print(json.dumps({"trainer": "sparsify" + (" +auxk" if args.auxk else "") + (f" x{args.passes} passes" if args.passes > 1 else ""),
+                      **fvu_and_dead(run, val), "tokens_per_s": n_read * BATCH / seconds}))
 
 
 def run_saelens(args) -> None:
@@ -155,7 +160,9 @@ def main() -> None:
     parser.add_argument("--spec", default="specs/minilm_sae_L2.yaml")
     parser.add_argument("--out", default="/tmp/peer_data")
     parser.add_argument("--auxk", action="store_true", help="sparsify: AuxK on (its default is off)")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], help="saeclt: override train.precision")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], help="saeclt: override train.precision (the spec's: auto)")
+    parser.add_argument("--passes", type=int, default=1, help="sparsify: train on the rows this many times (reshuffled); "
+                        "its steps then match saeclt's data echoing; tokens/s counts rows read")
     parser.add_argument("--dead-tokens", type=int, default=5 * BATCH)
     args = parser.parse_args()
     {"export": export, "saeclt": run_saeclt, "sparsify": run_sparsify, "saelens": run_saelens}[args.what](args)

@@ -10,7 +10,11 @@ from the spec:
 
 Prints held-out FVU, L0, dead fraction and training tokens/s for each point (causal check off).
 
-    python benchmarks/quality.py [specs/minilm_sae_L2.yaml]
+    python benchmarks/quality.py [specs/minilm_sae_L2.yaml] [--only jumprelu] [--echo 1]
+
+--echo (default 1) overrides the spec's data echoing, so the frontier compares the activations'
+recipes at one step per batch; jumprelu starts from data init (latents = sampled rows: with a
+random decoder its thresholds shut most latents before the decoder is useful).
 """
 
 from __future__ import annotations
@@ -31,12 +35,22 @@ SWEEPS = [
 
 
 def main() -> None:
-    base, store, norm = load_experiment(sys.argv)
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("spec", nargs="?", default="specs/minilm_sae_L2.yaml")
+    parser.add_argument("--only", choices=[a for a, _, _ in SWEEPS], help="sweep one activation only")
+    parser.add_argument("--echo", type=int, default=1, help="train.echo for every point (default 1)")
+    args = parser.parse_args()
+    base, store, norm = load_experiment([sys.argv[0], args.spec])
     print(f"{'activation':<11}{'knob':<16}{'val FVU':>9}{'L0':>8}{'dead':>8}{'tokens/s':>10}")
     for activation, knob, values in SWEEPS:
+        if args.only and activation != args.only:
+            continue
         for value in values:
             model_updates = {"activation": activation, **({"k": value} if knob == "k" else {})}
-            train_updates = {} if knob == "k" else {knob: value}
+            train_updates = {"echo": args.echo, **({} if knob == "k" else {knob: value}),
+                             **({"init": "data"} if activation == "jumprelu" else {})}
             _, m, rate = fit_and_evaluate(base, store, norm, train_updates, model_updates)
             print(f"{activation:<11}{f'{knob}={value:g}':<16}{m['reconstruction']['fvu']:>9.4f}{m['sparsity']['l0']:>8.1f}"
                   f"{m['sparsity']['dead_fraction']:>8.3f}{rate:>10,.0f}", flush=True)

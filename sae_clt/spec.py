@@ -201,10 +201,15 @@ class ModelSection(StrictModel):
         "topk", description="topk: the k largest per row; batchtopk: the k·B largest over a batch (saved as JumpReLU with a "
         "calibrated threshold); jumprelu: learned per-latent thresholds (straight-through); relu: ReLU + L1; "
         "relu_clipped: ReLU capped at relu_ceiling + L1.")
-    k: int = Field(32, ge=1, description="Active latents per row (topk; batchtopk on average; clt topk: per layer).")
+    k: int = Field(32, ge=1, description="Active latents per row (topk; batchtopk on average; clt topk: per layer; "
+                   "jumprelu: the initial L0 when jumprelu_init_threshold is null).")
     relu_ceiling: float = Field(6.0, gt=0, description="Cap of relu_clipped.")
-    jumprelu_init_threshold: float = Field(0.001, gt=0, description="Initial per-latent threshold of jumprelu.")
-    jumprelu_bandwidth: float = Field(0.001, gt=0, description="Width of the straight-through estimator's kernel.")
+    jumprelu_init_threshold: float | None = Field(
+        None, gt=0, description="Initial per-latent threshold of jumprelu; null (default): each latent's threshold starts at "
+        "the quantile of its pre-activations over a data sample that it exceeds on k / d_sae of the rows, so training "
+        "starts at L0 ≈ k whatever the data's scale (a fixed small value leaves L0 far too high for short runs).")
+    jumprelu_bandwidth: float = Field(0.01, gt=0, description="Width of the straight-through estimator's kernel (in saeclt's "
+                                      "normalised units: rows have unit mean norm, pre-activations are ~0.1).")
     matryoshka_prefixes: list[int] = Field(default_factory=list, description="Nested prefix sizes (e.g. [256, 1024]): "
                                            "the first m latents alone are also trained to reconstruct. Empty = off.")
     tied_decoder: bool = Field(False, description="The encoder is the decoder's transpose (one weight matrix; needs equal "
@@ -252,6 +257,8 @@ class TrainSection(StrictModel):
     l1_warmup_frac: float = Field(0.05, ge=0, le=1, description="Fraction of steps over which the L1 (or JumpReLU L0) "
                                   "coefficient ramps up linearly from zero.")
     l0_coeff: float = Field(1e-3, ge=0, description="jumprelu: coefficient of the L0 penalty (straight-through on the thresholds).")
+    jumprelu_threshold_lr_scale: float = Field(10.0, gt=0, description="jumprelu: the thresholds' learning rate as a multiple of "
+                                               "lr (at 1 they cannot follow the encoder's scale in a short run, and L0 ignores l0_coeff).")
     b_dec_init: Literal["zeros", "mean", "geometric_median"] = Field(
         "zeros", description="Initial decoder bias: zeros, or the mean / geometric median of a sample of target rows.")
     decoder_refit_frac: float = Field(0.5, ge=0, le=1, description="topk (fast step): refit the decoder in closed form "

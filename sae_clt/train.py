@@ -57,7 +57,7 @@ def make_dictionary(spec: ExperimentSpec, store: ActivationStore, norm: Normaliz
         raise PipelineError(f"experiment {spec.id}: model.tied_decoder needs equal source and target sizes; "
                             f"{spec.source_key} has {cfg.d_in}, {spec.target_key} has {cfg.d_out}")
     model = Dictionary(cfg, seed=spec.train.seed)
-    if m.activation == "jumprelu":
+    if m.activation == "jumprelu" and m.jumprelu_init_threshold is not None:
         with torch.no_grad():
             model.log_threshold.fill_(math.log(m.jumprelu_init_threshold))
     src, tgt = spec.source_key, spec.target_key
@@ -81,12 +81,26 @@ def sample_rows(loader: PairLoader, n: int, seed: int) -> tuple[torch.Tensor, to
     return x[:n], y[:n]
 
 
+@torch.no_grad()
+def init_jumprelu_thresholds(model: Dictionary, x: torch.Tensor, l0: int) -> None:
+    """Each latent's threshold at the quantile of its pre-activations over the rows ``x`` that it
+    exceeds on l0 / d_sae of them: training starts at L0 ≈ l0 on the data's own scale."""
+    pre = model.pre_acts(x).float()
+    level = 1.0 - min(max(l0 / model.cfg.d_sae, 1.0 / pre.shape[0]), 1.0)
+    theta = torch.quantile(pre, level, dim=0).clamp_min(1e-6)
+    model.log_threshold.copy_(theta.log())
+
+
 def make_optimizer(model: Dictionary, cfg) -> torch.optim.Optimizer:
     """adam: fused Adam (the schedule's learning rate is set each step); signum_schedule_free:
     sign descent wrapped in schedule-free averaging (EleutherAI sparsify's default recipe),
     evaluated and saved at the averaged weights."""
     params = list(model.parameters())
     if cfg.optimizer == "adam":
+        thresholds = [p for name, p in model.named_parameters() if name == "log_threshold"]
+        if thresholds and cfg.jumprelu_threshold_lr_scale != 1.0:  # jumprelu: its thresholds on their own rate
+            others = [p for name, p in model.named_parameters() if name != "log_threshold"]
+            params = [{"params": others}, {"params": thresholds, "lr_scale": cfg.jumprelu_threshold_lr_scale}]
         return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
     try:
         from schedulefree import ScheduleFreeWrapper
@@ -286,6 +300,8 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
                 model.b_dec.copy_(geometric_median(y0))
         if cfg.init == "data":
             model.init_from_data(x0, y0)
+    if spec.model.activation == "jumprelu" and spec.model.jumprelu_init_threshold is None:
+        init_jumprelu_thresholds(model, sample_rows(loader, model.cfg.d_sae, cfg.seed)[0], spec.model.k)
     world.broadcast_params(model)  # initialisation sampled rank-local rows: rank 0's wins
     opt = make_optimizer(model, cfg)
     rows_since_fired = torch.zeros(model.cfg.d_sae, dtype=torch.long)
@@ -421,7 +437,7 @@ def train_step(model: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, y
     the L1 / L0 / group-lasso coefficients up; ``prefixes`` are Matryoshka prefix sizes;
     ``usage`` (with its scheduled ``usage_scale``) adds the usage KL."""
     for group in opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     act = model.cfg.activation
 
     # Forward: encoder (optionally bf16), activation, decoder

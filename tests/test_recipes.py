@@ -135,3 +135,23 @@ def test_wandb_logging_runs_offline_and_records_its_run_id(built_project, tmp_pa
     run_dirs = list((Paths(root).dictionary_dir("tiny_sae").parent / "wandb").glob(f"offline-run-*-{run_log['wandb_run_id']}"))
     assert run_dirs, "the offline run folder should carry the recorded id"
     assert math.isfinite(json.loads(Paths(root).train_metrics("tiny_sae").read_text())["final"]["fvu"])
+
+
+def test_jumprelu_thresholds_start_at_the_quantile_giving_l0_k():
+    from sae_clt.train import init_jumprelu_thresholds
+
+    model, x = _model("jumprelu", d=16, n=64), _data(n_rows=4000, d=16) * 3.0
+    init_jumprelu_thresholds(model, x[:2000], l0=8)
+    with torch.no_grad():
+        held_out_l0 = (model.activate(model.pre_acts(x[2000:])) > 0).sum(-1).float().mean()
+    assert abs(float(held_out_l0) - 8) < 8 * 0.15  # on unseen rows of the same distribution
+
+
+def test_jumprelu_thresholds_learn_at_their_own_rate():
+    model = _model("jumprelu")
+    opt = make_optimizer(model, TrainSection(lr=1e-3, jumprelu_threshold_lr_scale=10.0))
+    clock = torch.zeros(model.cfg.d_sae, dtype=torch.long)
+    train_step(model, opt, _data(), _data(), clock, TrainSection(lr=1e-3, l0_coeff=0.01), lr=1e-3)
+    thresholds = [g for g in opt.param_groups if any(p is model.log_threshold for p in g["params"])]
+    assert len(thresholds) == 1 and thresholds[0]["lr"] == pytest.approx(1e-2) and len(opt.param_groups) == 2
+    assert all(g["lr"] == pytest.approx(1e-3) for g in opt.param_groups if g is not thresholds[0])

@@ -1,4 +1,5 @@
-"""A TopK training step with a hand-written backward that touches only the active latents.
+"""A TopK (and BatchTopK) training step with a hand-written backward that touches only the
+active latents.
 
 The plain step (``train.train_step``) lets autograd differentiate a dense [B, d_sae] graph.
 Here every piece after the encoder matmul works on the k active entries per row, through the
@@ -74,10 +75,30 @@ class FastTopKStep:
     def __init__(self, model: Dictionary, opt: torch.optim.Optimizer, cfg, world=None):
         self.model, self.opt, self.cfg, self.world = model, opt, cfg, world
         self.bf16 = cfg.precision == "bf16"
+        self.batch_topk = model.cfg.activation == "batchtopk"
         self._pre: torch.Tensor | None = None
         self.refit = None  # a refit.DecoderRefit collecting this step's codes, when set
         self.refit_weight = 1.0
         self.want_metrics = True  # False: return only the loss (the training loop asks on logging steps)
+
+    @staticmethod
+    def _batch_topk(pre, bias, values, idx, acts, k):
+        """BatchTopK: of each row's largest candidates, keep the k·B largest activations of the
+        whole batch (the rest become inactive entries, which the kernels skip). Exact while no
+        row holds more than its candidates of the batch's top k·B; else the candidates widen."""
+        n_rows, n_latents = pre.shape
+        keep = min(k * n_rows, n_rows * n_latents)
+        while True:
+            flat = acts.reshape(-1)
+            threshold = flat.kthvalue(flat.numel() - keep + 1).values if keep < flat.numel() else flat.new_tensor(0.0)
+            # a row whose every candidate is kept may hold more of the top k·B than it has candidates
+            full_rows = bool((acts.min(dim=1).values >= threshold).any()) and threshold > 0
+            if not full_rows or idx.shape[1] >= n_latents:
+                break
+            values, idx = topk_rows(pre, min(n_latents, 2 * idx.shape[1]), bias)
+            acts = torch.relu(values.to(acts.dtype))
+        acts = torch.where(acts >= threshold, acts, torch.zeros_like(acts)) if threshold > 0 else acts
+        return values, idx, acts
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, y: torch.Tensor, rows_since_fired: torch.Tensor, lr: float) -> dict[str, float]:
@@ -95,17 +116,20 @@ class FastTopKStep:
         if self._pre is None or self._pre.shape != (n_rows, n_latents) or self._pre.dtype != dtype:
             self._pre = torch.empty(n_rows, n_latents, dtype=dtype)
             self._x_low = torch.empty(n_rows, x.shape[1], dtype=dtype)
+        per_row = min(n_latents, 4 * k) if self.batch_topk else k  # batchtopk: a row may keep more than k
         if self.bf16:
             x_low = torch.sub(x, b_dec, out=self._x_low) if sae else x.to(dtype)
             W_low = W_enc.to(dtype)
             pre = torch.mm(x_low, W_low, out=self._pre)
-            values, idx = topk_rows(pre, k, b_enc)
+            values, idx = topk_rows(pre, per_row, b_enc)
             x_in = x_low  # what the weight-gradient scatters read
         else:
             x_in = (x - b_dec) if sae else x
             pre = torch.addmm(b_enc, x_in, W_enc, out=self._pre)
-            values, idx = topk_rows(pre, k)
+            values, idx = topk_rows(pre, per_row)
         acts = torch.relu(values.to(x.dtype))
+        if self.batch_topk:
+            values, idx, acts = self._batch_topk(pre, b_enc if self.bf16 else None, values, idx, acts, k)
 
         # The decoder as a gather of k rows, and the backward of the reconstruction loss through
         # the active entries only. (bf16: the gathers and scatters read bf16 copies of W_dec, x

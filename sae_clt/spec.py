@@ -251,7 +251,7 @@ class TrainSection(StrictModel):
         "recorded in train.json."
     )
     step: Literal["fast", "plain"] = Field(
-        "fast", description="fast: hand-written backward over the k active latents (topk sae/transcoder without L1 or "
+        "fast", description="fast: hand-written backward over the k active latents (topk/batchtopk sae/transcoder without L1 or "
         "matryoshka; others use plain); plain: autograd over the dense graph (the reference).")
     l1_coeff: float = Field(0.0, ge=0, description="Coefficient of the L1 penalty on latents (x decoder row norms).")
     l1_warmup_frac: float = Field(0.05, ge=0, le=1, description="Fraction of steps over which the L1 (or JumpReLU L0) "
@@ -261,7 +261,7 @@ class TrainSection(StrictModel):
                                                "lr (at 1 they cannot follow the encoder's scale in a short run, and L0 ignores l0_coeff).")
     b_dec_init: Literal["zeros", "mean", "geometric_median"] = Field(
         "zeros", description="Initial decoder bias: zeros, or the mean / geometric median of a sample of target rows.")
-    decoder_refit_frac: float = Field(0.5, ge=0, le=1, description="topk (fast step): refit the decoder in closed form "
+    decoder_refit_frac: float = Field(0.5, ge=0, le=1, description="topk/batchtopk (fast step): refit the decoder in closed form "
                                       "from the codes of this last fraction of the training pass (0 = off); see sae_clt/refit.py.")
     resample_at: list[float] = Field(default_factory=list, description="Fractions of training (e.g. [0.25, 0.5]) at which "
                                      "dead latents are re-initialised towards badly reconstructed rows, their Adam moments reset.")

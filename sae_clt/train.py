@@ -126,9 +126,9 @@ def make_optimizer(model: Dictionary, cfg) -> torch.optim.Optimizer:
 
 
 def uses_fast_step(spec: ExperimentSpec) -> bool:
-    """The fast step covers TopK SAEs and transcoders without L1 or Matryoshka terms."""
+    """The fast step covers TopK and BatchTopK SAEs and transcoders without L1 or Matryoshka terms."""
     m, t = spec.model, spec.train
-    return (t.step == "fast" and m.activation == "topk" and m.architecture in ("sae", "transcoder")
+    return (t.step == "fast" and m.activation in ("topk", "batchtopk") and m.architecture in ("sae", "transcoder")
             and t.l1_coeff == 0 and not m.matryoshka_prefixes and not m.tied_decoder and t.unit_norm_decoder
             and t.decoder_l1_coeff == 0 and t.decoder_l2_coeff == 0 and t.group_lasso_coeff == 0)
 

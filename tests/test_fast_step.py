@@ -16,8 +16,8 @@ from sae_clt.spec import TrainSection
 from sae_clt.train import train_step
 
 
-def _pair(architecture: str, d_in: int, d_out: int):
-    cfg = DictionaryConfig(architecture=architecture, d_in=d_in, d_out=d_out, d_sae=48, activation="topk", k=4,
+def _pair(architecture: str, d_in: int, d_out: int, activation: str = "topk"):
+    cfg = DictionaryConfig(architecture=architecture, d_in=d_in, d_out=d_out, d_sae=48, activation=activation, k=4,
                            source="a", target="a" if architecture == "sae" else "b")
     model = Dictionary(cfg, seed=0).double()
     torch.manual_seed(0)  # the biases below: independent of the tests run before
@@ -27,10 +27,11 @@ def _pair(architecture: str, d_in: int, d_out: int):
     return model, copy.deepcopy(model)
 
 
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
 @pytest.mark.parametrize("architecture, d_in, d_out", [("sae", 10, 10), ("transcoder", 6, 12)])
 @pytest.mark.parametrize("aux_k", [0, 2, 8])  # 2: few dead latents active per row (the sparse AuxK path)
-def test_fast_step_matches_plain_autograd_step_in_float64(architecture, d_in, d_out, aux_k):
-    plain, fast = _pair(architecture, d_in, d_out)
+def test_fast_step_matches_plain_autograd_step_in_float64(architecture, d_in, d_out, aux_k, activation):
+    plain, fast = _pair(architecture, d_in, d_out, activation)
     # dead_after_rows small so AuxK has dead latents to work with from the second step.
     cfg = TrainSection(aux_k=aux_k, dead_after_rows=1, grad_clip=0.5)  # silent in a step = dead: AuxK always has work
     opts = [torch.optim.Adam(m.parameters(), lr=1e-2, fused=True) for m in (plain, fast)]
@@ -47,6 +48,8 @@ def test_fast_step_matches_plain_autograd_step_in_float64(architecture, d_in, d_
         assert m_fast["aux_loss"] == pytest.approx(m_plain["aux_loss"], rel=1e-10, abs=1e-12)
         aux_seen |= m_plain["aux_loss"] > 0
     assert torch.equal(clocks[0], clocks[1])
+    if activation == "batchtopk":  # rows kept more than k (and, in some, more than the first 4k candidates)
+        assert m_fast["l0"] == pytest.approx(4.0) and m_plain["l0"] == pytest.approx(m_fast["l0"])
     if aux_k:
         assert aux_seen, "the test should exercise AuxK"
     for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
@@ -174,3 +177,17 @@ def test_refit_accumulates_the_exact_gram_and_cross_products_of_the_codes(use_ke
     w = torch.cat([torch.full((100,), 2.0), torch.ones(200)]).double()
     torch.testing.assert_close(refit.gram.view(n + 1, n + 1), z.t() @ (z * w[:, None]), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(refit.cross, z.t() @ (y.double() * w[:, None]), rtol=1e-5, atol=1e-5)
+
+
+def test_batch_topk_keeps_the_batch_s_k_times_b_largest_even_when_one_row_holds_most_of_them():
+    gen = torch.Generator().manual_seed(3)
+    pre = torch.randn(16, 200, generator=gen, dtype=torch.float64)
+    pre[0] += 10.0  # row 0 holds far more than its 4k first candidates of the batch's top k·B
+    k = 5
+    values, idx = topk_rows(pre, 4 * k)
+    _, idx, acts = FastTopKStep._batch_topk(pre, None, values, idx, torch.relu(values), k)
+    dense = torch.zeros_like(pre).scatter(1, idx, acts)
+    cfg = DictionaryConfig("sae", 4, 4, 200, "batchtopk", k, "a", "a")
+    want = Dictionary(cfg, seed=0).double().activate(pre, training=True)
+    assert (dense > 0).sum(1)[0] > 4 * k  # the candidates widened
+    torch.testing.assert_close(dense, want)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-NAME = "saeclt_kernels_v12"
+NAME = "saeclt_kernels_v13"
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -202,7 +202,7 @@ void decode_backward_impl(const int64_t* ip, const T* ap, const TW* wp, const T*
                           int64_t d, int64_t n, T s, T ys, T* hp, T* gp, c10::BFloat16* glp, T* gap, T* sp) {
   at::parallel_for(0, rows, 32, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      T* h = hp + r * d;
+      T* h = gp + r * d;  // ŷ is built in g's row, then turned into the error gradient in place
       std::copy(bp, bp + d, h);
       for (int64_t j = 0; j < k; ++j) {
         const T a = ap[r * k + j];
@@ -213,8 +213,9 @@ void decode_backward_impl(const int64_t* ip, const T* ap, const TW* wp, const T*
 _Pragma("omp simd")
         for (int64_t i = 0; i < d; ++i) h[i] += a * static_cast<T>(load_float(w, i));
       }
+      if (hp) std::copy(h, h + d, hp + r * d);
       const T* yr = yp + r * d;
-      T* gr = gp + r * d;
+      T* gr = h;
       T sq = 0;
 _Pragma("omp simd reduction(+ : sq)")
       for (int64_t i = 0; i < d; ++i) {
@@ -241,14 +242,14 @@ _Pragma("omp simd reduction(+ : dot)")
   });
 }
 
-// Returns (y_hat, g, g_acts, sq_err[, g as bf16 when low_g]). W may be bfloat16 with float32 acts,
+// Returns (y_hat (empty unless want_y_hat), g, g_acts, sq_err[, g as bf16 when low_g]). W may be bfloat16 with float32 acts,
 // bias and y (a bf16 copy of the decoder halves the memory traffic of the gathers).
 std::vector<torch::Tensor> decode_backward(torch::Tensor idx, torch::Tensor acts, torch::Tensor W, torch::Tensor bias,
-                                           torch::Tensor y, double scale, double sign, bool low_g) {
+                                           torch::Tensor y, double scale, double sign, bool low_g, bool want_y_hat) {
   TORCH_CHECK(idx.is_contiguous() && acts.is_contiguous() && W.is_contiguous() && y.is_contiguous() && bias.is_contiguous(),
               "decode_backward: expected contiguous tensors");
   const int64_t rows = idx.size(0), k = idx.size(1), d = W.size(1), n = W.size(0);
-  auto y_hat = torch::empty({rows, d}, y.options());
+  auto y_hat = torch::empty({want_y_hat ? rows : 0, d}, y.options());
   auto g = torch::empty({rows, d}, y.options());
   auto g_acts = torch::empty({rows, k}, y.options());
   auto sq_err = torch::empty({rows}, y.options());
@@ -259,13 +260,13 @@ std::vector<torch::Tensor> decode_backward(torch::Tensor idx, torch::Tensor acts
   if (W.scalar_type() == at::kBFloat16) {
     TORCH_CHECK(y.scalar_type() == at::kFloat, "decode_backward: a bf16 decoder needs float32 acts and targets");
     decode_backward_impl<float, c10::BFloat16>(ip, acts.data_ptr<float>(), W.data_ptr<c10::BFloat16>(), bias.data_ptr<float>(),
-                                               y.data_ptr<float>(), rows, k, d, n, float(scale), float(sign), y_hat.data_ptr<float>(),
+                                               y.data_ptr<float>(), rows, k, d, n, float(scale), float(sign), want_y_hat ? y_hat.data_ptr<float>() : nullptr,
                                                g.data_ptr<float>(), glp, g_acts.data_ptr<float>(), sq_err.data_ptr<float>());
   } else {
     AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "decode_backward", [&] {
       decode_backward_impl<scalar_t, scalar_t>(ip, acts.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
                                                y.data_ptr<scalar_t>(), rows, k, d, n, scalar_t(scale), scalar_t(sign),
-                                               y_hat.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), glp, g_acts.data_ptr<scalar_t>(),
+                                               want_y_hat ? y_hat.data_ptr<scalar_t>() : nullptr, g.data_ptr<scalar_t>(), glp, g_acts.data_ptr<scalar_t>(),
                                                sq_err.data_ptr<scalar_t>());
     });
   }
@@ -381,7 +382,8 @@ void gram_accumulate(torch::Tensor idx, torch::Tensor acts, torch::Tensor gram, 
 }
 
 std::vector<torch::Tensor> latent_grads(torch::Tensor idx, torch::Tensor wa, torch::Tensor xa, torch::Tensor wb,
-                                        torch::Tensor xb, int64_t n, int64_t range_bytes) {
+                                        torch::Tensor xb, int64_t n, int64_t range_bytes,
+                                        c10::optional<torch::Tensor> ga_out, c10::optional<torch::Tensor> gb_out) {
   TORCH_CHECK(idx.is_contiguous() && wa.is_contiguous() && xa.is_contiguous() && wb.is_contiguous() && xb.is_contiguous(),
               "latent_grads: expected contiguous tensors");
   TORCH_CHECK(idx.numel() == 0 || (idx.min().item<int64_t>() >= 0 && idx.max().item<int64_t>() < n),
@@ -389,8 +391,13 @@ std::vector<torch::Tensor> latent_grads(torch::Tensor idx, torch::Tensor wa, tor
   const int64_t rows = idx.size(0), k = idx.size(1), da = xa.size(1), db = xb.size(1);
   // bf16 inputs (x and the error gradient as bf16 copies: half the traffic) accumulate in float32
   const auto out_options = wa.options();
-  auto ga_t = torch::empty({da, n}, out_options);
-  auto gb = torch::empty({n, db}, out_options);
+  // the weight gradients may be written into the previous step's buffers (no fresh pages each step)
+  const auto reuse = [&](const c10::optional<torch::Tensor>& t, int64_t a, int64_t b) {
+    return t.has_value() && t->defined() && t->is_contiguous() && t->dim() == 2 && t->size(0) == a && t->size(1) == b &&
+           t->scalar_type() == wa.scalar_type();
+  };
+  auto ga_t = reuse(ga_out, da, n) ? *ga_out : torch::empty({da, n}, out_options);
+  auto gb = reuse(gb_out, n, db) ? *gb_out : torch::empty({n, db}, out_options);
   auto gbias = torch::empty({n}, out_options);
   auto fired = torch::zeros({n}, idx.options());  // ranges left empty stay zero
   if (xa.scalar_type() == at::kBFloat16) {

@@ -136,12 +136,14 @@ class FastTopKStep:
         # and g, half the bytes of these memory-bound passes; sums, errors and gradients stay
         # float32.) The scatter also counts how often each latent fired.
         scale = 2.0 / n_rows
+        # last step's gradients (already applied by Adam) are this step's output buffers
+        reuse = (W_enc.grad, W_dec.grad) if W_enc.grad is not None and W_dec.grad is not None else None
         if self.bf16:
             _, g_yhat, g_pre, sq_err, g_low = decode_backward(idx, acts, W_dec.to(dtype), b_dec, y, scale, low_g=True)
-            g_W_enc, g_W_dec, g_b_enc, counts = latent_grads(idx, g_pre, x_low, acts, g_low, n_latents)
+            g_W_enc, g_W_dec, g_b_enc, counts = latent_grads(idx, g_pre, x_low, acts, g_low, n_latents, out=reuse)
         else:
             _, g_yhat, g_pre, sq_err = decode_backward(idx, acts, W_dec, b_dec, y, scale)
-            g_W_enc, g_W_dec, g_b_enc, counts = latent_grads(idx, g_pre, x_in, acts, g_yhat, n_latents)
+            g_W_enc, g_W_dec, g_b_enc, counts = latent_grads(idx, g_pre, x_in, acts, g_yhat, n_latents, out=reuse)
         mse = sq_err.sum() / n_rows
         g_b_dec = g_yhat.sum(0)
 

@@ -54,16 +54,18 @@ def topk_rows_torch(x: torch.Tensor, k: int, bias: torch.Tensor | None = None) -
 
 
 def decode_backward(idx: torch.Tensor, acts: torch.Tensor, W: torch.Tensor, bias: torch.Tensor, y: torch.Tensor,
-                    scale: float, sign: float = 1.0, low_g: bool = False) -> tuple[torch.Tensor, ...]:
+                    scale: float, sign: float = 1.0, low_g: bool = False, want_y_hat: bool = False) -> tuple[torch.Tensor, ...]:
     """(ŷ, g = scale·(ŷ - sign·y), g_acts [B, k] = g·W[idx] masked to acts > 0, |ŷ - sign·y|² per row),
-    plus g as bfloat16 when ``low_g``. ``W`` may be a bfloat16 copy of the decoder (float32 acts,
+    plus g as bfloat16 when ``low_g``. ŷ itself is only returned when ``want_y_hat`` (the compiled
+    kernel builds it inside g's rows; otherwise the first element is empty or ignorable). ``W`` may be a bfloat16 copy of the decoder (float32 acts,
     bias and y): the gathers then move half the bytes, the arithmetic stays float32."""
     kernel = _use_kernel(acts, W, y)
     low_w = W.dtype == torch.bfloat16 and acts.dtype == torch.float32
     if kernel and acts.dtype == y.dtype == bias.dtype and (W.dtype == acts.dtype or low_w) \
             and acts.dtype in (torch.float32, torch.float64):
         return tuple(kernel.decode_backward(idx.contiguous(), acts.contiguous(), W.detach().contiguous(),
-                                            bias.detach().contiguous(), y.contiguous(), float(scale), float(sign), low_g))
+                                            bias.detach().contiguous(), y.contiguous(), float(scale), float(sign), low_g,
+                                            want_y_hat))
     out = decode_backward_torch(idx, acts, W.to(acts.dtype), bias, y, scale, sign)
     return (*out, out[1].to(torch.bfloat16)) if low_g else out
 
@@ -76,16 +78,19 @@ def decode_backward_torch(idx, acts, W, bias, y, scale, sign=1.0):
 
 
 def latent_grads(idx: torch.Tensor, wa: torch.Tensor, xa: torch.Tensor, wb: torch.Tensor, xb: torch.Tensor,
-                 n_latents: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 n_latents: int, out: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For the active entries (b, j) of latent l = idx[b, j]: (Σ wa·xa[b] as [d_a, n] (transposed),
     Σ wb·xb[b] as [n, d_b], Σ wa as [n], the count of entries with wb ≠ 0 as [n] int64; with wb the
     activations, how often each latent fired). ``xa`` and ``xb`` may be bfloat16 copies (float32
-    weights; sums in float32)."""
+    weights; sums in float32). ``out``: buffers of the right shapes to write the two weight
+    gradients into (the compiled kernel reuses them; others may ignore them)."""
     kernel = _use_kernel(wa, xa, wb, xb)
     low_x = xa.dtype == xb.dtype == torch.bfloat16 and wa.dtype == torch.float32  # bf16 copies of the rows
     if kernel and wa.dtype == wb.dtype and (wa.dtype == xa.dtype == xb.dtype or low_x) and wa.dtype in (torch.float32, torch.float64):
+        ga_out, gb_out = out if out is not None else (None, None)
         return tuple(kernel.latent_grads(idx.contiguous(), wa.contiguous(), xa.contiguous(), wb.contiguous(),
-                                         xb.contiguous(), n_latents, 1 << 20))
+                                         xb.contiguous(), n_latents, 1 << 20, ga_out, gb_out))
     return latent_grads_torch(idx, wa, xa.to(wa.dtype), wb, xb.to(wb.dtype), n_latents)
 
 

@@ -96,7 +96,7 @@ def test_compiled_decode_and_latent_gradients_match_the_torch_reference(dtype):
     bias, y = torch.randn(d_out, generator=gen, dtype=dtype), torch.randn(n_rows, d_out, generator=gen, dtype=dtype)
     x = torch.randn(n_rows, d_in, generator=gen, dtype=dtype)
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
-    got = kernels.decode_backward(idx, acts, W, bias, y, 0.25)
+    got = kernels.decode_backward(idx, acts, W, bias, y, 0.25, want_y_hat=True)
     want = kernels.decode_backward_torch(idx, acts, W, bias, y, 0.25)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **tol)
@@ -120,7 +120,7 @@ def test_bf16_copies_of_decoder_and_rows_give_the_float32_sums_of_the_rounded_va
     W, bias = torch.randn(n, d, generator=gen), torch.randn(d, generator=gen)
     y, x = torch.randn(n_rows, d, generator=gen), torch.randn(n_rows, d, generator=gen)
     W_low, x_low = W.to(torch.bfloat16), x.to(torch.bfloat16)
-    y_hat, g, g_acts, sq, g_low = kernels.decode_backward(idx, acts, W_low, bias, y, 0.5, low_g=True)
+    y_hat, g, g_acts, sq, g_low = kernels.decode_backward(idx, acts, W_low, bias, y, 0.5, low_g=True, want_y_hat=True)
     want = kernels.decode_backward_torch(idx, acts, W_low.float(), bias, y, 0.5)
     for a, b in zip((y_hat, g, g_acts, sq), want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -19,7 +19,8 @@ three operations of ``kernels.py`` (compiled CPU kernels, or their torch referen
 
 Then the same decoder-gradient projection, clipping, Adam and renormalisation as the plain
 step. ``precision: bf16`` runs the encoder matmul in bfloat16 (weights cast once per step,
-fp32 master weights and everything else fp32). Tests pin it to the plain step (exactly in
+fp32 master weights) and lets the gathers and scatters read bf16 copies of W_dec, the input and
+the error gradient; sums, errors, gradients and Adam stay fp32. Tests pin it to the plain step (exactly in
 float64); ``benchmarks/train_throughput.py`` measures both.
 """
 
@@ -82,7 +83,7 @@ class FastTopKStep:
         self.want_metrics = True  # False: return only the loss (the training loop asks on logging steps)
 
     @staticmethod
-    def _batch_topk(pre, bias, values, idx, acts, k):
+    def _batch_topk(pre, bias, idx, acts, k):
         """BatchTopK: of each row's largest candidates, keep the k·B largest activations of the
         whole batch (the rest become inactive entries, which the kernels skip). Exact while no
         row holds more than its candidates of the batch's top k·B; else the candidates widen."""
@@ -98,7 +99,7 @@ class FastTopKStep:
             values, idx = topk_rows(pre, min(n_latents, 2 * idx.shape[1]), bias)
             acts = torch.relu(values.to(acts.dtype))
         acts = torch.where(acts >= threshold, acts, torch.zeros_like(acts)) if threshold > 0 else acts
-        return values, idx, acts
+        return idx, acts
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, y: torch.Tensor, rows_since_fired: torch.Tensor, lr: float) -> dict[str, float]:
@@ -129,7 +130,7 @@ class FastTopKStep:
             values, idx = topk_rows(pre, per_row)
         acts = torch.relu(values.to(x.dtype))
         if self.batch_topk:
-            values, idx, acts = self._batch_topk(pre, b_enc if self.bf16 else None, values, idx, acts, k)
+            idx, acts = self._batch_topk(pre, b_enc if self.bf16 else None, idx, acts, k)
 
         # The decoder as a gather of k rows, and the backward of the reconstruction loss through
         # the active entries only. (bf16: the gathers and scatters read bf16 copies of W_dec, x

@@ -56,9 +56,10 @@ def topk_rows_torch(x: torch.Tensor, k: int, bias: torch.Tensor | None = None) -
 def decode_backward(idx: torch.Tensor, acts: torch.Tensor, W: torch.Tensor, bias: torch.Tensor, y: torch.Tensor,
                     scale: float, sign: float = 1.0, low_g: bool = False, want_y_hat: bool = False) -> tuple[torch.Tensor, ...]:
     """(ŷ, g = scale·(ŷ - sign·y), g_acts [B, k] = g·W[idx] masked to acts > 0, |ŷ - sign·y|² per row),
-    plus g as bfloat16 when ``low_g``. ŷ itself is only returned when ``want_y_hat`` (the compiled
-    kernel builds it inside g's rows; otherwise the first element is empty or ignorable). ``W`` may be a bfloat16 copy of the decoder (float32 acts,
-    bias and y): the gathers then move half the bytes, the arithmetic stays float32."""
+    plus g as bfloat16 when ``low_g``. ŷ is only guaranteed when ``want_y_hat`` (the compiled kernel
+    builds it inside g's rows and otherwise returns an empty tensor first). ``W`` may be a bfloat16
+    copy of the decoder (float32 acts, bias and y): the gathers then move half the bytes, the
+    arithmetic stays float32."""
     kernel = _use_kernel(acts, W, y)
     low_w = W.dtype == torch.bfloat16 and acts.dtype == torch.float32
     if kernel and acts.dtype == y.dtype == bias.dtype and (W.dtype == acts.dtype or low_w) \

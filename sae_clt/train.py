@@ -291,8 +291,10 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
 
     # Model, optimiser and the state a checkpoint carries
     model = make_dictionary(spec, store, norm)
-    if cfg.init == "data" or cfg.b_dec_init != "zeros":
+    jumprelu_auto = spec.model.activation == "jumprelu" and spec.model.jumprelu_init_threshold is None
+    if cfg.init == "data" or cfg.b_dec_init != "zeros" or jumprelu_auto:  # one sample serves every data-based init
         x0, y0 = sample_rows(loader, model.cfg.d_sae, cfg.seed)
+    if cfg.init == "data" or cfg.b_dec_init != "zeros":
         with torch.no_grad():
             if cfg.b_dec_init == "mean":
                 model.b_dec.copy_(y0.mean(0))
@@ -300,8 +302,8 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
                 model.b_dec.copy_(geometric_median(y0))
         if cfg.init == "data":
             model.init_from_data(x0, y0)
-    if spec.model.activation == "jumprelu" and spec.model.jumprelu_init_threshold is None:
-        init_jumprelu_thresholds(model, sample_rows(loader, model.cfg.d_sae, cfg.seed)[0], spec.model.k)
+    if jumprelu_auto:  # after any data init: the thresholds are quantiles of the initial encoder's outputs
+        init_jumprelu_thresholds(model, x0, spec.model.k)
     world.broadcast_params(model)  # initialisation sampled rank-local rows: rank 0's wins
     opt = make_optimizer(model, cfg)
     rows_since_fired = torch.zeros(model.cfg.d_sae, dtype=torch.long)

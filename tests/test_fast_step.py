@@ -185,7 +185,7 @@ def test_batch_topk_keeps_the_batch_s_k_times_b_largest_even_when_one_row_holds_
     pre[0] += 10.0  # row 0 holds far more than its 4k first candidates of the batch's top k·B
     k = 5
     values, idx = topk_rows(pre, 4 * k)
-    _, idx, acts = FastTopKStep._batch_topk(pre, None, values, idx, torch.relu(values), k)
+    idx, acts = FastTopKStep._batch_topk(pre, None, idx, torch.relu(values), k)
     dense = torch.zeros_like(pre).scatter(1, idx, acts)
     cfg = DictionaryConfig("sae", 4, 4, 200, "batchtopk", k, "a", "a")
     want = Dictionary(cfg, seed=0).double().activate(pre, training=True)

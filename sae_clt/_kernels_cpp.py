@@ -7,7 +7,9 @@ Three kernels, each replacing a chain of torch calls that would materialise larg
   its gradient, and the gradient of the k selected activations, in one pass over each row;
 - ``latent_grads``: both weight gradients (and the encoder bias gradient) as scatters of the k
   active entries per row, each thread owning a range of latents so that no atomics are needed;
-- ``gram_accumulate``: the decoder refit's ZᵀZ from the sparse codes, row by row.
+- ``gram_accumulate``: the decoder refit's ZᵀZ from the sparse codes, row by row;
+- ``adam_rows``: Adam on a weight matrix in one pass, with the decoder's gradient projection and
+  row renormalisation and the bf16 copy the next step's matmul and gathers read fused in.
 
 Built on first use with ``-O3 -march=native`` (the build happens on the machine that runs it).
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import sys
 
-NAME = "saeclt_kernels_v13"
+NAME = "saeclt_kernels_v15"
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -87,7 +89,9 @@ void topk_impl(const T* xp, const float* bias, int64_t rows, int64_t cols, int64
   constexpr int64_t PER_GROUP = 16;
   const int64_t G = std::max<int64_t>(k, (cols + PER_GROUP - 1) / PER_GROUP);
   const int64_t full = cols / G;  // chunks of G entries that are complete
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+  // (Lambdas capture by value throughout: captured by reference, the scalars could alias the
+  // rows written through the pointers, and the compiler reloads them in every inner loop.)
+  at::parallel_for(0, rows, 16, [=](int64_t begin, int64_t end) {
     std::vector<A> row(cols), gmax(G), cv(cols + 16);
     std::vector<int64_t> ci(cols + 16);
     std::vector<std::pair<A, int64_t>> cand;
@@ -200,7 +204,7 @@ std::vector<torch::Tensor> topk_rows(torch::Tensor x, int64_t k, c10::optional<t
 template <typename T, typename TW>
 void decode_backward_impl(const int64_t* ip, const T* ap, const TW* wp, const T* bp, const T* yp, int64_t rows, int64_t k,
                           int64_t d, int64_t n, T s, T ys, T* hp, T* gp, c10::BFloat16* glp, T* gap, T* sp) {
-  at::parallel_for(0, rows, 32, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, 32, [=](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       T* h = gp + r * d;  // ŷ is built in g's row, then turned into the error gradient in place
       std::copy(bp, bp + d, h);
@@ -304,10 +308,11 @@ void latent_grads_impl(const int64_t* ip, const T* wap, const TX* xap, const T* 
     const int64_t at_ = std::lower_bound(count.begin(), count.end(), entries * t / P) - count.begin();
     split[t] = std::max(split[t - 1], std::min(at_, n));
   }
-  at::parallel_for(0, P, 1, [&](int64_t t_begin, int64_t t_end) {
+  const int64_t* splits = split.data();
+  at::parallel_for(0, P, 1, [=](int64_t t_begin, int64_t t_end) {
     std::vector<T> acc, bias_acc;
     for (int64_t t = t_begin; t < t_end; ++t) {
-      const int64_t lo = split[t], hi = split[t + 1];
+      const int64_t lo = splits[t], hi = splits[t + 1];
       if (hi <= lo) continue;
       acc.assign((hi - lo) * da, T(0));
       bias_acc.assign(hi - lo, T(0));
@@ -368,14 +373,77 @@ void gram_accumulate(torch::Tensor idx, torch::Tensor acts, torch::Tensor gram, 
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
     for (int64_t e = 0; e < entries; ++e) order[fill[ip[e]]++] = e;
   }
-  at::parallel_for(0, n, 64, [&](int64_t lo, int64_t hi) {
+  const int64_t* starts = start.data();
+  const int64_t* orders = order.data();
+  at::parallel_for(0, n, 64, [=](int64_t lo, int64_t hi) {
     for (int64_t l = lo; l < hi; ++l) {
       double* row = gp + l * stride;
-      for (int64_t q = start[l]; q < start[l + 1]; ++q) {
-        const int64_t e = order[q], r = e / k;
+      for (int64_t q = starts[l]; q < starts[l + 1]; ++q) {
+        const int64_t e = orders[q], r = e / k;
         const double a = weight * static_cast<double>(ap[e]);
         if (a == 0) continue;
         for (int64_t j = 0; j < k; ++j) row[ip[r * k + j]] += a * static_cast<double>(ap[r * k + j]);
+      }
+    }
+  });
+}
+
+// Adam (torch.optim.Adam's update: no weight decay, no amsgrad) on a float32 matrix in one pass
+// per row, with what the fast step does around it fused in: ``project``: the gradient's
+// component along the (unit) row removed first, as Dictionary.remove_parallel_grad;
+// ``normalize``: the row rescaled to unit norm after, as Dictionary.normalize_decoder; ``low``: a
+// bf16 copy of the updated weights written too. The separate torch calls read and wrote the
+// matrix (and its gradient) five or six times; this reads p, g, m, v once and writes p, m, v.
+void adam_rows(torch::Tensor p, torch::Tensor g, torch::Tensor m, torch::Tensor v, double lr, double beta1, double beta2,
+               double eps, double step, bool project, bool normalize, c10::optional<torch::Tensor> low) {
+  TORCH_CHECK(p.scalar_type() == at::kFloat && g.scalar_type() == at::kFloat && m.scalar_type() == at::kFloat &&
+              v.scalar_type() == at::kFloat, "adam_rows: float32 tensors expected");
+  TORCH_CHECK(p.is_contiguous() && g.is_contiguous() && m.is_contiguous() && v.is_contiguous() && p.dim() == 2 &&
+              g.sizes() == p.sizes() && m.sizes() == p.sizes() && v.sizes() == p.sizes(), "adam_rows: contiguous tensors of one shape");
+  c10::BFloat16* lp = nullptr;
+  if (low.has_value() && low->defined()) {
+    TORCH_CHECK(low->scalar_type() == at::kBFloat16 && low->is_contiguous() && low->sizes() == p.sizes(), "adam_rows: bad bf16 copy");
+    lp = low->data_ptr<c10::BFloat16>();
+  }
+  const int64_t rows = p.size(0), cols = p.size(1);
+  const float b1 = float(beta1), b2 = float(beta2), e = float(eps);
+  const float step_size = float(lr / (1.0 - std::pow(beta1, step)));
+  const float bc2_sqrt = float(std::sqrt(1.0 - std::pow(beta2, step)));
+  float* pp = p.data_ptr<float>();
+  const float* gp = g.data_ptr<float>();
+  float* mp = m.data_ptr<float>();
+  float* vp = v.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [=](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* pr = pp + r * cols;
+      const float* gr = gp + r * cols;
+      float* mr = mp + r * cols;
+      float* vr = vp + r * cols;
+      float along = 0;
+      if (project) {
+_Pragma("omp simd reduction(+ : along)")
+        for (int64_t i = 0; i < cols; ++i) along += gr[i] * pr[i];
+      }
+      float sq = 0;
+_Pragma("omp simd reduction(+ : sq)")
+      for (int64_t i = 0; i < cols; ++i) {
+        const float gi = gr[i] - along * pr[i];
+        const float mi = mr[i] + (1.0f - b1) * (gi - mr[i]);
+        const float vi = b2 * vr[i] + (1.0f - b2) * gi * gi;
+        mr[i] = mi;
+        vr[i] = vi;
+        const float pi = pr[i] - step_size * mi / (std::sqrt(vi) / bc2_sqrt + e);
+        pr[i] = pi;
+        sq += pi * pi;
+      }
+      if (normalize) {
+        const float inv = 1.0f / std::max(std::sqrt(sq), 1e-8f);
+_Pragma("omp simd")
+        for (int64_t i = 0; i < cols; ++i) pr[i] *= inv;
+      }
+      if (lp) {
+        c10::BFloat16* lr_ = lp + r * cols;
+        for (int64_t i = 0; i < cols; ++i) lr_[i] = c10::BFloat16(pr[i]);
       }
     }
   });
@@ -429,5 +497,5 @@ def build():
     if not list(Path(_get_build_directory(NAME, verbose=False)).glob("*.so")):
         print("saeclt: building the compiled CPU kernels (once, ~1 min; SAECLT_KERNELS=torch skips them)",
               file=sys.stderr, flush=True)
-    return load_inline(name=NAME, cpp_sources=[SOURCE], functions=["topk_rows", "decode_backward", "latent_grads", "gram_accumulate"],
-                       extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+    return load_inline(name=NAME, cpp_sources=[SOURCE], functions=["topk_rows", "decode_backward", "latent_grads", "gram_accumulate", "adam_rows"],
+                       extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)

@@ -18,7 +18,8 @@ three operations of ``kernels.py`` (compiled CPU kernels, or their torch referen
     AuxK      the same operations on the dead latents' columns of ``pre``.
 
 Then the same decoder-gradient projection, clipping, Adam and renormalisation as the plain
-step. ``precision: bf16`` runs the encoder matmul in bfloat16 (weights cast once per step,
+step; with torch's Adam and no clipping, the weight matrices' update is one fused pass
+(``kernels.adam_update``: projection, Adam, renormalisation and the next step's bf16 copy). ``precision: bf16`` runs the encoder matmul in bfloat16 (weights cast once per step,
 fp32 master weights) and lets the gathers and scatters read bf16 copies of W_dec, the input and
 the error gradient; sums, errors, gradients and Adam stay fp32. Tests pin it to the plain step (exactly in
 float64); ``benchmarks/train_throughput.py`` measures both.
@@ -29,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from .dictionary import Dictionary
-from .kernels import decode_backward, latent_grads, topk_rows
+from .kernels import adam_update, decode_backward, latent_grads, topk_rows
 from .train import FIRING
 
 
@@ -81,6 +82,55 @@ class FastTopKStep:
         self.refit = None  # a refit.DecoderRefit collecting this step's codes, when set
         self.refit_weight = 1.0
         self.want_metrics = True  # False: return only the loss (the training loop asks on logging steps)
+        self._adam_group = self._fused_adam_group()
+        self._low: dict[str, tuple[torch.Tensor, int]] = {}  # bf16 copies of the weights and the version they copy
+
+    def _fused_adam_group(self) -> dict | None:
+        """The param group of the weight matrices when their update can run as one fused pass
+        (torch's Adam without weight decay, amsgrad or clipping, float32 weights), else None."""
+        model, opt = self.model, self.opt
+        if type(opt) is not torch.optim.Adam or self.cfg.grad_clip is not None or model.W_enc.dtype != torch.float32:
+            return None
+        for group in opt.param_groups:
+            ids = {id(p) for p in group["params"]}
+            if id(model.W_enc) in ids and id(model.W_dec) in ids:
+                plain = not (group["weight_decay"] or group["amsgrad"] or group["maximize"] or group.get("capturable")
+                             or group.get("differentiable") or group.get("decoupled_weight_decay"))
+                return group if plain else None
+        return None
+
+    def _bf16(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """A bf16 copy of a weight matrix: the one the fused update wrote, while nothing has written
+        the weights since (their version counter), else made afresh."""
+        low, version = self._low.get(name, (None, None))
+        if low is None or version != weight._version or low.shape != weight.shape:
+            low = weight.detach().to(torch.bfloat16)
+            self._low[name] = (low, weight._version)
+        return low
+
+    def _fused_weight_update(self) -> None:
+        """Adam on W_enc and W_dec in one pass each (W_dec's gradient projected onto its rows'
+        complement first and its rows renormalised after, as the plain step), writing the bf16
+        copies the next step reads; the biases go through the optimizer as usual."""
+        model, group = self.model, self._adam_group
+        beta1, beta2 = group["betas"]
+        for name, project in (("W_enc", False), ("W_dec", True)):
+            weight = getattr(model, name)
+            state = self.opt.state[weight]
+            if not state:  # as torch.optim.Adam initialises it (fused: a float32 step count)
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
+            state["step"] += 1
+            low = None
+            if self.bf16:
+                low = self._low.get(name, (None, None))[0]
+                if low is None or low.shape != weight.shape:
+                    low = torch.empty(weight.shape, dtype=torch.bfloat16)
+            adam_update(weight, weight.grad, state["exp_avg"], state["exp_avg_sq"], group["lr"], beta1, beta2, group["eps"],
+                        float(state["step"]), project=project, normalize=project, low=low)
+            if low is not None:
+                self._low[name] = (low, weight._version)
 
     @staticmethod
     def _batch_topk(pre, bias, idx, acts, k):
@@ -120,7 +170,7 @@ class FastTopKStep:
         per_row = min(n_latents, 4 * k) if self.batch_topk else k  # batchtopk: a row may keep more than k
         if self.bf16:
             x_low = torch.sub(x, b_dec, out=self._x_low) if sae else x.to(dtype)
-            W_low = W_enc.to(dtype)
+            W_low = self._bf16("W_enc", W_enc)
             pre = torch.mm(x_low, W_low, out=self._pre)
             values, idx = topk_rows(pre, per_row, b_enc)
             x_in = x_low  # what the weight-gradient scatters read
@@ -140,7 +190,7 @@ class FastTopKStep:
         # last step's gradients (already applied by Adam) are this step's output buffers
         reuse = (W_enc.grad, W_dec.grad) if W_enc.grad is not None and W_dec.grad is not None else None
         if self.bf16:
-            _, g_yhat, g_pre, sq_err, g_low = decode_backward(idx, acts, W_dec.to(dtype), b_dec, y, scale, low_g=True)
+            _, g_yhat, g_pre, sq_err, g_low = decode_backward(idx, acts, self._bf16("W_dec", W_dec), b_dec, y, scale, low_g=True)
             g_W_enc, g_W_dec, g_b_enc, counts = latent_grads(idx, g_pre, x_low, acts, g_low, n_latents, out=reuse)
         else:
             _, g_yhat, g_pre, sq_err = decode_backward(idx, acts, W_dec, b_dec, y, scale)
@@ -185,11 +235,18 @@ class FastTopKStep:
         W_enc.grad, b_enc.grad, W_dec.grad, b_dec.grad = g_W_enc, g_b_enc, g_W_dec, g_b_dec
         if self.world is not None:
             self.world.average_grads(model.parameters())
-        model.remove_parallel_grad()
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        self.opt.step()
-        model.normalize_decoder()
+        if self._adam_group is not None:
+            W_enc.grad = W_dec.grad = None  # the optimizer updates the biases only
+            self.opt.step()
+            W_enc.grad, W_dec.grad = g_W_enc, g_W_dec
+            self._fused_weight_update()
+        else:
+            model.remove_parallel_grad()
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            self.opt.step()
+            model.normalize_decoder()
+            self._low.clear()  # (torch's fused Adam writes the weights without bumping their version)
         if not self.want_metrics:  # steps that are not logged skip the metrics' extra passes
             return {"loss": float(loss)}
         return {"loss": float(loss), "mse": float(mse), "aux_loss": float(aux),

@@ -7,6 +7,8 @@ pure-torch reference implementations otherwise.
   error per row, and the gradient of the k selected activations g·W[idx_j] (zero where a_j = 0).
 - ``latent_grads``: the two weight gradients (and the bias gradient) as scatters of the k
   active entries of each row into their latents' rows.
+- ``adam_update``: Adam on a weight matrix with the decoder's gradient projection, row
+  renormalisation and bf16 copy fused into the same pass.
 
 The kernels (C++ with OpenMP in ``_kernels_cpp.py``) are built on first use through torch's
 extension tooling when a C++ compiler and ninja are present; any failure to build falls back to
@@ -16,6 +18,7 @@ the torch versions, which are also the reference the tests compare against.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -100,6 +103,36 @@ def latent_grads_torch(idx, wa, xa, wb, xb, n_latents):
     bias_grad = torch.zeros(n_latents, dtype=wa.dtype).index_add_(0, idx.reshape(-1), wa.reshape(-1))
     fired = torch.bincount(idx[wb != 0], minlength=n_latents)
     return pattern.matmul(wa, xa).t().contiguous(), pattern.matmul(wb, xb), bias_grad, fired
+
+
+def adam_update(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, lr: float,
+                beta1: float, beta2: float, eps: float, step: float, project: bool = False, normalize: bool = False,
+                low: torch.Tensor | None = None) -> None:
+    """One step of torch.optim.Adam (no weight decay, no amsgrad; ``step`` counts this one) on the
+    matrix ``p``, in place, with ``exp_avg``/``exp_avg_sq`` its moments. ``project``: the gradient's
+    component along each (unit) row of ``p`` is dropped first; ``normalize``: rows rescaled to unit
+    norm after; ``low``: a bfloat16 tensor of p's shape that receives a copy of the new weights."""
+    kernel = _use_kernel(grad)
+    tensors = (p, grad, exp_avg, exp_avg_sq)
+    if kernel and all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors) and p.dim() == 2:
+        kernel.adam_rows(p.detach(), grad, exp_avg, exp_avg_sq, float(lr), float(beta1), float(beta2), float(eps),
+                         float(step), project, normalize, low)
+        return
+    adam_update_torch(p, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step, project, normalize, low)
+
+
+@torch.no_grad()
+def adam_update_torch(p, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step, project=False, normalize=False, low=None):
+    if project:
+        grad = grad - (grad * p).sum(dim=1, keepdim=True) * p
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+    p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
+    if normalize:
+        p /= p.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    if low is not None:
+        low.copy_(p)
 
 
 def gram_accumulate(idx: torch.Tensor, acts: torch.Tensor, gram: torch.Tensor, weight: float) -> None:

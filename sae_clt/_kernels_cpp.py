@@ -82,9 +82,12 @@ int64_t gather_ge<float>(const float* v, int64_t cols, float t, float* cv, int64
 // entries >= t0 (one SIMD compare per 16 entries, typically k to 1.2k of them); (4) the k largest
 // of those: by bisection on the candidates' values, or a partial sort where ties make that
 // ambiguous (ties go to the lower index, as torch.topk).
+// ``sel`` (n_sel column indices, may be null): those columns' scores are copied out too, into
+// ``sp`` [rows, n_sel], while the row is in cache (AuxK's dead latents, without a second pass).
 template <typename T>
 void topk_impl(const T* xp, const float* bias, int64_t rows, int64_t cols, int64_t k,
-               typename Acc<T>::type* vp, int64_t* ip) {
+               typename Acc<T>::type* vp, int64_t* ip, const int64_t* sel = nullptr, int64_t n_sel = 0,
+               typename Acc<T>::type* sp = nullptr) {
   using A = typename Acc<T>::type;
   constexpr int64_t PER_GROUP = 16;
   const int64_t G = std::max<int64_t>(k, (cols + PER_GROUP - 1) / PER_GROUP);
@@ -107,6 +110,7 @@ void topk_impl(const T* xp, const float* bias, int64_t rows, int64_t cols, int64
       } else {
         for (int64_t j = 0; j < cols; ++j) v[j] = static_cast<A>(load_float(src, j));
       }
+      for (int64_t q = 0; q < n_sel; ++q) sp[r * n_sel + q] = v[sel[q]];
       A* m = gmax.data();
       for (int64_t g = 0; g < G; ++g) m[g] = v[g];
       for (int64_t c = 1; c < full; ++c) {
@@ -171,8 +175,10 @@ void topk_impl(const T* xp, const float* bias, int64_t rows, int64_t cols, int64
 }  // namespace
 
 // (values, indices) of the k largest entries of each row of x (+ bias, when bias is defined).
-// Values are float32 (float64 for float64 input); order within a row is unspecified.
-std::vector<torch::Tensor> topk_rows(torch::Tensor x, int64_t k, c10::optional<torch::Tensor> bias) {
+// Values are float32 (float64 for float64 input); order within a row is unspecified. With
+// ``columns``, a third result holds those columns of x (+ bias) as [rows, len(columns)].
+std::vector<torch::Tensor> topk_rows(torch::Tensor x, int64_t k, c10::optional<torch::Tensor> bias,
+                                     c10::optional<torch::Tensor> columns) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "topk_rows: expected a contiguous 2-D tensor");
   const int64_t rows = x.size(0), cols = x.size(1);
   TORCH_CHECK(k >= 1 && k <= cols, "topk_rows: k out of range");
@@ -186,14 +192,31 @@ std::vector<torch::Tensor> topk_rows(torch::Tensor x, int64_t k, c10::optional<t
   }
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   int64_t* ip = indices.data_ptr<int64_t>();
+  torch::Tensor sel, picked;
+  const int64_t* selp = nullptr;
+  if (columns.has_value() && columns->defined()) {
+    sel = columns->to(at::kLong).contiguous();
+    TORCH_CHECK(sel.dim() == 1, "topk_rows: columns must be 1-D");
+    TORCH_CHECK(sel.numel() == 0 || (sel.min().item<int64_t>() >= 0 && sel.max().item<int64_t>() < cols),
+                "topk_rows: column index out of range");
+    selp = sel.data_ptr<int64_t>();
+    picked = torch::empty({rows, sel.numel()}, values.options());
+  }
+  const int64_t n_sel = sel.defined() ? sel.numel() : 0;
   switch (x.scalar_type()) {
-    case at::kBFloat16: topk_impl(x.data_ptr<c10::BFloat16>(), bp, rows, cols, k, values.data_ptr<float>(), ip); break;
-    case at::kFloat: topk_impl(x.data_ptr<float>(), bp, rows, cols, k, values.data_ptr<float>(), ip); break;
+    case at::kBFloat16:
+      topk_impl(x.data_ptr<c10::BFloat16>(), bp, rows, cols, k, values.data_ptr<float>(), ip, selp, n_sel,
+                picked.defined() ? picked.data_ptr<float>() : nullptr); break;
+    case at::kFloat:
+      topk_impl(x.data_ptr<float>(), bp, rows, cols, k, values.data_ptr<float>(), ip, selp, n_sel,
+                picked.defined() ? picked.data_ptr<float>() : nullptr); break;
     case at::kDouble:
       TORCH_CHECK(bp == nullptr, "topk_rows: no fused bias for float64");
-      topk_impl(x.data_ptr<double>(), nullptr, rows, cols, k, values.data_ptr<double>(), ip); break;
+      topk_impl(x.data_ptr<double>(), nullptr, rows, cols, k, values.data_ptr<double>(), ip, selp, n_sel,
+                picked.defined() ? picked.data_ptr<double>() : nullptr); break;
     default: TORCH_CHECK(false, "topk_rows: unsupported dtype");
   }
+  if (picked.defined()) return {values, indices, picked};
   return {values, indices};
 }
 

@@ -168,16 +168,22 @@ class FastTopKStep:
             self._pre = torch.empty(n_rows, n_latents, dtype=dtype)
             self._x_low = torch.empty(n_rows, x.shape[1], dtype=dtype)
         per_row = min(n_latents, 4 * k) if self.batch_topk else k  # batchtopk: a row may keep more than k
+        # AuxK's candidates: the latents that will count as dead unless they fire in this batch (a
+        # superset of the dead set found below); the top-k kernel copies their pre-activations out
+        # while it has each row in cache, instead of a second pass over the [B, d_sae] buffer.
+        batch_rows = n_rows * (self.world.size if self.world is not None else 1)
+        candidates = (rows_since_fired >= cfg.dead_after_rows - batch_rows).nonzero().squeeze(1) if cfg.aux_k else None
+        if candidates is not None and not candidates.numel():
+            candidates = None
         if self.bf16:
             x_low = torch.sub(x, b_dec, out=self._x_low) if sae else x.to(dtype)
-            W_low = self._bf16("W_enc", W_enc)
-            pre = torch.mm(x_low, W_low, out=self._pre)
-            values, idx = topk_rows(pre, per_row, b_enc)
+            pre = torch.mm(x_low, self._bf16("W_enc", W_enc), out=self._pre)
+            values, idx, *pre_candidates = topk_rows(pre, per_row, b_enc, columns=candidates)
             x_in = x_low  # what the weight-gradient scatters read
         else:
             x_in = (x - b_dec) if sae else x
             pre = torch.addmm(b_enc, x_in, W_enc, out=self._pre)
-            values, idx = topk_rows(pre, per_row)
+            values, idx, *pre_candidates = topk_rows(pre, per_row, columns=candidates)
         acts = torch.relu(values.to(x.dtype))
         if self.batch_topk:
             idx, acts = self._batch_topk(pre, b_enc if self.bf16 else None, idx, acts, k)
@@ -213,10 +219,9 @@ class FastTopKStep:
         aux = x.new_zeros(())
         dead_idx = dead.nonzero().squeeze(1)
         if cfg.aux_k and dead_idx.numel():
-            if self.bf16:  # a small matmul of the dead columns beats gathering them from pre
-                pre_dead = torch.mm(x_low, W_low.index_select(1, dead_idx)).to(x.dtype) + b_enc[dead_idx]
-            else:
-                pre_dead = pre.index_select(1, dead_idx)
+            pre_dead = pre_candidates[0].to(x.dtype)
+            if pre_dead.shape[1] != dead_idx.numel():  # some candidates fired in this batch: not dead
+                pre_dead = pre_dead[:, dead[candidates]]
             # the residual's variance from what is at hand: mean |e|² - |mean e|², e = ŷ - y = g_ŷ / scale
             mean_error = g_b_dec / (scale * n_rows)
             variance = float(mse) - float(mean_error @ mean_error)

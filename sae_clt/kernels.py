@@ -38,22 +38,26 @@ def _use_kernel(*tensors: torch.Tensor):
     return _load_kernel()
 
 
-def topk_rows(x: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_rows(x: torch.Tensor, k: int, bias: torch.Tensor | None = None, columns: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, ...]:
     """(values, indices) of the k largest entries of each row of ``x (+ bias)``, unsorted.
     Values are float32 (float64 for float64 input); the compiled kernel breaks ties towards the
-    lower index (torch.topk leaves that unspecified)."""
+    lower index (torch.topk leaves that unspecified). With ``columns`` (1-D indices), a third
+    result: those columns of ``x (+ bias)``, [rows, len(columns)], read in the same pass."""
     kernel = _use_kernel(x)
     if kernel and x.dim() == 2 and x.dtype in (torch.float32, torch.float64, torch.bfloat16) and x.is_contiguous() \
             and not (bias is not None and x.dtype == torch.float64):
-        return tuple(kernel.topk_rows(x, k, bias.detach() if bias is not None else None))
-    return topk_rows_torch(x, k, bias)
+        return tuple(kernel.topk_rows(x, k, bias.detach() if bias is not None else None, columns))
+    return topk_rows_torch(x, k, bias, columns)
 
 
-def topk_rows_torch(x: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_rows_torch(x: torch.Tensor, k: int, bias: torch.Tensor | None = None, columns: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, ...]:
     scores = x.double() if x.dtype == torch.float64 else x.float()
     if bias is not None:
         scores = scores + bias
-    return scores.topk(k, dim=-1, sorted=False)
+    values, indices = scores.topk(k, dim=-1, sorted=False)
+    return (values, indices) if columns is None else (values, indices, scores.index_select(1, columns))
 
 
 def decode_backward(idx: torch.Tensor, acts: torch.Tensor, W: torch.Tensor, bias: torch.Tensor, y: torch.Tensor,

@@ -59,14 +59,16 @@ def test_fast_step_matches_plain_autograd_step_in_float64(architecture, d_in, d_
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("shape, k", [((37, 3072), 32), ((5, 100), 7), ((3, 20), 20), ((8, 33), 1)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_topk_rows_selects_the_same_entries_as_torch_topk(dtype, shape, k, with_bias):
+def test_topk_rows_selects_the_same_entries_as_torch_topk_and_copies_out_asked_columns(dtype, shape, k, with_bias):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=gen).to(dtype)
     bias = torch.randn(shape[1], generator=gen) if with_bias and dtype != torch.float64 else None
-    values, indices = topk_rows(x, k, bias)
+    columns = torch.tensor([shape[1] - 1, 0, shape[1] // 2])  # e.g. AuxK's dead latents, copied out in the same pass
+    values, indices, picked = topk_rows(x, k, bias, columns=columns)
     scores = x.double() if dtype == torch.float64 else x.float()  # what the kernel ranks: float32 sums
     if bias is not None:
         scores = scores + bias
+    assert torch.equal(picked, scores.index_select(1, columns))
     ref_values, ref_indices = scores.topk(k, dim=-1)
     # The same values (bf16 has ties, where either tied entry is a correct choice) ...
     assert torch.equal(values.sort(-1).values, ref_values.sort(-1).values)

@@ -46,6 +46,90 @@ inline float load_float(const c10::BFloat16* p, int64_t j) {
 inline float load_float(const float* p, int64_t j) { return p[j]; }
 inline double load_float(const double* p, int64_t j) { return p[j]; }
 
+// Row primitives of the gathers, over m decoder rows wr[q] (float32/float64 or a bf16 copy), d
+// entries each:  h += Σ_q a[q]·wr[q]  and  out[q] = g·wr[q].  The generic versions go row by row
+// and leave vectorisation to the compiler. With AVX-512 (d a multiple of 16) the loops run the
+// other way round: for each 16-entry chunk of h or g, the products of all m rows, with several
+// vector accumulators. The loads of different rows are then independent (the row-by-row order
+// chained them through h, and the gathers waited on memory one row after another), and each dot
+// product is reduced once at the end.
+template <typename T, typename TW>
+void gather_rows(T* h, const T* a, const TW* const* wr, int64_t m, int64_t d) {
+  for (int64_t q = 0; q < m; ++q) {
+    const TW* w = wr[q];
+    const T aq = a[q];
+_Pragma("omp simd")
+    for (int64_t i = 0; i < d; ++i) h[i] += aq * static_cast<T>(load_float(w, i));
+  }
+}
+template <typename T, typename TW>
+void dot_rows(const T* g, const TW* const* wr, int64_t m, int64_t d, T* out) {
+  for (int64_t q = 0; q < m; ++q) {
+    const TW* w = wr[q];
+    T dot = 0;
+_Pragma("omp simd reduction(+ : dot)")
+    for (int64_t i = 0; i < d; ++i) dot += g[i] * static_cast<T>(load_float(w, i));
+    out[q] = dot;
+  }
+}
+#ifdef __AVX512F__
+inline __m512 load16_ps(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16_ps(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+template <typename TW>
+void gather_rows_avx512(float* h, const float* a, const TW* const* wr, int64_t m, int64_t d) {
+  for (int64_t i = 0; i < d; i += 16) {
+    __m512 s0 = _mm512_loadu_ps(h + i), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+    int64_t q = 0;
+    for (; q + 4 <= m; q += 4) {
+      s0 = _mm512_fmadd_ps(_mm512_set1_ps(a[q]), load16_ps(wr[q] + i), s0);
+      s1 = _mm512_fmadd_ps(_mm512_set1_ps(a[q + 1]), load16_ps(wr[q + 1] + i), s1);
+      s2 = _mm512_fmadd_ps(_mm512_set1_ps(a[q + 2]), load16_ps(wr[q + 2] + i), s2);
+      s3 = _mm512_fmadd_ps(_mm512_set1_ps(a[q + 3]), load16_ps(wr[q + 3] + i), s3);
+    }
+    for (; q < m; ++q) s0 = _mm512_fmadd_ps(_mm512_set1_ps(a[q]), load16_ps(wr[q] + i), s0);
+    _mm512_storeu_ps(h + i, _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+  }
+}
+template <typename TW>
+void dot_rows_avx512(const float* g, const TW* const* wr, int64_t m, int64_t d, float* out) {
+  constexpr int64_t U = 8;  // rows at a time: 8 independent accumulators keep both FMA units busy
+  int64_t q = 0;
+  for (; q + U <= m; q += U) {
+    __m512 acc[U];
+    for (int64_t u = 0; u < U; ++u) acc[u] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) {
+      const __m512 gv = _mm512_loadu_ps(g + i);
+      for (int64_t u = 0; u < U; ++u) acc[u] = _mm512_fmadd_ps(gv, load16_ps(wr[q + u] + i), acc[u]);
+    }
+    for (int64_t u = 0; u < U; ++u) out[q + u] = _mm512_reduce_add_ps(acc[u]);
+  }
+  for (; q < m; ++q) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(g + i), load16_ps(wr[q] + i), acc);
+    out[q] = _mm512_reduce_add_ps(acc);
+  }
+}
+#define SAECLT_ROWS_AVX512(TW)                                                                                  \
+  template <> void gather_rows<float, TW>(float* h, const float* a, const TW* const* wr, int64_t m, int64_t d) { \
+    if (d % 16 == 0) { gather_rows_avx512(h, a, wr, m, d); return; }                                           \
+    for (int64_t q = 0; q < m; ++q)                                                                            \
+      for (int64_t i = 0; i < d; ++i) h[i] += a[q] * load_float(wr[q], i);                                     \
+  }                                                                                                            \
+  template <> void dot_rows<float, TW>(const float* g, const TW* const* wr, int64_t m, int64_t d, float* out) {  \
+    if (d % 16 == 0) { dot_rows_avx512(g, wr, m, d, out); return; }                                            \
+    for (int64_t q = 0; q < m; ++q) {                                                                          \
+      float dot = 0;                                                                                           \
+      for (int64_t i = 0; i < d; ++i) dot += g[i] * load_float(wr[q], i);                                     \
+      out[q] = dot;                                                                                            \
+    }                                                                                                          \
+  }
+SAECLT_ROWS_AVX512(float)
+SAECLT_ROWS_AVX512(c10::BFloat16)
+#undef SAECLT_ROWS_AVX512
+#endif
+
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
 
@@ -223,48 +307,45 @@ std::vector<torch::Tensor> topk_rows(torch::Tensor x, int64_t k, c10::optional<t
 // For each row b:  y_hat[b] = bias + sum_j acts[b,j] W[idx[b,j]];  g[b] = scale (y_hat[b] - sign y[b]);
 // g_acts[b,j] = g[b] . W[idx[b,j]] where acts[b,j] > 0, else 0;  sq_err[b] = |y_hat[b] - sign y[b]|^2.
 // (sign lets AuxK fit the residual y - y_hat given the main loss's scaled error, without a pass to negate it.)
-// Returns (y_hat, g, g_acts, sq_err). Inactive entries (acts <= 0) are skipped.
+// Inactive entries (acts <= 0) are skipped. One pass per row: the k decoder rows it gathers stay
+// in L1 from the forward sum to the backward dot products. (Cutting W into L2-sized ranges of
+// rows, one pass each, was measured slower here once the gathers ran chunk-major.)
 template <typename T, typename TW>
 void decode_backward_impl(const int64_t* ip, const T* ap, const TW* wp, const T* bp, const T* yp, int64_t rows, int64_t k,
-                          int64_t d, int64_t n, T s, T ys, T* hp, T* gp, c10::BFloat16* glp, T* gap, T* sp) {
+                          int64_t d, T s, T ys, T* hp, T* gp, c10::BFloat16* glp, T* gap, T* sp) {
   at::parallel_for(0, rows, 32, [=](int64_t begin, int64_t end) {
+    std::vector<const TW*> wr(k);
+    std::vector<int64_t> pos(k);
+    std::vector<T> av(k), dots(k);
     for (int64_t r = begin; r < end; ++r) {
-      T* h = gp + r * d;  // ŷ is built in g's row, then turned into the error gradient in place
-      std::copy(bp, bp + d, h);
+      int64_t m = 0;  // the row's active entries
       for (int64_t j = 0; j < k; ++j) {
         const T a = ap[r * k + j];
+        gap[r * k + j] = 0;
         if (!(a > 0)) continue;
-        const int64_t l = ip[r * k + j];
-        TORCH_CHECK(l >= 0 && l < n, "decode_backward: index out of range");
-        const TW* w = wp + l * d;
-_Pragma("omp simd")
-        for (int64_t i = 0; i < d; ++i) h[i] += a * static_cast<T>(load_float(w, i));
+        wr[m] = wp + ip[r * k + j] * d;
+        av[m] = a;
+        pos[m++] = j;
       }
+      T* h = gp + r * d;  // ŷ is built in g's row, then turned into the error gradient in place
+      std::copy(bp, bp + d, h);
+      gather_rows(h, av.data(), wr.data(), m, d);
       if (hp) std::copy(h, h + d, hp + r * d);
       const T* yr = yp + r * d;
-      T* gr = h;
       T sq = 0;
 _Pragma("omp simd reduction(+ : sq)")
       for (int64_t i = 0; i < d; ++i) {
         const T e = h[i] - ys * yr[i];
         sq += e * e;
-        gr[i] = s * e;
+        h[i] = s * e;
       }
       if (glp) {  // the bf16 copy of g the weight-gradient scatter reads
         c10::BFloat16* gl = glp + r * d;
-        for (int64_t i = 0; i < d; ++i) gl[i] = c10::BFloat16(static_cast<float>(gr[i]));
+        for (int64_t i = 0; i < d; ++i) gl[i] = c10::BFloat16(static_cast<float>(h[i]));
       }
       sp[r] = sq;
-      for (int64_t j = 0; j < k; ++j) {
-        const T a = ap[r * k + j];
-        T dot = 0;
-        if (a > 0) {
-          const TW* w = wp + ip[r * k + j] * d;
-_Pragma("omp simd reduction(+ : dot)")
-          for (int64_t i = 0; i < d; ++i) dot += gr[i] * static_cast<T>(load_float(w, i));
-        }
-        gap[r * k + j] = dot;
-      }
+      dot_rows(h, wr.data(), m, d, dots.data());
+      for (int64_t q = 0; q < m; ++q) gap[r * k + pos[q]] = dots[q];
     }
   });
 }
@@ -276,6 +357,8 @@ std::vector<torch::Tensor> decode_backward(torch::Tensor idx, torch::Tensor acts
   TORCH_CHECK(idx.is_contiguous() && acts.is_contiguous() && W.is_contiguous() && y.is_contiguous() && bias.is_contiguous(),
               "decode_backward: expected contiguous tensors");
   const int64_t rows = idx.size(0), k = idx.size(1), d = W.size(1), n = W.size(0);
+  TORCH_CHECK(idx.numel() == 0 || (idx.min().item<int64_t>() >= 0 && idx.max().item<int64_t>() < n),
+              "decode_backward: index out of range");
   auto y_hat = torch::empty({want_y_hat ? rows : 0, d}, y.options());
   auto g = torch::empty({rows, d}, y.options());
   auto g_acts = torch::empty({rows, k}, y.options());
@@ -287,12 +370,12 @@ std::vector<torch::Tensor> decode_backward(torch::Tensor idx, torch::Tensor acts
   if (W.scalar_type() == at::kBFloat16) {
     TORCH_CHECK(y.scalar_type() == at::kFloat, "decode_backward: a bf16 decoder needs float32 acts and targets");
     decode_backward_impl<float, c10::BFloat16>(ip, acts.data_ptr<float>(), W.data_ptr<c10::BFloat16>(), bias.data_ptr<float>(),
-                                               y.data_ptr<float>(), rows, k, d, n, float(scale), float(sign), want_y_hat ? y_hat.data_ptr<float>() : nullptr,
+                                               y.data_ptr<float>(), rows, k, d, float(scale), float(sign), want_y_hat ? y_hat.data_ptr<float>() : nullptr,
                                                g.data_ptr<float>(), glp, g_acts.data_ptr<float>(), sq_err.data_ptr<float>());
   } else {
     AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "decode_backward", [&] {
       decode_backward_impl<scalar_t, scalar_t>(ip, acts.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
-                                               y.data_ptr<scalar_t>(), rows, k, d, n, scalar_t(scale), scalar_t(sign),
+                                               y.data_ptr<scalar_t>(), rows, k, d, scalar_t(scale), scalar_t(sign),
                                                want_y_hat ? y_hat.data_ptr<scalar_t>() : nullptr, g.data_ptr<scalar_t>(), glp, g_acts.data_ptr<scalar_t>(),
                                                sq_err.data_ptr<scalar_t>());
     });

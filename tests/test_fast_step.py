@@ -87,11 +87,12 @@ def test_compiled_topk_breaks_ties_towards_the_lower_index():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_compiled_decode_and_latent_gradients_match_the_torch_reference(dtype):
+@pytest.mark.parametrize("d_out", [9, 48])  # 48: the AVX-512 row loops (multiples of 16), 9: the generic ones
+def test_compiled_decode_and_latent_gradients_match_the_torch_reference(dtype, d_out):
     if not kernels.kernel_available():
         pytest.skip("no compiled kernels on this machine (the torch reference is what runs)")
     gen = torch.Generator().manual_seed(1)
-    n_rows, k, n, d_in, d_out = 300, 6, 50, 12, 9
+    n_rows, k, n, d_in = 300, 6, 50, 12
     idx = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(n_rows)])
     acts = torch.relu(torch.randn(n_rows, k, generator=gen, dtype=dtype))  # about half inactive
     W = torch.randn(n, d_out, generator=gen, dtype=dtype)
@@ -108,7 +109,8 @@ def test_compiled_decode_and_latent_gradients_match_the_torch_reference(dtype):
 
 
 @pytest.mark.parametrize("use_kernel", [True, False], ids=["compiled", "torch"])
-def test_bf16_copies_of_decoder_and_rows_give_the_float32_sums_of_the_rounded_values(use_kernel, monkeypatch):
+@pytest.mark.parametrize("d", [24, 32])  # 32: the AVX-512 row loops (multiples of 16), 24: the generic ones
+def test_bf16_copies_of_decoder_and_rows_give_the_float32_sums_of_the_rounded_values(use_kernel, d, monkeypatch):
     """The bf16 step gathers from a bf16 copy of W_dec and scatters bf16 copies of x and the error
     gradient: the result must equal float32 arithmetic on those rounded values."""
     if use_kernel and not kernels.kernel_available():
@@ -116,7 +118,7 @@ def test_bf16_copies_of_decoder_and_rows_give_the_float32_sums_of_the_rounded_va
     if not use_kernel:
         monkeypatch.setattr(kernels, "_use_kernel", lambda *t: False)
     gen = torch.Generator().manual_seed(2)
-    n_rows, k, n, d = 200, 5, 40, 24
+    n_rows, k, n = 200, 5, 40
     idx = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(n_rows)])
     acts = torch.relu(torch.randn(n_rows, k, generator=gen))
     W, bias = torch.randn(n, d, generator=gen), torch.randn(d, generator=gen)

@@ -2,7 +2,7 @@
 
 Three kernels, each replacing a chain of torch calls that would materialise large temporaries:
 
-- ``topk_rows``: fused (bias +) row-wise top-k selection;
+- ``topk_rows``: fused (bias +) row-wise top-k selection (an AVX-512 version where the CPU has it);
 - ``decode_backward``: the decoder as a gather of k rows per input, the reconstruction error and
   its gradient, and the gradient of the k selected activations, in one pass over each row;
 - ``latent_grads``: both weight gradients (and the encoder bias gradient) as scatters of the k
@@ -256,6 +256,115 @@ void topk_impl(const T* xp, const float* bias, int64_t rows, int64_t cols, int64
   });
 }
 
+#ifdef __AVX512F__
+// 16 scores as float32 from float32 or bf16 (a bf16 is the top half of a float32); masked tail.
+inline __m512 load16_masked(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16_masked(const c10::BFloat16* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, reinterpret_cast<const void*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : left > 0 ? __mmask16((1u << left) - 1) : __mmask16(0); }
+
+// topk_impl's selection for float32 scores with AVX-512, with 16·NG groups (NG <= 16). The scores are
+// never written out: pass 1 converts (and adds the bias to) 16 entries at a time and keeps the
+// NG·16 group maxima in registers; the bisection for t0 counts by mask popcounts and starts from
+// the previous row's threshold (rows are alike: a few iterations); pass 2 converts again (the row
+// is in L1 now) and compress-stores the candidates >= t0. NaN entries rank lowest, as in topk_impl.
+template <typename T, int NG>
+void topk_avx512(const T* xp, const float* bias, int64_t rows, int64_t cols, int64_t k, float* vp, int64_t* ip,
+                 const int64_t* sel, int64_t n_sel, float* sp) {
+  constexpr int64_t G = 16 * NG;
+  const int64_t full = cols / G, body = cols / 16 * 16;
+  const int64_t live = std::min<int64_t>(G, cols);  // groups holding an entry
+  at::parallel_for(0, rows, 16, [=](int64_t begin, int64_t end) {
+    std::vector<float> cv(cols + 16);
+    std::vector<int32_t> ci(cols + 16);
+    std::vector<std::pair<float, int64_t>> cand;
+    const auto before = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    };
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const auto scores = [=](const T* src, int64_t j, __mmask16 mk) {
+      __m512 s = load16_masked(src + j, mk);
+      return bias ? _mm512_add_ps(s, _mm512_maskz_loadu_ps(mk, bias + j)) : s;
+    };
+    float guess = std::numeric_limits<float>::quiet_NaN();
+    for (int64_t r = begin; r < end; ++r) {
+      const T* src = xp + r * cols;
+      for (int64_t q = 0; q < n_sel; ++q)
+        sp[r * n_sel + q] = load_float(src, sel[q]) + (bias ? bias[sel[q]] : 0.0f);
+      __m512 m[NG];
+      for (int g = 0; g < NG; ++g) m[g] = _mm512_set1_ps(neg_inf);
+      for (int64_t c = 0; c < full; ++c)  // max(s, m): a NaN score leaves m as it was
+        for (int g = 0; g < NG; ++g) m[g] = _mm512_max_ps(scores(src, c * G + 16 * g, 0xFFFF), m[g]);
+      for (int g = 0; g < NG; ++g) {
+        const int64_t j = full * G + 16 * g;
+        const __mmask16 mk = tail_mask(cols - j);
+        if (mk) m[g] = _mm512_mask_max_ps(m[g], mk, scores(src, j, mk), m[g]);
+      }
+      __m512 vlo = _mm512_set1_ps(std::numeric_limits<float>::infinity()), vhi = _mm512_set1_ps(neg_inf);
+      for (int g = 0; g < NG; ++g) {
+        const __mmask16 mk = tail_mask(live - 16 * g);
+        vlo = _mm512_mask_min_ps(vlo, mk, m[g], vlo);
+        vhi = _mm512_mask_max_ps(vhi, mk, m[g], vhi);
+      }
+      float lo = _mm512_reduce_min_ps(vlo), hi = _mm512_reduce_max_ps(vhi);
+      const bool finite = std::isfinite(lo) && std::isfinite(hi);
+      if (finite) {  // count(maxima >= lo) >= k throughout
+        float mid = (guess > lo && guess < hi) ? guess : lo + (hi - lo) / 2;
+        for (int it = 0; it < 40 && mid > lo && mid < hi; ++it) {
+          const __m512 t = _mm512_set1_ps(mid);
+          int64_t c = 0;
+          for (int g = 0; g < NG; ++g) c += __builtin_popcount(_mm512_cmp_ps_mask(m[g], t, _CMP_GE_OQ));
+          if (c >= k) { lo = mid; if (c <= k + 4) break; } else { hi = mid; }
+          mid = lo + (hi - lo) / 2;
+        }
+        guess = lo;
+      }
+      const float t0 = finite ? lo : neg_inf;
+      int64_t n = 0;
+      const __m512 tv = _mm512_set1_ps(t0);
+      const auto keep = [&](int64_t j, __mmask16 mk, bool all) {  // compress-store entries >= t0 (all: every entry)
+        __m512 s = scores(src, j, mk);
+        __mmask16 hit = mk;
+        if (all) s = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(s, s, _CMP_UNORD_Q), s, _mm512_set1_ps(neg_inf));
+        else hit = _mm512_mask_cmp_ps_mask(mk, s, tv, _CMP_GE_OQ);
+        if (!hit) return;
+        _mm512_mask_compressstoreu_ps(cv.data() + n, hit, s);
+        _mm512_mask_compressstoreu_epi32(ci.data() + n, hit, _mm512_add_epi32(lane, _mm512_set1_epi32(int32_t(j))));
+        n += __builtin_popcount(hit);
+      };
+      for (int64_t j = 0; j < body; j += 16) keep(j, 0xFFFF, false);
+      if (body < cols) keep(body, tail_mask(cols - body), false);
+      if (n < k) {  // NaNs defeat the bound: take every entry (NaN ranks lowest)
+        n = 0;
+        for (int64_t j = 0; j < body; j += 16) keep(j, 0xFFFF, true);
+        if (body < cols) keep(body, tail_mask(cols - body), true);
+      }
+      if (n > k && n - k <= 16) {  // drop the smallest (the highest index among equals), one at a time
+        for (; n > k; --n) {
+          int64_t w = 0;
+          for (int64_t q = 1; q < n; ++q)
+            if (cv[q] < cv[w] || (cv[q] == cv[w] && ci[q] > ci[w])) w = q;
+          cv[w] = cv[n - 1];
+          ci[w] = ci[n - 1];
+        }
+      } else if (n > k) {
+        cand.resize(n);
+        for (int64_t q = 0; q < n; ++q) cand[q] = {cv[q], ci[q]};
+        std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), before);
+        for (int64_t q = 0; q < k; ++q) { cv[q] = cand[q].first; ci[q] = int32_t(cand[q].second); }
+      }
+      for (int64_t j = 0; j < k; ++j) {
+        vp[r * k + j] = cv[j];
+        ip[r * k + j] = ci[j];
+      }
+    }
+  });
+}
+#endif
+
 }  // namespace
 
 // (values, indices) of the k largest entries of each row of x (+ bias, when bias is defined).
@@ -287,6 +396,29 @@ std::vector<torch::Tensor> topk_rows(torch::Tensor x, int64_t k, c10::optional<t
     picked = torch::empty({rows, sel.numel()}, values.options());
   }
   const int64_t n_sel = sel.defined() ? sel.numel() : 0;
+  float* spf = picked.defined() && x.scalar_type() != at::kDouble ? picked.data_ptr<float>() : nullptr;
+#ifdef __AVX512F__
+  // groups: as many as topk_impl would use (16 entries each, at least k), at most 256
+  const int64_t NG = (std::max<int64_t>(k, std::min<int64_t>(256, (cols + 15) / 16)) + 15) / 16;
+  if (NG <= 16 && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat)) {
+    const bool low = x.scalar_type() == at::kBFloat16;
+    float* vpf = values.data_ptr<float>();
+    switch (NG) {
+#define SAECLT_TOPK_CASE(N)                                                                                          \
+      case N:                                                                                                        \
+        if (low) topk_avx512<c10::BFloat16, N>(x.data_ptr<c10::BFloat16>(), bp, rows, cols, k, vpf, ip, selp, n_sel, spf); \
+        else topk_avx512<float, N>(x.data_ptr<float>(), bp, rows, cols, k, vpf, ip, selp, n_sel, spf);                \
+        break;
+      SAECLT_TOPK_CASE(1) SAECLT_TOPK_CASE(2) SAECLT_TOPK_CASE(3) SAECLT_TOPK_CASE(4) SAECLT_TOPK_CASE(5)
+      SAECLT_TOPK_CASE(6) SAECLT_TOPK_CASE(7) SAECLT_TOPK_CASE(8) SAECLT_TOPK_CASE(9) SAECLT_TOPK_CASE(10)
+      SAECLT_TOPK_CASE(11) SAECLT_TOPK_CASE(12) SAECLT_TOPK_CASE(13) SAECLT_TOPK_CASE(14) SAECLT_TOPK_CASE(15)
+      SAECLT_TOPK_CASE(16)
+#undef SAECLT_TOPK_CASE
+    }
+    if (picked.defined()) return {values, indices, picked};
+    return {values, indices};
+  }
+#endif
   switch (x.scalar_type()) {
     case at::kBFloat16:
       topk_impl(x.data_ptr<c10::BFloat16>(), bp, rows, cols, k, values.data_ptr<float>(), ip, selp, n_sel,

@@ -57,7 +57,7 @@ def test_fast_step_matches_plain_autograd_step_in_float64(architecture, d_in, d_
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("shape, k", [((37, 3072), 32), ((5, 100), 7), ((3, 20), 20), ((8, 33), 1)])
+@pytest.mark.parametrize("shape, k", [((37, 3072), 32), ((5, 100), 7), ((3, 20), 20), ((8, 33), 1), ((4, 3072), 300)])  # k 300: the generic kernel
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_topk_rows_selects_the_same_entries_as_torch_topk_and_copies_out_asked_columns(dtype, shape, k, with_bias):
     gen = torch.Generator().manual_seed(0)
@@ -76,6 +76,28 @@ def test_topk_rows_selects_the_same_entries_as_torch_topk_and_copies_out_asked_c
     assert all(len(set(row)) == k for row in indices.tolist())  # ... at k distinct positions
     if dtype != torch.bfloat16:  # no ties: the very same entries
         assert torch.equal(indices.sort(-1).values, ref_indices.sort(-1).values)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cols", [40, 3072, 20000])  # 20000: more entries per group than 16
+def test_topk_rows_ranks_nan_lowest_and_handles_infinities(dtype, cols):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, cols, generator=gen)
+    x[1, 3] = float("nan")
+    x[2, :] = float("nan")  # every entry NaN: any k positions will do
+    x[3, 5] = float("inf")
+    x[4, :] = float("-inf")
+    x[5, : cols - 3] = float("nan")  # fewer non-NaN entries than k
+    x = x.to(dtype)
+    values, indices = topk_rows(x, 5)
+    def nan_lowest(t):
+        return torch.where(t.isnan(), -float("inf"), t)
+
+    want = nan_lowest(x.float()).topk(5, dim=-1).values
+    got = nan_lowest(values)
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+    assert all(len(set(row)) == 5 for row in indices.tolist())
+    assert 5 in indices[3].tolist()
 
 
 def test_compiled_topk_breaks_ties_towards_the_lower_index():

@@ -94,7 +94,7 @@ class FastTopKStep:
             return None
         for group in opt.param_groups:
             ids = {id(p) for p in group["params"]}
-            if id(model.W_enc) in ids and id(model.W_dec) in ids:
+            if all(id(p) in ids for p in (model.W_enc, model.b_enc, model.W_dec, model.b_dec)):
                 plain = not (group["weight_decay"] or group["amsgrad"] or group["maximize"] or group.get("capturable")
                              or group.get("differentiable") or group.get("decoupled_weight_decay"))
                 return group if plain else None
@@ -110,12 +110,13 @@ class FastTopKStep:
         return low
 
     def _fused_weight_update(self) -> None:
-        """Adam on W_enc and W_dec in one pass each (W_dec's gradient projected onto its rows'
+        """Adam on the four parameters in one pass each (W_dec's gradient projected onto its rows'
         complement first and its rows renormalised after, as the plain step), writing the bf16
-        copies the next step reads; the biases go through the optimizer as usual."""
+        copies of the weight matrices the next step reads. The optimizer's state is used and kept
+        as torch's Adam keeps it, so checkpoints and resuming see no difference."""
         model, group = self.model, self._adam_group
         beta1, beta2 = group["betas"]
-        for name, project in (("W_enc", False), ("W_dec", True)):
+        for name, project in (("W_enc", False), ("W_dec", True), ("b_enc", False), ("b_dec", False)):
             weight = getattr(model, name)
             state = self.opt.state[weight]
             if not state:  # as torch.optim.Adam initialises it (fused: a float32 step count)
@@ -124,12 +125,14 @@ class FastTopKStep:
                 state["exp_avg_sq"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
             state["step"] += 1
             low = None
-            if self.bf16:
+            if self.bf16 and weight.dim() == 2:
                 low = self._low.get(name, (None, None))[0]
                 if low is None or low.shape != weight.shape:
                     low = torch.empty(weight.shape, dtype=torch.bfloat16)
-            adam_update(weight, weight.grad, state["exp_avg"], state["exp_avg_sq"], group["lr"], beta1, beta2, group["eps"],
-                        float(state["step"]), project=project, normalize=project, low=low)
+            as_rows = (lambda t: t.view(1, -1)) if weight.dim() == 1 else (lambda t: t)  # biases: one row
+            adam_update(as_rows(weight), as_rows(weight.grad), as_rows(state["exp_avg"]), as_rows(state["exp_avg_sq"]),
+                        group["lr"], beta1, beta2, group["eps"], float(state["step"]), project=project, normalize=project,
+                        low=low)
             if low is not None:
                 self._low[name] = (low, weight._version)
 
@@ -242,9 +245,6 @@ class FastTopKStep:
         if self.world is not None:
             self.world.average_grads(model.parameters())
         if self._adam_group is not None:
-            W_enc.grad = W_dec.grad = None  # the optimizer updates the biases only
-            self.opt.step()
-            W_enc.grad, W_dec.grad = g_W_enc, g_W_dec
             self._fused_weight_update()
         else:
             model.remove_parallel_grad()

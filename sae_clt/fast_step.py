@@ -87,8 +87,8 @@ class FastTopKStep:
         self._low: dict[str, tuple[torch.Tensor, int]] = {}  # bf16 copies of the weights and the version they copy
 
     def _fused_adam_group(self) -> dict | None:
-        """The param group of the weight matrices when their update can run as one fused pass
-        (torch's Adam without weight decay, amsgrad or clipping, float32 weights), else None."""
+        """The param group of the four parameters when their update can run fused (torch's Adam
+        without weight decay, amsgrad or clipping, float32 parameters, all in one group), else None."""
         model, opt = self.model, self.opt
         if type(opt) is not torch.optim.Adam or self.cfg.grad_clip is not None or model.W_enc.dtype != torch.float32:
             return None

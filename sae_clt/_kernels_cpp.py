@@ -421,11 +421,9 @@ std::vector<torch::Tensor> topk_rows(torch::Tensor x, int64_t k, c10::optional<t
 #endif
   switch (x.scalar_type()) {
     case at::kBFloat16:
-      topk_impl(x.data_ptr<c10::BFloat16>(), bp, rows, cols, k, values.data_ptr<float>(), ip, selp, n_sel,
-                picked.defined() ? picked.data_ptr<float>() : nullptr); break;
+      topk_impl(x.data_ptr<c10::BFloat16>(), bp, rows, cols, k, values.data_ptr<float>(), ip, selp, n_sel, spf); break;
     case at::kFloat:
-      topk_impl(x.data_ptr<float>(), bp, rows, cols, k, values.data_ptr<float>(), ip, selp, n_sel,
-                picked.defined() ? picked.data_ptr<float>() : nullptr); break;
+      topk_impl(x.data_ptr<float>(), bp, rows, cols, k, values.data_ptr<float>(), ip, selp, n_sel, spf); break;
     case at::kDouble:
       TORCH_CHECK(bp == nullptr, "topk_rows: no fused bias for float64");
       topk_impl(x.data_ptr<double>(), nullptr, rows, cols, k, values.data_ptr<double>(), ip, selp, n_sel,

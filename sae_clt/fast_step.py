@@ -15,13 +15,15 @@ three operations of ``kernels.py`` (compiled CPU kernels, or their torch referen
               ∇W_enc[:, l] = Σ g_pre·x_in[b], ∇W_dec[l] = Σ a·g_ŷ[b], ∇b_enc[l] = Σ g_pre
               over the entries of latent l (a scatter, no [B, d_sae] intermediate)
               ∇b_dec = Σ g_ŷ - W_enc ∇b_enc (sae: b_dec enters the input)
-    AuxK      the same operations on the dead latents' columns of ``pre``.
+    AuxK      the same operations on the dead latents' pre-activations (copied out of ``pre`` by
+              the top-k kernel), only as many per row as the most any row has positive.
 
 Then the same decoder-gradient projection, clipping, Adam and renormalisation as the plain
-step; with torch's Adam and no clipping, the weight matrices' update is one fused pass
-(``kernels.adam_update``: projection, Adam, renormalisation and the next step's bf16 copy). ``precision: bf16`` runs the encoder matmul in bfloat16 (weights cast once per step,
-fp32 master weights) and lets the gathers and scatters read bf16 copies of W_dec, the input and
-the error gradient; sums, errors, gradients and Adam stay fp32. Tests pin it to the plain step (exactly in
+step; with torch's Adam and no clipping, all four parameters' update is one fused pass each
+(``kernels.adam_update``: projection, Adam, renormalisation, and the bf16 copies the next step
+reads). ``precision: bf16`` runs the encoder matmul in bfloat16 (fp32 master weights) and lets
+the gathers and scatters read bf16 copies of W_dec, the input and the error gradient; sums,
+errors, gradients and Adam stay fp32. Tests pin it to the plain step (exactly in
 float64); ``benchmarks/train_throughput.py`` measures both.
 """
 

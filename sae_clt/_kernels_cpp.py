@@ -9,7 +9,11 @@ Three kernels, each replacing a chain of torch calls that would materialise larg
   active entries per row, each thread owning a range of latents so that no atomics are needed;
 - ``gram_accumulate``: the decoder refit's ZᵀZ from the sparse codes, row by row;
 - ``adam_rows``: Adam on a weight matrix in one pass, with the decoder's gradient projection and
-  row renormalisation and the bf16 copy the next step's matmul and gathers read fused in.
+  row renormalisation and the bf16 copy the next step's matmul and gathers read fused in;
+- ``positive_entries``: each row's positive entries, compacted (AuxK's selection when it keeps
+  them all);
+- ``gather_normalize``: minibatch rows gathered from several shards' stored (memory-mapped)
+  tensors, converted to float32 and normalised in one pass (the data loader).
 
 Built on first use with ``-O3 -march=native`` (the build happens on the machine that runs it).
 """
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import sys
 
-NAME = "saeclt_kernels_v15"
+NAME = "saeclt_kernels_v16"
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -28,6 +32,7 @@ SOURCE = r"""
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 #ifdef __AVX512F__
@@ -721,6 +726,115 @@ std::vector<torch::Tensor> latent_grads(torch::Tensor idx, torch::Tensor wa, tor
   }
   return {ga_t, gb, gbias, fired};
 }
+// Each row's positive entries (in column order), compacted into [rows, m] with m the most any row
+// has (at least 1); the rest of a row is padded with value 0 at index 0. AuxK keeps only positive
+// pre-activations, and when its k is at least m that is the whole selection: no top-k needed.
+template <typename T, typename TV>
+void positive_impl(const T* xp, int64_t rows, int64_t cols, int64_t m, TV* vp, int64_t* ip) {
+  at::parallel_for(0, rows, 64, [=](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* x = xp + r * cols;
+      TV* v = vp + r * m;
+      int64_t* id = ip + r * m;
+      int64_t c = 0;
+      for (int64_t j = 0; j < cols; ++j) {
+        const TV value = static_cast<TV>(x[j]);
+        if (value > 0) { v[c] = value; id[c++] = j; }
+      }
+      for (; c < m; ++c) { v[c] = 0; id[c] = 0; }
+    }
+  });
+}
+
+std::vector<torch::Tensor> positive_entries(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "positive_entries: a contiguous 2-D tensor expected");
+  const int64_t rows = x.size(0), cols = x.size(1);
+  const auto vdtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto counts = (x > 0).sum(1);
+  const int64_t m = std::max<int64_t>(1, rows ? counts.max().item<int64_t>() : 1);
+  auto values = torch::empty({rows, m}, x.options().dtype(vdtype));
+  auto indices = torch::empty({rows, m}, x.options().dtype(at::kLong));
+  switch (x.scalar_type()) {
+    case at::kBFloat16: positive_impl(x.data_ptr<c10::BFloat16>(), rows, cols, m, values.data_ptr<float>(), indices.data_ptr<int64_t>()); break;
+    case at::kFloat: positive_impl(x.data_ptr<float>(), rows, cols, m, values.data_ptr<float>(), indices.data_ptr<int64_t>()); break;
+    case at::kDouble: positive_impl(x.data_ptr<double>(), rows, cols, m, values.data_ptr<double>(), indices.data_ptr<int64_t>()); break;
+    default: TORCH_CHECK(false, "positive_entries: unsupported dtype");
+  }
+  return {values, indices};
+}
+
+// out[r] = (float(part[p][idx[r] - offsets[p]]) - mean) / scale, p the part holding row idx[r]
+// (offsets: each part's first row, ascending). The loader's minibatch from the memory-mapped
+// shards of a group, as stored (float16, bfloat16 or float32), in one pass: no copy of the
+// group, no float32 intermediate. Subtraction then division, as torch's sub_/div_: same bits.
+template <typename T>
+void gather_normalize_impl(const std::vector<const T*>& parts, const std::vector<int64_t>& offsets, const int64_t* ip,
+                           int64_t rows, int64_t d, const float* mean, const float* scale, float* out) {
+  const int64_t n_parts = static_cast<int64_t>(parts.size());
+  at::parallel_for(0, rows, 64, [=](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t g = ip[r];
+      int64_t p = n_parts - 1;
+      while (p > 0 && offsets[p] > g) --p;
+      const T* src = parts[p] + (g - offsets[p]) * d;
+      float* o = out + r * d;
+      int64_t i = 0;
+#ifdef __AVX512F__
+      // float16 -> float32 with the hardware conversion (c10::Half's own goes one value at a time)
+      if constexpr (std::is_same_v<T, c10::Half>) {
+        for (; i + 16 <= d; i += 16) {
+          const __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+          _mm512_storeu_ps(o + i, _mm512_div_ps(_mm512_sub_ps(x, _mm512_loadu_ps(mean + i)), _mm512_loadu_ps(scale + i)));
+        }
+      }
+#endif
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+_Pragma("omp simd")
+        for (int64_t j = i; j < d; ++j) o[j] = (load_float(src, j) - mean[j]) / scale[j];
+      } else {
+        for (int64_t j = i; j < d; ++j) o[j] = (static_cast<float>(src[j]) - mean[j]) / scale[j];
+      }
+    }
+  });
+}
+
+torch::Tensor gather_normalize(std::vector<torch::Tensor> parts, torch::Tensor idx, torch::Tensor mean, torch::Tensor scale) {
+  TORCH_CHECK(!parts.empty(), "gather_normalize: no parts");
+  const auto dtype = parts[0].scalar_type();
+  const int64_t d = parts[0].size(1);
+  std::vector<int64_t> offsets;
+  int64_t total = 0;
+  for (const auto& t : parts) {
+    TORCH_CHECK(t.dim() == 2 && t.is_contiguous() && t.scalar_type() == dtype && t.size(1) == d,
+                "gather_normalize: parts must be contiguous 2-D tensors of one dtype and width");
+    offsets.push_back(total);
+    total += t.size(0);
+  }
+  TORCH_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong, "gather_normalize: 1-D int64 indices expected");
+  idx = idx.contiguous();
+  TORCH_CHECK(idx.numel() == 0 || (idx.min().item<int64_t>() >= 0 && idx.max().item<int64_t>() < total),
+              "gather_normalize: row index out of range");
+  auto m = mean.to(at::kFloat).contiguous(), s = scale.to(at::kFloat).contiguous();
+  TORCH_CHECK(m.numel() == d && s.numel() == d, "gather_normalize: mean and scale need one entry per column");
+  auto out = torch::empty({idx.numel(), d}, idx.options().dtype(at::kFloat));
+  const int64_t rows = idx.numel();
+  switch (dtype) {
+#define SAECLT_GATHER_CASE(ST, CT)                                                                              \
+    case ST: {                                                                                                  \
+      std::vector<const CT*> ptrs;                                                                              \
+      for (const auto& t : parts) ptrs.push_back(t.data_ptr<CT>());                                             \
+      gather_normalize_impl<CT>(ptrs, offsets, idx.data_ptr<int64_t>(), rows, d, m.data_ptr<float>(), s.data_ptr<float>(), \
+                                out.data_ptr<float>());                                                         \
+      break;                                                                                                    \
+    }
+    SAECLT_GATHER_CASE(at::kHalf, c10::Half)
+    SAECLT_GATHER_CASE(at::kBFloat16, c10::BFloat16)
+    SAECLT_GATHER_CASE(at::kFloat, float)
+#undef SAECLT_GATHER_CASE
+    default: TORCH_CHECK(false, "gather_normalize: float16, bfloat16 or float32 parts expected");
+  }
+  return out;
+}
 """
 
 
@@ -733,5 +847,6 @@ def build():
     if not list(Path(_get_build_directory(NAME, verbose=False)).glob("*.so")):
         print("saeclt: building the compiled CPU kernels (once, ~1 min; SAECLT_KERNELS=torch skips them)",
               file=sys.stderr, flush=True)
-    return load_inline(name=NAME, cpp_sources=[SOURCE], functions=["topk_rows", "decode_backward", "latent_grads", "gram_accumulate", "adam_rows"],
+    return load_inline(name=NAME, cpp_sources=[SOURCE], functions=["topk_rows", "decode_backward", "latent_grads", "gram_accumulate", "adam_rows",
+                                                        "positive_entries", "gather_normalize"],
                        extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)

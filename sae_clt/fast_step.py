@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from .dictionary import Dictionary
-from .kernels import adam_update, decode_backward, latent_grads, topk_rows
+from .kernels import adam_update, decode_backward, latent_grads, positive_entries, topk_rows
 from .train import FIRING
 
 
@@ -47,12 +47,14 @@ def _aux_k(w_dead: torch.Tensor, pre_dead: torch.Tensor, g_main: torch.Tensor, m
     its gradients with respect to the dead latents' encoder columns [d_in, n_dead], biases and
     decoder rows."""
     n_rows, n_dead = pre_dead.shape
-    # Only positive pre-activations contribute (ReLU): of each row's top aux_k, keep as many as the
-    # row with the most positive ones has. Dead latents rarely have many (in the throughput
-    # benchmark at most ~13 of ~100 per row), so the kernels below see a few entries per row
-    # instead of every dead latent. Exact: the entries dropped have zero activation and gradient.
-    most_positive = int((pre_dead > 0).sum(1).max()) if n_rows else 0
-    values, local = topk_rows(pre_dead, max(1, min(aux_k, n_dead, most_positive)))
+    # Only positive pre-activations contribute (ReLU): each row's positive ones, compacted to as
+    # many per row as the row with the most has. Dead latents rarely have many (in the throughput
+    # benchmark at most ~13 of ~150 per row), so the kernels below see a few entries per row
+    # instead of every dead latent, and while aux_k is at least that many the selection is all of
+    # them (no top-k). Exact: the entries dropped have zero activation and gradient.
+    values, local = positive_entries(pre_dead)
+    if values.shape[1] > aux_k:  # some row has more than aux_k: its top aux_k
+        values, local = topk_rows(pre_dead, aux_k)
     acts = torch.relu(values.to(g_main.dtype)).contiguous()
     variance = max(variance, 1e-12)
     zero = torch.zeros(g_main.shape[1], dtype=g_main.dtype)

@@ -9,6 +9,10 @@ pure-torch reference implementations otherwise.
   active entries of each row into their latents' rows.
 - ``adam_update``: Adam on a weight matrix with the decoder's gradient projection, row
   renormalisation and bf16 copy fused into the same pass.
+- ``positive_entries``: each row's positive entries, compacted (AuxK's selection when its k
+  keeps them all).
+- ``gather_normalize``: a minibatch's rows from several shards' stored tensors, as normalised
+  float32 (the data loader).
 
 The kernels (C++ with OpenMP in ``_kernels_cpp.py``) are built on first use through torch's
 extension tooling when a C++ compiler and ninja are present; any failure to build falls back to
@@ -58,6 +62,51 @@ def topk_rows_torch(x: torch.Tensor, k: int, bias: torch.Tensor | None = None, c
         scores = scores + bias
     values, indices = scores.topk(k, dim=-1, sorted=False)
     return (values, indices) if columns is None else (values, indices, scores.index_select(1, columns))
+
+
+def positive_entries(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) [rows, m] of each row's positive entries, m the most any row has (at least
+    1); shorter rows are padded with non-positive values (0 from the compiled kernel). The same set
+    as ``topk_rows(x, m)`` after a ReLU, in another order. Values float32 (float64 for float64)."""
+    kernel = _use_kernel(x)
+    if kernel and x.dim() == 2 and x.dtype in (torch.float32, torch.float64, torch.bfloat16):
+        return tuple(kernel.positive_entries(x.contiguous()))
+    return positive_entries_torch(x)
+
+
+def positive_entries_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = x.double() if x.dtype == torch.float64 else x.float()
+    most = int((scores > 0).sum(1).max()) if scores.shape[0] else 0
+    values, indices = scores.topk(max(1, min(most, scores.shape[1])), dim=-1, sorted=False)
+    return values, indices
+
+
+def gather_normalize(parts: list[torch.Tensor], idx: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` of the row-wise concatenation of ``parts`` (2-D, one dtype and width; not
+    concatenated), as float32 ``(x - mean) / scale`` — bit for bit what converting and then
+    subtracting and dividing in torch gives."""
+    kernel = _use_kernel(*parts)
+    if kernel and parts[0].dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return kernel.gather_normalize(list(parts), idx, mean, scale)
+    return gather_normalize_torch(parts, idx, mean, scale)
+
+
+def gather_normalize_torch(parts, idx, mean, scale):
+    return take_rows(parts, idx).to(torch.float32).sub_(mean).div_(scale)
+
+
+def take_rows(parts: list[torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` of the row-wise concatenation of ``parts``, without concatenating them."""
+    if len(parts) == 1:
+        return parts[0].index_select(0, idx)
+    starts = torch.tensor([0] + [p.shape[0] for p in parts[:-1]]).cumsum(0)
+    part_of = torch.searchsorted(starts, idx, right=True) - 1
+    out = torch.empty((idx.numel(), *parts[0].shape[1:]), dtype=parts[0].dtype)
+    for i, part in enumerate(parts):
+        where = (part_of == i).nonzero().squeeze(1)
+        if where.numel():
+            out[where] = part.index_select(0, idx[where] - starts[i])
+    return out
 
 
 def decode_backward(idx: torch.Tensor, acts: torch.Tensor, W: torch.Tensor, bias: torch.Tensor, y: torch.Tensor,
@@ -192,7 +241,12 @@ def _load_kernel():
                 from ._kernels_cpp import build
 
                 _KERNEL = build()
-            except Exception:  # noqa: BLE001 - no compiler, no ninja, a build error: use the torch versions
+            except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a build error: use the torch versions
+                import sys
+
+                reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                print(f"saeclt: the compiled CPU kernels could not be built ({reason}); using the slower torch "
+                      "versions (set SAECLT_KERNELS=torch to skip the attempt)", file=sys.stderr, flush=True)
                 _KERNEL = False
     return _KERNEL
 

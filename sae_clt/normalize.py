@@ -19,6 +19,7 @@ import torch
 from .errors import DataError
 from .hook_groups import is_group, members
 from .io import read_json, save_safetensors, write_json
+from .kernels import gather_normalize, take_rows
 from .progress import progress_bar
 from .provenance import output_meta
 from .spec import DatasetSpec
@@ -116,12 +117,41 @@ def summary_of(norm_dir: Path) -> dict:
     return read_json(Path(norm_dir) / NORM_JSON)
 
 
+class ShardGroup:
+    """A few shards' tensors (as read: memory-mapped, as stored) addressed as one table whose rows
+    are the shards' rows one after another -- without copying them together."""
+
+    def __init__(self, shards: list[dict[str, torch.Tensor]]):
+        self.shards = shards
+
+    def parts(self, name: str) -> list[torch.Tensor]:
+        return [shard[name] for shard in self.shards]
+
+    def column(self, name: str) -> torch.Tensor:
+        parts = self.parts(name)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def take(self, name: str, idx: torch.Tensor) -> torch.Tensor:
+        return take_rows(self.parts(name), idx)
+
+    def touch(self) -> "ShardGroup":
+        """Read one value per memory page of every tensor, so the pages come from disk (or the page
+        cache) now, on the prefetch thread, rather than in the middle of a training step."""
+        for shard in self.shards:
+            for t in shard.values():
+                flat = t.reshape(-1)
+                if flat.numel():
+                    flat[:: max(1, 4096 // t.element_size())].sum()
+        return self
+
+
 class PairLoader:
     """Streams normalised (x_src, x_tgt) minibatches of one split from a store.
 
     Each epoch visits shards in a seeded random order, ``mix_shards`` at a time, and shuffles
-    the rows of those shards together; batches span group boundaries. Memory holds two groups
-    (the one being consumed and the one prefetched), never the whole store.
+    the rows of those shards together; batches span group boundaries. The shards are memory
+    maps, and each batch's rows are gathered from them straight into normalised float32: memory
+    holds the pages of two groups (the one being consumed and the next), never the whole store.
     """
 
     def __init__(self, store: ActivationStore, norm: Normalization, source: str, target: str,
@@ -141,63 +171,48 @@ class PairLoader:
         self.shards = list(range(store.n_shards)) if shards is None else list(shards)  # a rank's own shards
         self.rows_per_epoch = self._count_rows()
 
-    def _rows(self, shard: dict) -> torch.Tensor:
-        is_val = self.norm.val_instances[shard["instance_id"]]
+    def _rows(self, instance_id: torch.Tensor) -> torch.Tensor:
+        is_val = self.norm.val_instances[instance_id]
         return (is_val if self.split == "val" else ~is_val).nonzero().squeeze(1)
 
     def _count_rows(self) -> int:
         total = 0
         for i in self.shards:
-            total += int(self._rows(self.store.read_shard(i, ["instance_id"])).numel())
+            total += int(self._rows(self.store.read_shard(i, ["instance_id"])["instance_id"]).numel())
         return total
 
     def steps_per_epoch(self) -> int:
         full, rest = divmod(self.rows_per_epoch, self.batch_size)
         return (full if self.drop_last or rest == 0 else full + 1) * self.echo
 
-    def _groups(self, epoch: int) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        """``mix_shards`` shards at a time, as stored (float16 stays float16), with the order in
-        which to visit this split's rows of them: shuffled together, so rows mix across shards
-        as well as within them."""
+    def _groups(self, epoch: int) -> Iterator[tuple["ShardGroup", torch.Tensor]]:
+        """``mix_shards`` shards at a time (memory-mapped, as stored), with the order in which to
+        visit this split's rows of them: shuffled together, so rows mix across shards as well as
+        within them."""
         gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(len(self.shards), generator=gen) if self.shuffle else torch.arange(len(self.shards))
         names = list(dict.fromkeys([*members(self.source), *members(self.target), "instance_id", "position"]))
         order = [self.shards[i] for i in order.tolist()]
         for g in range(0, len(order), self.mix_shards):
-            shards = [self.store.read_shard(i, names, as_stored=True) for i in order[g:g + self.mix_shards]]
-            if len(shards) == 1:
-                group = shards[0]
-            else:  # one copy into a preallocated group, not a chain of concatenations
-                group = {}
-                total = sum(s["instance_id"].shape[0] for s in shards)
-                for name in names:
-                    first = shards[0][name]
-                    group[name] = torch.empty((total, *first.shape[1:]), dtype=first.dtype)
-                    start = 0
-                    for s in shards:
-                        n = s[name].shape[0]
-                        group[name][start:start + n] = s[name]
-                        start += n
-                del shards
-            rows = self._rows(group)
+            group = ShardGroup([self.store.read_shard(i, names, as_stored=True) for i in order[g:g + self.mix_shards]]).touch()
+            rows = self._rows(group.column("instance_id"))
             if self.shuffle:
                 rows = rows[torch.randperm(rows.numel(), generator=gen)]
             yield group, rows
 
-    def _batch(self, group: dict[str, torch.Tensor], idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Normalised float32 rows ``idx`` of a group (converted a batch at a time)."""
+    def _batch(self, group: "ShardGroup", idx: torch.Tensor, with_provenance: bool) -> tuple[torch.Tensor, ...]:
+        """Normalised float32 rows ``idx`` of a group, gathered from its shards and converted a
+        batch at a time (one pass with the compiled kernel); with their instance ids and positions
+        if asked."""
         def one(hook: str) -> torch.Tensor:
-            # index_select makes a fresh tensor, so normalising it in place is safe (and, on a
-            # fresh [B, d] output, several times cheaper than out-of-place arithmetic).
-            x = group[hook].index_select(0, idx).to(torch.float32)
-            return x.sub_(self.norm.mean[hook]).div_(self.norm.scale[hook])
+            return gather_normalize(group.parts(hook), idx, self.norm.mean[hook], self.norm.scale[hook])
 
         def rows(name: str) -> torch.Tensor:  # a hook group: its members side by side
             return one(name) if not is_group(name) else torch.cat([one(m) for m in members(name)], dim=1)
 
         x = rows(self.source)
         y = x if self.target == self.source else rows(self.target)
-        return x, y, group["instance_id"].index_select(0, idx), group["position"].index_select(0, idx)
+        return (x, y, group.take("instance_id", idx), group.take("position", idx)) if with_provenance else (x, y)
 
     def epoch(self, epoch: int = 0, with_provenance: bool = False, echo: bool = True) -> Iterator[tuple[torch.Tensor, ...]]:
         """Minibatches of one epoch (each row ``self.echo`` times unless ``echo`` is false; see
@@ -209,29 +224,37 @@ class PairLoader:
         return echoed(batches, self.echo, gen)
 
     def _read_epoch(self, epoch: int, with_provenance: bool) -> Iterator[tuple[torch.Tensor, ...]]:
-        """Minibatches of one epoch as read. Shards are read on a background thread one group ahead,
-        so reading overlaps training; batches span group boundaries. Memory: two groups as
-        stored plus one batch in float32, whatever the store's size."""
+        """Minibatches of one epoch as read. Shards are opened and their pages read on a background
+        thread one group ahead, so reading overlaps training; batches span group boundaries.
+        Memory: the mapped pages of two groups plus one batch in float32, whatever the store's size."""
         carry: tuple[torch.Tensor, ...] | None = None  # rows left over from the previous group
         for group, rows in prefetched(self._groups(epoch), depth=1):
             start = 0
             if carry is not None:  # complete the partial batch with this group's first rows
                 need = self.batch_size - carry[0].shape[0]
-                head = self._batch(group, rows[:need])
-                carry = tuple(torch.cat([a, b]) for a, b in zip(carry, head))
+                head = self._batch(group, rows[:need], with_provenance)
+                carry = _joined(carry, head)
                 start = min(need, rows.numel())
                 if carry[0].shape[0] < self.batch_size:
                     continue
-                yield carry if with_provenance else carry[:2]
+                yield carry
                 carry = None
             while rows.numel() - start >= self.batch_size:
-                batch = self._batch(group, rows[start:start + self.batch_size])
+                batch = self._batch(group, rows[start:start + self.batch_size], with_provenance)
                 start += self.batch_size
-                yield batch if with_provenance else batch[:2]
+                yield batch
             if start < rows.numel():
-                carry = self._batch(group, rows[start:])
+                carry = self._batch(group, rows[start:], with_provenance)
         if carry is not None and carry[0].shape[0] and not self.drop_last:
-            yield carry if with_provenance else carry[:2]
+            yield carry
+
+
+def _joined(first: tuple[torch.Tensor, ...], second: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Two partial batches as one; an SAE's y stays the same tensor as its x."""
+    out = [torch.cat([first[0], second[0]])]
+    for a, b in zip(first[1:], second[1:]):
+        out.append(out[0] if a is first[0] and b is second[0] else torch.cat([a, b]))
+    return tuple(out)
 
 
 def echoed(batches: Iterator[tuple[torch.Tensor, ...]], echo: int, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, ...]]:

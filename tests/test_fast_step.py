@@ -274,3 +274,35 @@ def test_fast_step_with_fused_update_tracks_the_plain_step_in_float32(precision)
         torch.testing.assert_close(q, p, msg=name, **tol)
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):  # the optimizer state as torch's Adam keeps it (checkpoints)
         assert opts[1].state[getattr(fast, name)]["step"] == opts[0].state[getattr(plain, name)]["step"] == 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_positive_entries_are_each_row_s_positive_values_padded_to_the_longest_row(dtype):
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(40, 57, generator=gen) - 1.0).to(dtype)  # ~16 % positive: rows of different lengths
+    x[3] = -1.0  # a row with none
+    for compute in (kernels.positive_entries, kernels.positive_entries_torch):
+        values, idx = compute(x)
+        assert values.shape == idx.shape == (40, int((x > 0).sum(1).max()))
+        for r in range(40):
+            keep = values[r] > 0
+            want = (x[r] > 0).nonzero().squeeze(1)
+            assert sorted(idx[r][keep].tolist()) == want.tolist()
+            torch.testing.assert_close(values[r][keep], x[r][idx[r][keep]].to(values.dtype), rtol=0, atol=0)
+    values, idx = kernels.positive_entries(torch.full((5, 9), -1.0))  # nothing positive: one padded column
+    assert values.shape == (5, 1) and not bool((values > 0).any())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("sizes, d", [([30], 16), ([30, 7, 12], 16), ([5, 9], 21)])  # 21: not a multiple of 16
+def test_gather_normalize_gives_the_bits_of_torch_normalising_the_concatenated_rows(dtype, sizes, d):
+    gen = torch.Generator().manual_seed(1)
+    parts = [torch.randn(n, d, generator=gen).mul(3).to(dtype) for n in sizes]
+    mean, scale = torch.randn(d, generator=gen), torch.rand(d, generator=gen) + 0.3
+    idx = torch.randint(0, sum(sizes), (50,), generator=gen)
+    expected = (torch.cat(parts)[idx].to(torch.float32) - mean) / scale
+    assert torch.equal(kernels.gather_normalize(parts, idx, mean, scale), expected)
+    assert torch.equal(kernels.gather_normalize_torch(parts, idx, mean, scale), expected)
+    if kernels.kernel_available():
+        with pytest.raises(RuntimeError, match="out of range"):
+            kernels.gather_normalize(parts, torch.tensor([sum(sizes)]), mean, scale)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
+
+from sae_clt import kernels
 
 from sae_clt.dictionary import Dictionary
 from sae_clt.normalize import Normalization, PairLoader
@@ -52,6 +55,31 @@ def test_split_is_by_instance_and_loader_yields_each_train_row_once(built_projec
         seen[split] = set((ids // 10).tolist())
     assert not seen["train"] & seen["val"]
     assert len(seen["val"]) == 60
+
+
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["compiled", "torch"])
+def test_loader_batches_are_exactly_the_normalised_store_rows_they_name(built_project, use_kernel, monkeypatch):
+    # Batches are gathered from several memory-mapped shards at once; each row must be the
+    # stored row its provenance names, normalised, bit for bit (compiled gather or torch).
+    if use_kernel and not kernels.kernel_available():
+        pytest.skip("compiled kernels unavailable")
+    if not use_kernel:
+        monkeypatch.setattr(kernels, "_use_kernel", lambda *t: False)
+    store = _store(built_project)
+    norm = Normalization.load(Paths(built_project).norm_dir("tiny_acts"))
+    hook = "encoder.layers.1"
+    assert store.n_shards >= 3  # groups of two shards, and a group of one at the end
+    stored = {}
+    for i in range(store.n_shards):
+        shard = store.read_shard(i, [hook, "instance_id", "position"])
+        stored.update(zip((shard["instance_id"] * 10 + shard["position"]).tolist(), shard[hook]))
+    loader = PairLoader(store, norm, hook, hook, "train", batch_size=77, seed=0)
+    n = 0
+    for x, y, instance, position in loader.epoch(0, with_provenance=True):
+        expected = torch.stack([stored[key] for key in (instance * 10 + position).tolist()])
+        assert x.dtype == torch.float32 and torch.equal(x, norm.apply(hook, expected)) and y is x
+        n += x.shape[0]
+    assert n == loader.rows_per_epoch
 
 
 def test_normalised_training_rows_have_unit_rms_norm(built_project):

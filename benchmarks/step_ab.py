@@ -10,6 +10,7 @@ per-pair ratios B/A is a far steadier figure than two separate runs of train_thr
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import subprocess
 import sys
@@ -31,6 +32,15 @@ def load_commit(commit: str, folder: Path):
     their own name)."""
     subprocess.run(f"git -C {ROOT} archive {commit} sae_clt | tar -x -C {folder}", shell=True, check=True)
     (folder / "sae_clt").rename(folder / "sae_clt_at_commit")
+    # A kernel name of its own: under the working tree's name (unchanged between commits of one
+    # kernel version) both would build into one folder and one process could end up running a
+    # single build for both sides.
+    source = folder / "sae_clt_at_commit" / "_kernels_cpp.py"
+    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", commit], capture_output=True, text=True, check=True).stdout.strip()
+    text = source.read_text()
+    name = re.search(r'^NAME = "([^"]+)"', text, re.M)
+    if name:
+        source.write_text(text.replace(name.group(0), f'NAME = "{name.group(1)}_at_{sha}"'))
     sys.path.insert(0, str(folder))
     import sae_clt_at_commit.dictionary as dictionary
     import sae_clt_at_commit.fast_step as fast_step

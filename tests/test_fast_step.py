@@ -110,11 +110,12 @@ def test_compiled_topk_breaks_ties_towards_the_lower_index():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("d_out", [9, 48])  # 48: the AVX-512 row loops (multiples of 16), 9: the generic ones
-def test_compiled_decode_and_latent_gradients_match_the_torch_reference(dtype, d_out):
+@pytest.mark.parametrize("d_in", [12, 40])  # 40: the encoder gradient's 16 x 16 transposed blocks and their tails
+def test_compiled_decode_and_latent_gradients_match_the_torch_reference(dtype, d_out, d_in):
     if not kernels.kernel_available():
         pytest.skip("no compiled kernels on this machine (the torch reference is what runs)")
     gen = torch.Generator().manual_seed(1)
-    n_rows, k, n, d_in = 300, 6, 50, 12
+    n_rows, k, n = 300, 6, 50
     idx = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(n_rows)])
     acts = torch.relu(torch.randn(n_rows, k, generator=gen, dtype=dtype))  # about half inactive
     W = torch.randn(n, d_out, generator=gen, dtype=dtype)

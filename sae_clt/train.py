@@ -10,6 +10,7 @@ Curves go to one TSV per metric (columns step, <name>), which `dvc plots` render
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -91,10 +92,25 @@ def init_jumprelu_thresholds(model: Dictionary, x: torch.Tensor, l0: int) -> Non
     model.log_threshold.copy_(theta.log())
 
 
+def _skip_dynamo_import() -> None:
+    """torch.optim.Optimizer's add_param_group, state_dict, load_state_dict and zero_grad are
+    wrapped to keep torch.compile from tracing them, and the wrapper imports torch._dynamo on its
+    first call: 1-3 s on a 2-core CPU, a fifth of a short training run, for a compiler saeclt
+    never uses. Each wrapper caches its disabled form on the wrapped function; giving it the
+    function itself skips the import. (Where torch lays this out differently nothing changes.)"""
+    if "torch._dynamo" in sys.modules:
+        return
+    for method in ("add_param_group", "state_dict", "load_state_dict", "zero_grad"):
+        inner = getattr(getattr(torch.optim.Optimizer, method, None), "__wrapped__", None)
+        if inner is not None and getattr(inner, "__dynamo_disable", None) is None:
+            setattr(inner, "__dynamo_disable", inner)
+
+
 def make_optimizer(model: Dictionary, cfg) -> torch.optim.Optimizer:
     """adam: fused Adam (the schedule's learning rate is set each step); signum_schedule_free:
     sign descent wrapped in schedule-free averaging (EleutherAI sparsify's default recipe),
     evaluated and saved at the averaged weights."""
+    _skip_dynamo_import()
     params = list(model.parameters())
     if cfg.optimizer == "adam":
         thresholds = [p for name, p in model.named_parameters() if name == "log_threshold"]

@@ -110,7 +110,7 @@ def test_compiled_topk_breaks_ties_towards_the_lower_index():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("d_out", [9, 48])  # 48: the AVX-512 row loops (multiples of 16), 9: the generic ones
-@pytest.mark.parametrize("d_in", [12, 40])  # 40: the encoder gradient's 16 x 16 transposed blocks and their tails
+@pytest.mark.parametrize("d_in", [12, 40])  # 40: the 16-latent transposed writes of the encoder gradient and their tails
 def test_compiled_decode_and_latent_gradients_match_the_torch_reference(dtype, d_out, d_in):
     if not kernels.kernel_available():
         pytest.skip("no compiled kernels on this machine (the torch reference is what runs)")

@@ -109,3 +109,20 @@ def test_data_echoing_serves_every_row_echo_times_reshuffled(tmp_path):
     assert not torch.equal(batches[0][0], batches[3][0])  # each pass over the window in a new order
     again = list(echo.epoch(0))  # deterministic (a resumed run skips into the same stream)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
+
+
+def test_building_and_checkpointing_the_optimizer_does_not_import_torch_dynamo():
+    # torch.optim's wrappers import torch._dynamo (1-3 s here) on first use; saeclt skips that.
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from sae_clt.dictionary import Dictionary, DictionaryConfig\n"
+            "from sae_clt.spec import TrainSection\n"
+            "from sae_clt.train import make_optimizer\n"
+            "model = Dictionary(DictionaryConfig('sae', 8, 8, 16, 'topk', 2, 'x', 'x'), seed=0)\n"
+            "opt = make_optimizer(model, TrainSection())\n"
+            "opt.load_state_dict(opt.state_dict()); opt.zero_grad()\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -647,6 +647,10 @@ void gram_accumulate(torch::Tensor idx, torch::Tensor acts, torch::Tensor gram, 
   at::parallel_for(0, n, 64, [=](int64_t lo, int64_t hi) {
     for (int64_t l = lo; l < hi; ++l) {
       double* row = gp + l * stride;
+      if (l + 1 < hi) {  // the next latent's row: its lines are hit in random order, so fetch them now
+        const double* next = gp + (l + 1) * stride;
+        for (int64_t i = 0; i < stride; i += 8) __builtin_prefetch(next + i, 1, 3);
+      }
       for (int64_t q = starts[l]; q < starts[l + 1]; ++q) {
         const int64_t e = orders[q], r = e / k;
         const double a = weight * static_cast<double>(ap[e]);

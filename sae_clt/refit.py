@@ -33,13 +33,15 @@ class DecoderRefit:
         y = y.to(acts.dtype).contiguous()
         gram = self.gram.view(self.n, self.n)
         gram_accumulate(idx, acts, gram[:d_sae], weight)  # ZᵀZ over the latents
-        # Zᵀ Y and the code sums (the bias row and column), by the gradient scatter kernel
-        zty, _, sums, _ = latent_grads(idx, acts, y, torch.zeros_like(acts), y, d_sae)
-        sums = sums.double() * weight
+        # Zᵀ Y by the gradient scatter kernel, as its [d_sae, d_out] output (not the transposed
+        # one: no transposed write, and a contiguous add below); the code sums for the bias
+        # row and column
+        _, zty, _, _ = latent_grads(idx, torch.zeros_like(acts), y, acts, y, d_sae)
+        sums = torch.zeros(d_sae, dtype=acts.dtype).index_add_(0, idx.reshape(-1), acts.reshape(-1)).double() * weight
         gram[:d_sae, d_sae] += sums
         gram[d_sae, :d_sae] += sums
         gram[d_sae, d_sae] += weight * b
-        self.cross[:d_sae].add_(zty.t().double(), alpha=weight)
+        self.cross[:d_sae].add_(zty.double(), alpha=weight)
         self.cross[d_sae].add_(y.double().sum(0), alpha=weight)
         self.rows += b
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from .dictionary import Dictionary
-from .kernels import adam_update, decode_backward, latent_grads, positive_entries, topk_rows
+from .kernels import adam_update, center_bf16, decode_backward, latent_grads, positive_entries, topk_rows
 from .train import FIRING
 
 
@@ -184,7 +184,7 @@ class FastTopKStep:
         if candidates is not None and not candidates.numel():
             candidates = None
         if self.bf16:
-            x_low = torch.sub(x, b_dec, out=self._x_low) if sae else x.to(dtype)
+            x_low = center_bf16(x, b_dec, self._x_low) if sae else x.to(dtype)
             pre = torch.mm(x_low, self._bf16("W_enc", W_enc), out=self._pre)
             values, idx, *pre_candidates = topk_rows(pre, per_row, b_enc, columns=candidates)
             x_in = x_low  # what the weight-gradient scatters read

@@ -64,6 +64,16 @@ def topk_rows_torch(x: torch.Tensor, k: int, bias: torch.Tensor | None = None, c
     return (values, indices) if columns is None else (values, indices, scores.index_select(1, columns))
 
 
+def center_bf16(x: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (bfloat16, x's shape) = x - b, rounded to nearest even as torch rounds; returned."""
+    kernel = _use_kernel(x, b)
+    if kernel and x.dtype == b.dtype == torch.float32 and out.dtype == torch.bfloat16 and x.dim() == 2 \
+            and x.is_contiguous() and out.is_contiguous():
+        kernel.center_bf16(x, b.detach().contiguous(), out)
+        return out
+    return torch.sub(x, b, out=out)
+
+
 def positive_entries(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, indices) [rows, m] of each row's positive entries, m the most any row has (at least
     1); shorter rows are padded with non-positive values (0 from the compiled kernel). The same set

@@ -307,3 +307,15 @@ def test_gather_normalize_gives_the_bits_of_torch_normalising_the_concatenated_r
     if kernels.kernel_available():
         with pytest.raises(RuntimeError, match="out of range"):
             kernels.gather_normalize(parts, torch.tensor([sum(sizes)]), mean, scale)
+
+
+def test_center_bf16_rounds_exactly_as_torch_subtracting_into_bf16():
+    gen = torch.Generator().manual_seed(2)
+    x, b = torch.randn(70, 40, generator=gen) * 10, torch.randn(40, generator=gen)
+    x[0, :4] = torch.tensor([float("inf"), -float("inf"), 1e-40, 3.0e38])  # infinities, a denormal, overflow to inf
+    x[1, 0] = float("nan")
+    got = kernels.center_bf16(x, b, torch.empty(70, 40, dtype=torch.bfloat16))
+    want = torch.sub(x, b, out=torch.empty(70, 40, dtype=torch.bfloat16))
+    assert bool(got[1, 0].isnan()) and bool(want[1, 0].isnan())
+    got[1, 0] = want[1, 0] = 0
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))

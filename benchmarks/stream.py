@@ -5,7 +5,8 @@ Writes (once; reused afterwards) a synthetic float16 store of 384-wide rows of a
 same number of steps (a) streaming from the store through saeclt's loader (memory-mapped
 shards, background prefetch, shuffling across shards) and (b) from a tensor already in RAM.
 Each mode runs in its own process, so peak RSS is its own. Prints tokens/s, the ratio, and
-peak RSS of each.
+peak RSS of each; then, as separate runs drift with this machine's load, a paired run: steps fed
+from the store and from RAM alternating in one process, and the median of per-pair ratios.
 
     python benchmarks/stream.py [--gigabytes 8] [--steps 300] [--store-dir /tmp/saeclt_stream_store]
 """
@@ -87,6 +88,39 @@ def run_mode(mode: str, folder: Path, steps: int) -> dict:
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
 
 
+def run_paired(folder: Path, steps: int) -> dict:
+    """Steps fed from the store's loader and steps fed from batches already in RAM, alternating in
+    one process (so both see the same machine load): the loader's cost per step is the difference."""
+    import statistics
+
+    import torch
+
+    from sae_clt.dictionary import Dictionary, DictionaryConfig
+    from sae_clt.fast_step import FastTopKStep
+    from sae_clt.normalize import Normalization, PairLoader
+    from sae_clt.spec import TrainSection
+    from sae_clt.store import ActivationStore
+
+    store = ActivationStore.open(folder)
+    n = store.manifest["n_instances"]
+    norm = Normalization({HOOK: torch.zeros(D)}, {HOOK: torch.ones(D)}, torch.zeros(n, dtype=torch.bool), {HOOK: torch.zeros(D)})
+    stream = (x for x, _ in PairLoader(store, norm, HOOK, HOOK, "train", BATCH, seed=0, drop_last=True).epoch(0))
+    ram = [next(stream).clone() for _ in range(40)]
+    model = Dictionary(DictionaryConfig("sae", D, D, D_SAE, "topk", K, HOOK, HOOK), seed=0)
+    fast = FastTopKStep(model, torch.optim.Adam(model.parameters(), lr=1e-3, fused=True), TrainSection(precision="bf16", aux_k=256))
+    fast.want_metrics = False
+    clock = torch.zeros(D_SAE, dtype=torch.long)
+    times: dict[str, list[float]] = {"disk": [], "ram": []}
+    for i in range(steps // 2):
+        for mode in ("disk", "ram") if i % 2 else ("ram", "disk"):
+            start = time.perf_counter()
+            x = next(stream) if mode == "disk" else ram[i % len(ram)]
+            fast(x, x, clock, 1e-3)
+            times[mode].append(time.perf_counter() - start)
+    return {"disk_ms": 1000 * statistics.median(times["disk"]), "ram_ms": 1000 * statistics.median(times["ram"]),
+            "ratio": statistics.median(r / d for d, r in zip(times["disk"], times["ram"]))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gigabytes", type=float, default=8.0)
@@ -97,7 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     folder = Path(args.store_dir)
     if args.mode:
-        print(json.dumps(run_mode(args.mode, folder, args.steps)))
+        print(json.dumps(run_paired(folder, args.steps) if args.mode == "paired" else run_mode(args.mode, folder, args.steps)))
         return
     build_store(folder, args.gigabytes)
     size = sum(p.stat().st_size for p in folder.glob("shard_*.safetensors")) / 1e9
@@ -114,7 +148,12 @@ def main() -> None:
             best["peak_rss_gb"] = max(best["peak_rss_gb"], r["peak_rss_gb"])
     for mode, r in results.items():
         print(f"{mode:>5}: best {r['tokens_per_s']:,.0f} tokens/s, peak RSS {r['peak_rss_gb']:.2f} GB")
-    print(f"disk / ram throughput: {results['disk']['tokens_per_s'] / results['ram']['tokens_per_s']:.3f}")
+    print(f"disk / ram throughput (best of each): {results['disk']['tokens_per_s'] / results['ram']['tokens_per_s']:.3f}")
+    out = subprocess.run([sys.executable, __file__, "--mode", "paired", "--steps", str(args.steps), "--store-dir", str(folder)],
+                         capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"paired in one process: step fed from the store {r['disk_ms']:.1f} ms, from RAM {r['ram_ms']:.1f} ms; "
+          f"disk / ram throughput (median of per-pair ratios) {r['ratio']:.3f}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ Here every piece after the encoder matmul works on the k active entries per row,
 three operations of ``kernels.py`` (compiled CPU kernels, or their torch reference versions):
 
     forward   pre = (x - b_dec·[sae]) @ W_enc [+ b_enc]       dense, the one big matmul
-              (values, idx) = topk_rows(pre, k [, b_enc])     bias fused into the top-k in bf16
+              (values, idx) = topk_rows(pre, k [, b_enc])     bias fused into the top-k (bf16, fp32)
               a = relu(values)                                [B, k]
     decode_backward:
               ŷ = Σ_j a_j W_dec[idx_j] + b_dec                gather of k decoder rows
@@ -183,18 +183,20 @@ class FastTopKStep:
         candidates = (rows_since_fired >= cfg.dead_after_rows - batch_rows).nonzero().squeeze(1) if cfg.aux_k else None
         if candidates is not None and not candidates.numel():
             candidates = None
+        fused_bias = self.bf16 or W_enc.dtype == torch.float32  # b_enc added inside the top-k kernel
         if self.bf16:
             x_low = center_bf16(x, b_dec, self._x_low) if sae else x.to(dtype)
             pre = torch.mm(x_low, self._bf16("W_enc", W_enc), out=self._pre)
-            values, idx, *pre_candidates = topk_rows(pre, per_row, b_enc, columns=candidates)
             x_in = x_low  # what the weight-gradient scatters read
         else:
-            x_in = (x - b_dec) if sae else x
-            pre = torch.addmm(b_enc, x_in, W_enc, out=self._pre)
-            values, idx, *pre_candidates = topk_rows(pre, per_row, columns=candidates)
+            x_in = torch.sub(x, b_dec, out=self._x_low) if sae else x
+            # float32: the bias goes into the top-k too (addmm would first write it into all B x
+            # d_sae outputs, 1-6 ms here); float64 keeps addmm (the kernel adds float32 biases)
+            pre = torch.mm(x_in, W_enc, out=self._pre) if fused_bias else torch.addmm(b_enc, x_in, W_enc, out=self._pre)
+        values, idx, *pre_candidates = topk_rows(pre, per_row, b_enc if fused_bias else None, columns=candidates)
         acts = torch.relu(values.to(x.dtype))
         if self.batch_topk:
-            idx, acts = self._batch_topk(pre, b_enc if self.bf16 else None, idx, acts, k)
+            idx, acts = self._batch_topk(pre, b_enc if fused_bias else None, idx, acts, k)
 
         # The decoder as a gather of k rows, and the backward of the reconstruction loss through
         # the active entries only. (bf16: the gathers and scatters read bf16 copies of W_dec, x

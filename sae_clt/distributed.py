@@ -13,7 +13,7 @@ world of one.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +22,7 @@ import torch
 class World:
     rank: int = 0
     size: int = 1
+    owns_group: bool = field(default=False, compare=False)  # joined by from_env: close() leaves it
 
     @property
     def is_main(self) -> bool:
@@ -39,9 +40,22 @@ class World:
             return cls()
         import torch.distributed as dist
 
-        if not dist.is_initialized():
+        owns = not dist.is_initialized()
+        if owns:
             dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size())
+        return cls(dist.get_rank(), dist.get_world_size(), owns)
+
+    def close(self) -> None:
+        """Wait for every rank (rank 0 may still be writing the outputs), then leave the process
+        group from_env joined. A rank that exited first with the group still open was now and
+        then aborted by the C++ runtime (SIGABRT) while gloo's threads were being torn down."""
+        if not (self.active and self.owns_group):
+            return
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
     # Collective operations; no-ops in a world of one.
 

@@ -426,6 +426,7 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
         calibration = {"batchtopk_threshold": model.calibrate_threshold(batches)}
         world.broadcast_params(model)
     if not world.is_main:
+        world.close()
         return {"steps": total_steps, "rank": world.rank}
     curves.flush()
     meta = output_meta(spec, cfg.seed, TRAIN_SECTIONS)
@@ -443,6 +444,7 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
     if state is not None:
         state.clear()
     log(f"trained {spec.id}: {total_steps} steps, {rate:,.0f} rows/s, last batch FVU {last.get('fvu', float('nan')):.4f}")
+    world.close()
     return summary
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import sys
 
-NAME = "saeclt_kernels_v16"
+NAME = "saeclt_kernels_v18"
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -337,8 +337,11 @@ void topk_avx512(const T* xp, const float* bias, int64_t rows, int64_t cols, int
         if (all) s = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(s, s, _CMP_UNORD_Q), s, _mm512_set1_ps(neg_inf));
         else hit = _mm512_mask_cmp_ps_mask(mk, s, tv, _CMP_GE_OQ);
         if (!hit) return;
-        _mm512_mask_compressstoreu_ps(cv.data() + n, hit, s);
-        _mm512_mask_compressstoreu_epi32(ci.data() + n, hit, _mm512_add_epi32(lane, _mm512_set1_epi32(int32_t(j))));
+        // compress in a register, then a full 16-lane store (cv, ci have 16 entries of slack): the
+        // memory-destination compress-store is microcoded on AMD Zen 4 (~100+ cycles each), and
+        // was most of this kernel's time there
+        _mm512_storeu_ps(cv.data() + n, _mm512_maskz_compress_ps(hit, s));
+        _mm512_storeu_si512(ci.data() + n, _mm512_maskz_compress_epi32(hit, _mm512_add_epi32(lane, _mm512_set1_epi32(int32_t(j)))));
         n += __builtin_popcount(hit);
       };
       for (int64_t j = 0; j < body; j += 16) keep(j, 0xFFFF, false);
@@ -537,8 +540,11 @@ void latent_grads_impl(const int64_t* ip, const T* wap, const TX* xap, const T* 
                        int64_t k, int64_t da, int64_t db, int64_t n, T* gat, T* gbp, T* gbias, int64_t* fired,
                        int64_t range_bytes) {
   const int64_t entries = rows * k;
+  // Entries with both weights zero add nothing and are left out of the counts and buckets (AuxK's
+  // compacted selection pads short rows with such entries at latent 0: counted, they made that
+  // latent's range look like most of the work and left one thread with all of the real work).
   std::vector<int64_t> count(n + 1, 0);
-  for (int64_t e = 0; e < entries; ++e) ++count[ip[e] + 1];
+  for (int64_t e = 0; e < entries; ++e) count[ip[e] + 1] += (wap[e] != T(0)) | (wbp[e] != T(0));
   for (int64_t l = 0; l < n; ++l) count[l + 1] += count[l];
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t by_size = (n * (da + db) * int64_t(sizeof(T)) + range_bytes - 1) / std::max<int64_t>(1, range_bytes);
@@ -565,7 +571,7 @@ void latent_grads_impl(const int64_t* ip, const T* wap, const TX* xap, const T* 
     for (int64_t t = t_begin; t < t_end; ++t) cursor[t - t_begin] = counts[splits[t]];
     for (int64_t e = 0; e < entries; ++e) {
       const int64_t l = ip[e];
-      if (l >= first && l < last) orderp[cursor[range_ofp[l] - t_begin]++] = e;
+      if (l >= first && l < last && ((wap[e] != T(0)) | (wbp[e] != T(0)))) orderp[cursor[range_ofp[l] - t_begin]++] = e;
     }
     std::vector<T> acc, bias_acc;
     for (int64_t t = t_begin; t < t_end; ++t) {

@@ -47,6 +47,13 @@ def _aux_k(w_dead: torch.Tensor, pre_dead: torch.Tensor, g_main: torch.Tensor, m
     its gradients with respect to the dead latents' encoder columns [d_in, n_dead], biases and
     decoder rows."""
     n_rows, n_dead = pre_dead.shape
+    if x_in.dtype == torch.bfloat16:
+        positives = (pre_dead > 0).sum(1)
+        # dense bf16 matmuls cost ~ n_dead per row, the sparse kernels ~ (positives per row) at
+        # about 8x the price per item (measured on both CPUs here): dense while it is cheaper and
+        # no row needs a top-aux_k selection
+        if int(positives.max()) <= aux_k and n_dead <= DENSE_AUX_RATIO * float(positives.float().mean()):
+            return _aux_k_dense(w_dead, pre_dead, g_main, main_scale, x_in, variance)
     # Only positive pre-activations contribute (ReLU): each row's positive ones, compacted to as
     # many per row as the row with the most has. Dead latents rarely have many (in the throughput
     # benchmark at most ~13 of ~150 per row), so the kernels below see a few entries per row
@@ -65,6 +72,31 @@ def _aux_k(w_dead: torch.Tensor, pre_dead: torch.Tensor, g_main: torch.Tensor, m
     loss = sq_err.sum() / n_rows / variance
     g_enc, g_dec, g_bias, _ = latent_grads(local, g_pre, x_in, acts, g_low[0] if low else g_recon, n_dead)
     return loss, g_enc, g_bias, g_dec
+
+
+DENSE_AUX_RATIO = 8.0  # dense AuxK while n_dead <= this x the mean positive dead pre-activations per row
+
+
+def _aux_k_dense(w_dead_low: torch.Tensor, pre_dead: torch.Tensor, g_main: torch.Tensor, main_scale: float,
+                 x_in: torch.Tensor, variance: float):
+    """AuxK as ``_aux_k`` (every positive dead pre-activation selected), through four dense bf16
+    matmuls over the [B, n_dead] activations instead of the gather/scatter kernels: cheaper where
+    many dead latents are active per row (a few dozen dead latents, each firing on many rows).
+    ``w_dead_low``: the dead latents' decoder rows in bf16; gradients come back in float32 (rounded
+    through bf16 as the bf16 encoder matmul's are)."""
+    n_rows = pre_dead.shape[0]
+    acts = pre_dead.clamp_min(0)
+    acts_low = acts.to(torch.bfloat16)
+    variance = max(variance, 1e-12)
+    # recon - residual, the residual y - ŷ being -g_main / main_scale
+    diff = torch.mm(acts_low, w_dead_low).float().add_(g_main, alpha=1.0 / main_scale)
+    flat = diff.view(-1)
+    loss = torch.dot(flat, flat) / n_rows / variance
+    g_recon = diff.mul_(2.0 / (n_rows * variance)).to(torch.bfloat16)
+    g_pre = torch.mm(g_recon, w_dead_low.t()).float().mul_(acts > 0)
+    g_dec = torch.mm(acts_low.t(), g_recon).float()
+    g_enc = torch.mm(x_in.t(), g_pre.to(torch.bfloat16)).float()
+    return loss, g_enc, g_pre.sum(0), g_dec
 
 
 def _mean_variance(y: torch.Tensor) -> float:
@@ -235,8 +267,9 @@ class FastTopKStep:
             # the residual's variance from what is at hand: mean |e|² - |mean e|², e = ŷ - y = g_ŷ / scale
             mean_error = g_b_dec / (scale * n_rows)
             variance = float(mse) - float(mean_error @ mean_error)
-            aux, g_enc_dead, g_bias_dead, g_dec_dead = _aux_k(W_dec.index_select(0, dead_idx), pre_dead, g_yhat, scale,
-                                                              x_in, cfg.aux_k, variance)
+            # (bf16: rows of W_dec's bf16 copy, as the main loss reads)
+            w_dead = (self._bf16("W_dec", W_dec) if self.bf16 else W_dec).index_select(0, dead_idx)
+            aux, g_enc_dead, g_bias_dead, g_dec_dead = _aux_k(w_dead, pre_dead, g_yhat, scale, x_in, cfg.aux_k, variance)
             g_W_enc.index_add_(1, dead_idx, g_enc_dead, alpha=cfg.aux_coeff)
             g_b_enc.index_add_(0, dead_idx, g_bias_dead, alpha=cfg.aux_coeff)
             g_W_dec.index_add_(0, dead_idx, g_dec_dead, alpha=cfg.aux_coeff)

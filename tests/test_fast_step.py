@@ -319,3 +319,35 @@ def test_center_bf16_rounds_exactly_as_torch_subtracting_into_bf16():
     assert bool(got[1, 0].isnan()) and bool(want[1, 0].isnan())
     got[1, 0] = want[1, 0] = 0
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+def test_dense_bf16_auxk_matches_the_sparse_auxk_kernels():
+    """Where many dead latents are active per row, bf16 AuxK runs as four dense bf16 matmuls: its
+    loss and gradients match the gather/scatter path (float32 input) to bf16 precision, and the
+    step takes the dense path only when it is the cheaper one."""
+    from sae_clt import fast_step
+
+    gen = torch.Generator().manual_seed(3)
+    n_rows, n_dead, d = 256, 24, 32
+    pre_dead = torch.randn(n_rows, n_dead, generator=gen) + 0.3  # ~60 % positive: dense is cheaper
+    w_dead = torch.nn.functional.normalize(torch.randn(n_dead, d, generator=gen), dim=1)
+    g_main = torch.randn(n_rows, d, generator=gen) * 1e-2
+    x_in = torch.randn(n_rows, d, generator=gen)
+    want = fast_step._aux_k(w_dead, pre_dead, g_main, 1e-2, x_in, 64, 2.0)  # float32 input: the sparse kernels
+    got = fast_step._aux_k_dense(w_dead.bfloat16(), pre_dead, g_main, 1e-2, x_in.bfloat16(), 2.0)
+    for name, a, b in zip(("loss", "g_enc", "g_bias", "g_dec"), got, want):
+        assert a.shape == b.shape and a.dtype == torch.float32, name
+        assert float((a - b).norm() / b.norm()) < 2e-2, name
+    calls = []
+    dense = fast_step._aux_k_dense
+    try:
+        fast_step._aux_k_dense = lambda *args: calls.append(1) or dense(*args)
+        fast_step._aux_k(w_dead.bfloat16(), pre_dead, g_main, 1e-2, x_in.bfloat16(), 64, 2.0)
+        assert calls, "many positives per row: the dense path"
+        calls.clear()
+        fast_step._aux_k(w_dead.bfloat16(), pre_dead - 3.0, g_main, 1e-2, x_in.bfloat16(), 64, 2.0)
+        assert not calls, "a few positives per row: the sparse kernels"
+        fast_step._aux_k(w_dead.bfloat16(), pre_dead, g_main, 1e-2, x_in.bfloat16(), 4, 2.0)
+        assert not calls, "rows with more positives than aux_k need the top-k selection"
+    finally:
+        fast_step._aux_k_dense = dense

@@ -47,13 +47,12 @@ def _aux_k(w_dead: torch.Tensor, pre_dead: torch.Tensor, g_main: torch.Tensor, m
     its gradients with respect to the dead latents' encoder columns [d_in, n_dead], biases and
     decoder rows."""
     n_rows, n_dead = pre_dead.shape
-    if x_in.dtype == torch.bfloat16:
-        positives = (pre_dead > 0).sum(1)
-        # dense bf16 matmuls cost ~ n_dead per row, the sparse kernels ~ (positives per row) at
-        # about 8x the price per item (measured on both CPUs here): dense while it is cheaper and
-        # no row needs a top-aux_k selection
-        if int(positives.max()) <= aux_k and n_dead <= DENSE_AUX_RATIO * float(positives.float().mean()):
-            return _aux_k_dense(w_dead, pre_dead, g_main, main_scale, x_in, variance)
+    positives = (pre_dead > 0).sum(1)
+    # Dense matmuls cost ~ n_dead per row, the sparse kernels ~ the positives per row at about 8x
+    # the price per item (bf16 and fp32 alike on this CPU): dense while that is cheaper and no row
+    # needs a top-aux_k selection.
+    if int(positives.max()) <= aux_k and n_dead <= DENSE_AUX_RATIO * float(positives.float().mean()):
+        return _aux_k_dense(w_dead, pre_dead, g_main, main_scale, x_in, variance)
     # Only positive pre-activations contribute (ReLU): each row's positive ones, compacted to as
     # many per row as the row with the most has. Dead latents rarely have many (in the throughput
     # benchmark at most ~13 of ~150 per row), so the kernels below see a few entries per row
@@ -77,25 +76,26 @@ def _aux_k(w_dead: torch.Tensor, pre_dead: torch.Tensor, g_main: torch.Tensor, m
 DENSE_AUX_RATIO = 8.0  # dense AuxK while n_dead <= this x the mean positive dead pre-activations per row
 
 
-def _aux_k_dense(w_dead_low: torch.Tensor, pre_dead: torch.Tensor, g_main: torch.Tensor, main_scale: float,
+def _aux_k_dense(w_dead: torch.Tensor, pre_dead: torch.Tensor, g_main: torch.Tensor, main_scale: float,
                  x_in: torch.Tensor, variance: float):
-    """AuxK as ``_aux_k`` (every positive dead pre-activation selected), through four dense bf16
-    matmuls over the [B, n_dead] activations instead of the gather/scatter kernels: cheaper where
-    many dead latents are active per row (a few dozen dead latents, each firing on many rows).
-    ``w_dead_low``: the dead latents' decoder rows in bf16; gradients come back in float32 (rounded
-    through bf16 as the bf16 encoder matmul's are)."""
-    n_rows = pre_dead.shape[0]
-    acts = pre_dead.clamp_min(0)
-    acts_low = acts.to(torch.bfloat16)
+    """AuxK as ``_aux_k`` (every positive dead pre-activation selected), through four dense matmuls
+    over the [B, n_dead] activations instead of the gather/scatter kernels: cheaper where many dead
+    latents are active per row (a few dozen dead latents, each firing on many rows). The matmuls
+    run in ``x_in``'s dtype: with a bf16 input (and ``w_dead`` the bf16 copy's rows) in bf16, the
+    gradients then rounded through bf16 as the bf16 encoder matmul's are; returned in
+    ``g_main``'s dtype."""
+    n_rows, dtype, low = pre_dead.shape[0], g_main.dtype, x_in.dtype
+    acts = pre_dead.to(dtype).clamp_min(0)
+    acts_low = acts.to(low)
     variance = max(variance, 1e-12)
     # recon - residual, the residual y - ŷ being -g_main / main_scale
-    diff = torch.mm(acts_low, w_dead_low).float().add_(g_main, alpha=1.0 / main_scale)
+    diff = torch.mm(acts_low, w_dead).to(dtype).add_(g_main, alpha=1.0 / main_scale)
     flat = diff.view(-1)
     loss = torch.dot(flat, flat) / n_rows / variance
-    g_recon = diff.mul_(2.0 / (n_rows * variance)).to(torch.bfloat16)
-    g_pre = torch.mm(g_recon, w_dead_low.t()).float().mul_(acts > 0)
-    g_dec = torch.mm(acts_low.t(), g_recon).float()
-    g_enc = torch.mm(x_in.t(), g_pre.to(torch.bfloat16)).float()
+    g_recon = diff.mul_(2.0 / (n_rows * variance)).to(low)
+    g_pre = torch.mm(g_recon, w_dead.t()).to(dtype).mul_(acts > 0)
+    g_dec = torch.mm(acts_low.t(), g_recon).to(dtype)
+    g_enc = torch.mm(x_in.t(), g_pre.to(low)).to(dtype)
     return loss, g_enc, g_pre.sum(0), g_dec
 
 

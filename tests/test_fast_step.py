@@ -29,8 +29,14 @@ def _pair(architecture: str, d_in: int, d_out: int, activation: str = "topk"):
 
 @pytest.mark.parametrize("activation", ["topk", "batchtopk"])
 @pytest.mark.parametrize("architecture, d_in, d_out", [("sae", 10, 10), ("transcoder", 6, 12)])
-@pytest.mark.parametrize("aux_k", [0, 2, 8])  # 2: few dead latents active per row (the sparse AuxK path)
-def test_fast_step_matches_plain_autograd_step_in_float64(architecture, d_in, d_out, aux_k, activation):
+@pytest.mark.parametrize("aux_k", [0, 2, 8])  # 2: some rows have more dead latents active than aux_k (a top-k)
+@pytest.mark.parametrize("aux_path", ["sparse", "dense"])  # AuxK through the gather/scatter kernels or dense matmuls
+def test_fast_step_matches_plain_autograd_step_in_float64(architecture, d_in, d_out, aux_k, activation, aux_path, monkeypatch):
+    if aux_path == "dense" and not aux_k:
+        pytest.skip("no AuxK")
+    from sae_clt import fast_step as fast_step_module
+
+    monkeypatch.setattr(fast_step_module, "DENSE_AUX_RATIO", 0.0 if aux_path == "sparse" else float("inf"))
     plain, fast = _pair(architecture, d_in, d_out, activation)
     # dead_after_rows small so AuxK has dead latents to work with from the second step.
     cfg = TrainSection(aux_k=aux_k, dead_after_rows=1, grad_clip=0.5)  # silent in a step = dead: AuxK always has work
@@ -321,10 +327,11 @@ def test_center_bf16_rounds_exactly_as_torch_subtracting_into_bf16():
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
-def test_dense_bf16_auxk_matches_the_sparse_auxk_kernels():
-    """Where many dead latents are active per row, bf16 AuxK runs as four dense bf16 matmuls: its
-    loss and gradients match the gather/scatter path (float32 input) to bf16 precision, and the
-    step takes the dense path only when it is the cheaper one."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_dense_auxk_matches_the_sparse_auxk_kernels(precision, monkeypatch):
+    """Where many dead latents are active per row, AuxK runs as four dense matmuls (bf16 ones in
+    bf16): its loss and gradients match the gather/scatter kernels' (float32) to float32 / bf16
+    precision, and the step takes the dense path only when it is the cheaper one."""
     from sae_clt import fast_step
 
     gen = torch.Generator().manual_seed(3)
@@ -333,21 +340,21 @@ def test_dense_bf16_auxk_matches_the_sparse_auxk_kernels():
     w_dead = torch.nn.functional.normalize(torch.randn(n_dead, d, generator=gen), dim=1)
     g_main = torch.randn(n_rows, d, generator=gen) * 1e-2
     x_in = torch.randn(n_rows, d, generator=gen)
-    want = fast_step._aux_k(w_dead, pre_dead, g_main, 1e-2, x_in, 64, 2.0)  # float32 input: the sparse kernels
-    got = fast_step._aux_k_dense(w_dead.bfloat16(), pre_dead, g_main, 1e-2, x_in.bfloat16(), 2.0)
+    with monkeypatch.context() as patch:
+        patch.setattr(fast_step, "DENSE_AUX_RATIO", 0.0)  # never dense: the sparse kernels
+        want = fast_step._aux_k(w_dead, pre_dead, g_main, 1e-2, x_in, 64, 2.0)
+    low = torch.bfloat16 if precision == "bf16" else torch.float32
+    got = fast_step._aux_k_dense(w_dead.to(low), pre_dead, g_main, 1e-2, x_in.to(low), 2.0)
     for name, a, b in zip(("loss", "g_enc", "g_bias", "g_dec"), got, want):
         assert a.shape == b.shape and a.dtype == torch.float32, name
-        assert float((a - b).norm() / b.norm()) < 2e-2, name
+        assert float((a - b).norm() / b.norm()) < (2e-2 if precision == "bf16" else 1e-5), name
     calls = []
     dense = fast_step._aux_k_dense
-    try:
-        fast_step._aux_k_dense = lambda *args: calls.append(1) or dense(*args)
-        fast_step._aux_k(w_dead.bfloat16(), pre_dead, g_main, 1e-2, x_in.bfloat16(), 64, 2.0)
-        assert calls, "many positives per row: the dense path"
-        calls.clear()
-        fast_step._aux_k(w_dead.bfloat16(), pre_dead - 3.0, g_main, 1e-2, x_in.bfloat16(), 64, 2.0)
-        assert not calls, "a few positives per row: the sparse kernels"
-        fast_step._aux_k(w_dead.bfloat16(), pre_dead, g_main, 1e-2, x_in.bfloat16(), 4, 2.0)
-        assert not calls, "rows with more positives than aux_k need the top-k selection"
-    finally:
-        fast_step._aux_k_dense = dense
+    monkeypatch.setattr(fast_step, "_aux_k_dense", lambda *args: calls.append(1) or dense(*args))
+    fast_step._aux_k(w_dead.to(low), pre_dead, g_main, 1e-2, x_in.to(low), 64, 2.0)
+    assert calls, "many positives per row: the dense path"
+    calls.clear()
+    fast_step._aux_k(w_dead.to(low), pre_dead - 3.0, g_main, 1e-2, x_in.to(low), 64, 2.0)
+    assert not calls, "a few positives per row: the sparse kernels"
+    fast_step._aux_k(w_dead.to(low), pre_dead, g_main, 1e-2, x_in.to(low), 4, 2.0)
+    assert not calls, "rows with more positives than aux_k need the top-k selection"

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import sys
 
-NAME = "saeclt_kernels_v18"
+NAME = "saeclt_kernels_v19"
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -350,6 +350,48 @@ void topk_avx512(const T* xp, const float* bias, int64_t rows, int64_t cols, int
         n = 0;
         for (int64_t j = 0; j < body; j += 16) keep(j, 0xFFFF, true);
         if (body < cols) keep(body, tail_mask(cols - body), true);
+      }
+      if (n > k && std::isfinite(cv[0])) {  // a threshold keeping exactly k candidates, by bisection on
+        // their values with SIMD counts (the scalar loops below stay for ties that make exactly k impossible)
+        const int64_t chunks = (n + 15) / 16;
+        const auto count_ge = [&](float t) {
+          const __m512 tv2 = _mm512_set1_ps(t);
+          int64_t c = 0;
+          for (int64_t q = 0; q < chunks; ++q)
+            c += __builtin_popcount(_mm512_mask_cmp_ps_mask(tail_mask(n - 16 * q), _mm512_loadu_ps(cv.data() + 16 * q), tv2, _CMP_GE_OQ));
+          return c;
+        };
+        __m512 vmin = _mm512_set1_ps(std::numeric_limits<float>::infinity()), vmax = _mm512_set1_ps(neg_inf);
+        for (int64_t q = 0; q < chunks; ++q) {
+          const __mmask16 mk = tail_mask(n - 16 * q);
+          vmin = _mm512_mask_min_ps(vmin, mk, _mm512_loadu_ps(cv.data() + 16 * q), vmin);
+          vmax = _mm512_mask_max_ps(vmax, mk, _mm512_loadu_ps(cv.data() + 16 * q), vmax);
+        }
+        float blo = _mm512_reduce_min_ps(vmin), bhi = _mm512_reduce_max_ps(vmax);  // count(>= blo) = n > k
+        bool found = false;
+        if (std::isfinite(blo) && std::isfinite(bhi)) {
+          for (int it = 0; it < 64; ++it) {
+            const float mid = blo + (bhi - blo) / 2;
+            if (!(mid > blo && mid < bhi)) break;
+            const int64_t c = count_ge(mid);
+            if (c == k) { blo = mid; found = true; break; }
+            if (c > k) blo = mid; else bhi = mid;
+          }
+          if (!found && count_ge(bhi) == k) { blo = bhi; found = true; }
+        }
+        if (found) {  // compact the k entries >= blo in place (each store lands on entries already read)
+          const __m512 tv2 = _mm512_set1_ps(blo);
+          int64_t w = 0;
+          for (int64_t q = 0; q < chunks; ++q) {
+            const __m512 v = _mm512_loadu_ps(cv.data() + 16 * q);
+            const __m512i ix = _mm512_loadu_si512(ci.data() + 16 * q);
+            const __mmask16 hit = _mm512_mask_cmp_ps_mask(tail_mask(n - 16 * q), v, tv2, _CMP_GE_OQ);
+            _mm512_storeu_ps(cv.data() + w, _mm512_maskz_compress_ps(hit, v));
+            _mm512_storeu_si512(ci.data() + w, _mm512_maskz_compress_epi32(hit, ix));
+            w += __builtin_popcount(hit);
+          }
+          n = w;
+        }
       }
       if (n > k && n - k <= 16) {  // drop the smallest (the highest index among equals), one at a time
         for (; n > k; --n) {

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import sys
 
-NAME = "saeclt_kernels_v19"
+NAME = "saeclt_kernels_v20"
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -336,10 +336,10 @@ void topk_avx512(const T* xp, const float* bias, int64_t rows, int64_t cols, int
         __mmask16 hit = mk;
         if (all) s = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(s, s, _CMP_UNORD_Q), s, _mm512_set1_ps(neg_inf));
         else hit = _mm512_mask_cmp_ps_mask(mk, s, tv, _CMP_GE_OQ);
-        if (!hit) return;
         // compress in a register, then a full 16-lane store (cv, ci have 16 entries of slack): the
         // memory-destination compress-store is microcoded on AMD Zen 4 (~100+ cycles each), and
-        // was most of this kernel's time there
+        // was most of this kernel's time there. No branch on an empty mask: which chunks hold
+        // candidates is unpredictable, and the mispredictions cost more than the stores.
         _mm512_storeu_ps(cv.data() + n, _mm512_maskz_compress_ps(hit, s));
         _mm512_storeu_si512(ci.data() + n, _mm512_maskz_compress_epi32(hit, _mm512_add_epi32(lane, _mm512_set1_epi32(int32_t(j)))));
         n += __builtin_popcount(hit);

@@ -125,7 +125,8 @@ def decode_backward(idx: torch.Tensor, acts: torch.Tensor, W: torch.Tensor, bias
     plus g as bfloat16 when ``low_g``. ŷ is only guaranteed when ``want_y_hat`` (the compiled kernel
     builds it inside g's rows and otherwise returns an empty tensor first). ``W`` may be a bfloat16
     copy of the decoder (float32 acts, bias and y): the gathers then move half the bytes, the
-    arithmetic stays float32."""
+    arithmetic stays float32; with ``low_g`` too, g_acts are the dot products of the rounded g
+    (bf16 by bf16, float32 sums: one hardware instruction per 32 products where the CPU has them)."""
     kernel = _use_kernel(acts, W, y)
     low_w = W.dtype == torch.bfloat16 and acts.dtype == torch.float32
     if kernel and acts.dtype == y.dtype == bias.dtype and (W.dtype == acts.dtype or low_w) \
@@ -134,7 +135,12 @@ def decode_backward(idx: torch.Tensor, acts: torch.Tensor, W: torch.Tensor, bias
                                             bias.detach().contiguous(), y.contiguous(), float(scale), float(sign), low_g,
                                             want_y_hat))
     out = decode_backward_torch(idx, acts, W.to(acts.dtype), bias, y, scale, sign)
-    return (*out, out[1].to(torch.bfloat16)) if low_g else out
+    if not low_g:
+        return out
+    g_low = out[1].to(torch.bfloat16)
+    if low_w:  # as the kernel: the backward dots read g rounded to bf16
+        out = (*out[:2], sampled_rows(g_low.to(acts.dtype), W.to(acts.dtype), idx) * (acts > 0), out[3])
+    return (*out, g_low)
 
 
 def decode_backward_torch(idx, acts, W, bias, y, scale, sign=1.0):

@@ -10,6 +10,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def cpu_description() -> str:
+    """The CPU's model name and the matrix features that decide the bf16 matmul's speed (on this
+    project's 2-core VMs: ~11 ms with AMX, ~25 ms with AVX512-BF16 alone, at 4096 x 384 x 3072)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+
+        return platform.processor() or "unknown CPU"
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "unknown CPU")
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    features = [name for name, flag in (("AMX-BF16", "amx_bf16"), ("AVX512-BF16", "avx512_bf16"), ("AVX-512", "avx512f")) if flag in flags]
+    return f"{model} ({', '.join(features) or 'no AVX-512'})"
+
+
 def fit_and_evaluate(spec, store, norm, train_updates: dict | None = None, model_updates: dict | None = None):
     """Train ``spec`` (with overrides; causal check off) on the store; returns (train summary,
     eval metrics, training rows read per second). Nothing is written to the project."""

@@ -15,11 +15,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import fit_and_evaluate, load_experiment  # noqa: E402
+from _common import cpu_description, fit_and_evaluate, load_experiment  # noqa: E402
 
 
 def main() -> None:
     base, store, norm = load_experiment(sys.argv)
+    print(f"cpu: {cpu_description()}")
     print(f"{'step':<6}{'precision':<11}{'val FVU':>9}{'L0':>7}{'dead':>8}{'rows/s':>10}")
     results = {}
     for step in ("plain", "fast"):

@@ -95,6 +95,7 @@ def main() -> None:
                     times["matmul"].append(1000 * matmul)
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = statistics.median(b / a for a, b in zip(times["A"], times["B"]))
+    print(f"cpu: {tt.cpu_description()}")
     print(f"{args.precision}, {args.steps} pairs: A ({args.commit}) {med['A']:.1f} ms, B (working tree) {med['B']:.1f} ms, "
           f"encoder matmul {med['matmul']:.1f} ms")
     print(f"median B/A {ratio:.3f}; B: {tt.BATCH / med['B'] * 1000:,.0f} tokens/s, {med['B'] / med['matmul']:.2f}x the matmul")

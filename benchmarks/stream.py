@@ -135,6 +135,9 @@ def main() -> None:
         return
     build_store(folder, args.gigabytes)
     size = sum(p.stat().st_size for p in folder.glob("shard_*.safetensors")) / 1e9
+    from _common import cpu_description
+
+    print(f"cpu: {cpu_description()}")
     print(f"store: {size:.1f} GB on disk; {args.steps} steps of {BATCH} rows, fast bf16 TopK step")
     results: dict[str, dict] = {}
     for rep in range(args.repeats):  # alternated, best of each: this machine's timings drift

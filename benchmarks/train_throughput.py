@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import cpu_description  # noqa: E402
 from sae_clt.dictionary import Dictionary, DictionaryConfig  # noqa: E402
 from sae_clt.fast_step import FastTopKStep  # noqa: E402
 from sae_clt.kernels import kernel_available, topk_rows  # noqa: E402
@@ -115,6 +116,7 @@ def main() -> None:
     print(f"shape: batch {BATCH}, {D_IN} -> {D_SAE} latents, k = {K}, AuxK {args.aux_k} on {args.dead_fraction:.0%} "
           f"of the latents; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"compiled kernels: {kernel_available()}")
+    print(f"cpu: {cpu_description()}")
     print(f"rows: {'store ' + args.store if args.store else 'synthetic'}")
 
     x = data[:BATCH].contiguous()

@@ -16,7 +16,8 @@ three operations of ``kernels.py`` (compiled CPU kernels, or their torch referen
               over the entries of latent l (a scatter, no [B, d_sae] intermediate)
               ∇b_dec = Σ g_ŷ - W_enc ∇b_enc (sae: b_dec enters the input)
     AuxK      the same operations on the dead latents' pre-activations (copied out of ``pre`` by
-              the top-k kernel), only as many per row as the most any row has positive.
+              the top-k kernel), only as many per row as the most any row has positive; or, where
+              many dead latents are active per row, four dense matmuls over [B, n_dead].
 
 Then the same decoder-gradient projection, clipping, Adam and renormalisation as the plain
 step; with torch's Adam and no clipping, all four parameters' update is one fused pass each
@@ -43,7 +44,8 @@ def _aux_k(w_dead: torch.Tensor, pre_dead: torch.Tensor, g_main: torch.Tensor, m
     pre-activations [B, n_dead] and decoder rows [n_dead, d_out]. The residual they fit,
     y - ŷ, is read from the main loss's gradient g_main = main_scale·(ŷ - y); ``variance`` is the
     residual's (Σ_d Var_b, its FVU denominator). ``x_in`` may be the bf16 copy of the encoder
-    input (the scatter then reads a bf16 copy of the error gradient too). Returns the loss and
+    input (the scatter then reads a bf16 copy of the error gradient too, and ``w_dead`` holds rows
+    of the decoder's bf16 copy). Returns the loss and
     its gradients with respect to the dead latents' encoder columns [d_in, n_dead], biases and
     decoder rows."""
     n_rows, n_dead = pre_dead.shape

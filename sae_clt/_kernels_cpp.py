@@ -984,15 +984,76 @@ _Pragma("omp simd")
 """
 
 
-def build():
-    """Compile (once per machine and torch version; cached by torch) and load the kernels."""
+FUNCTIONS = ["topk_rows", "decode_backward", "latent_grads", "gram_accumulate", "adam_rows", "positive_entries",
+             "gather_normalize", "center_bf16"]
+CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
+
+
+def _fingerprint() -> str:
+    """What the built library depends on: the source, the flags, torch and Python, and the CPU's
+    features (``-march=native`` code built on one CPU may not run on another that shares the
+    cache folder)."""
+    import hashlib
+    import platform
+
+    import torch
+
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu = next((line for line in cpuinfo if line.startswith("flags")), "")
+    except OSError:
+        cpu = platform.processor()
+    text = "\n".join([SOURCE, " ".join(CFLAGS), " ".join(LDFLAGS), torch.__version__, sys.version, cpu])
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _record(name: str):
+    """The file naming the built library of ``name``: later processes import it directly (torch's
+    build machinery, ~0.15 s to import, is then not needed)."""
+    import os
     from pathlib import Path
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "saeclt" / "kernels" / f"{name}.path"
+
+
+def _import(name: str, library: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build():
+    """Load the kernels, compiling them first where this source, torch and CPU have no build yet
+    (once; torch's extension cache keeps it)."""
+    import os
+    from pathlib import Path
+
+    name = f"{NAME}_{_fingerprint()}"
+    record = _record(name)
+    try:
+        library = record.read_text().strip()
+        if Path(library).is_file():
+            return _import(name, library)
+    except (OSError, ImportError):
+        pass  # no record, or a library that no longer loads: build again
 
     from torch.utils.cpp_extension import _get_build_directory, load_inline
 
-    if not list(Path(_get_build_directory(NAME, verbose=False)).glob("*.so")):
+    if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
         print("saeclt: building the compiled CPU kernels (once, ~1 min; SAECLT_KERNELS=torch skips them)",
               file=sys.stderr, flush=True)
-    return load_inline(name=NAME, cpp_sources=[SOURCE], functions=["topk_rows", "decode_backward", "latent_grads", "gram_accumulate", "adam_rows",
-                                                        "positive_entries", "gather_normalize", "center_bf16"],
-                       extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+    module = load_inline(name=name, cpp_sources=[SOURCE], functions=FUNCTIONS, extra_cflags=CFLAGS,
+                         extra_ldflags=LDFLAGS, verbose=False)
+    try:  # written to a temporary file and renamed: a concurrent process never reads half a path
+        record.parent.mkdir(parents=True, exist_ok=True)
+        temporary = record.with_suffix(f".tmp{os.getpid()}")
+        temporary.write_text(module.__file__)
+        os.replace(temporary, record)
+    except OSError:
+        pass  # a read-only cache: the next process goes through torch's loader again
+    return module

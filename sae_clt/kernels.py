@@ -15,8 +15,10 @@ pure-torch reference implementations otherwise.
   float32 (the data loader).
 
 The kernels (C++ with OpenMP in ``_kernels_cpp.py``) are built on first use through torch's
-extension tooling when a C++ compiler and ninja are present; any failure to build falls back to
-the torch versions, which are also the reference the tests compare against.
+extension tooling when a C++ compiler and ninja are present (one build per source, flags, torch,
+Python and CPU features; later processes import it directly, its path recorded under
+``~/.cache/saeclt/kernels/``); any failure to build falls back to the torch versions, which are
+also the reference the tests compare against.
 ``SAECLT_KERNELS=torch`` (or the older ``SAECLT_TOPK=torch``) forces the fallback.
 """
 

@@ -360,3 +360,19 @@ def test_dense_auxk_matches_the_sparse_auxk_kernels(precision, monkeypatch):
     assert not calls, "a few positives per row: the sparse kernels"
     fast_step._aux_k(w_dead.to(low), pre_dead, g_main, 1e-2, x_in.to(low), 4, 2.0)
     assert not calls, "rows with more positives than aux_k need the top-k selection"
+
+
+def test_a_later_process_loads_the_built_kernels_without_torch_s_build_tooling():
+    """Once built, the kernels' library is imported directly (torch.utils.cpp_extension and
+    setuptools cost ~0.15 s to import at every stage's start otherwise)."""
+    import subprocess
+    import sys
+
+    if not kernels.kernel_available():  # builds them in this process if need be
+        pytest.skip("no compiled kernels on this machine")
+    code = ("import sys, torch\n"
+            "from sae_clt import kernels\n"
+            "assert kernels.kernel_available()\n"
+            "print('torch.utils.cpp_extension' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

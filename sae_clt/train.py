@@ -9,6 +9,7 @@ Curves go to one TSV per metric (columns step, <name>), which `dvc plots` render
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -245,10 +246,14 @@ class TrainState:
                 tensors[f"opt.{idx}.{name}"] = value.detach().reshape(-1) if name == "step" else value.detach()
         tensors["rows_since_fired"] = rows_since_fired
         tensors.update({f"extra.{k}": v for k, v in (extra or {}).items()})
-        save_safetensors(self.folder / self.FILE, tensors)
-        # The JSON goes last: a checkpoint counts only once its JSON names the step it holds.
-        write_json(self.folder / self.META, {"fingerprint": self.fingerprint, "step": step, "epoch": epoch,
-                                             "batch_in_epoch": batch_in_epoch, "curves": curves.rows})
+        meta = {"fingerprint": self.fingerprint, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                "curves": curves.rows}
+        # The tensors carry their own step (one atomic file): a kill between this write and the
+        # JSON's must not pair the new tensors with the previous checkpoint's step (resuming would
+        # then replay steps the weights already hold). The JSON, for people and for the first
+        # resume check, goes last.
+        save_safetensors(self.folder / self.FILE, tensors, metadata={"checkpoint": json.dumps(meta)})
+        write_json(self.folder / self.META, meta)
 
     def load(self, model: Dictionary, opt: torch.optim.Optimizer, rows_since_fired: torch.Tensor, curves: "CurveWriter"):
         """Restore into the given objects; returns (step, epoch, batch_in_epoch) or None."""
@@ -258,7 +263,11 @@ class TrainState:
         if not meta_path.exists() or not file.exists():
             return None
         try:
-            meta = read_json(meta_path)
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as f:
+                own = (f.metadata() or {}).get("checkpoint")
+            meta = json.loads(own) if own else read_json(meta_path)  # (checkpoints before the tensors carried it)
             tensors = load_file(file)
         except Exception:  # noqa: BLE001 - a damaged checkpoint is discarded, never trusted
             return None

@@ -1,8 +1,9 @@
 """Training-step throughput at the field's reference shape, side by side in one run.
 
 TopK SAE 384 -> 3072 latents, k = 32, batch 4096, AuxK on (aux_k 512 as in training, with 5 % of
-the latents held dead -- the most the quality bar allows -- so AuxK does real work every step;
---dead-fraction / --aux-k change that). Prints, for fp32 and bf16:
+the latents held dead -- the most the quality bar allows -- so AuxK does real work: every step
+with the MiniLM rows; with the synthetic ones on three batches of four, the held-dead latents all
+firing on the fourth; --dead-fraction / --aux-k change that). Prints, for fp32 and bf16:
 
 - one dense encoder matmul of the same shape (fresh output each call), the reference floor, timed
   alternately with the steps so both see the same machine load;

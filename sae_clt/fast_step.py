@@ -49,18 +49,17 @@ def _aux_k(w_dead: torch.Tensor, pre_dead: torch.Tensor, g_main: torch.Tensor, m
     its gradients with respect to the dead latents' encoder columns [d_in, n_dead], biases and
     decoder rows."""
     n_rows, n_dead = pre_dead.shape
-    positives = (pre_dead > 0).sum(1)
-    # Dense matmuls cost ~ n_dead per row, the sparse kernels ~ the positives per row at about 8x
-    # the price per item (bf16 and fp32 alike on this CPU): dense while that is cheaper and no row
-    # needs a top-aux_k selection.
-    if int(positives.max()) <= aux_k and n_dead <= DENSE_AUX_RATIO * float(positives.float().mean()):
-        return _aux_k_dense(w_dead, pre_dead, g_main, main_scale, x_in, variance)
     # Only positive pre-activations contribute (ReLU): each row's positive ones, compacted to as
     # many per row as the row with the most has. Dead latents rarely have many (in the throughput
     # benchmark at most ~13 of ~150 per row), so the kernels below see a few entries per row
     # instead of every dead latent, and while aux_k is at least that many the selection is all of
     # them (no top-k). Exact: the entries dropped have zero activation and gradient.
     values, local = positive_entries(pre_dead)
+    # Dense matmuls cost ~ n_dead per row, the sparse kernels ~ the positives per row at about 8x
+    # the price per item (bf16 and fp32 alike on this CPU): dense while that is cheaper and no row
+    # needs a top-aux_k selection (the compaction's width is the most positives any row has).
+    if values.shape[1] <= aux_k and n_dead * n_rows <= DENSE_AUX_RATIO * int((values > 0).sum()):
+        return _aux_k_dense(w_dead, pre_dead, g_main, main_scale, x_in, variance)
     if values.shape[1] > aux_k:  # some row has more than aux_k: its top aux_k
         values, local = topk_rows(pre_dead, aux_k)
     acts = torch.relu(values.to(g_main.dtype)).contiguous()

@@ -362,6 +362,28 @@ def test_dense_auxk_matches_the_sparse_auxk_kernels(precision, monkeypatch):
     assert not calls, "rows with more positives than aux_k need the top-k selection"
 
 
+@pytest.mark.parametrize("given_row_errors", [False, True])
+def test_sparse_auxk_on_the_rows_where_a_dead_latent_is_active_equals_the_whole_batch_in_float64(given_row_errors):
+    """Rows where no dead latent is active go round the AuxK kernels (their loss is the residual's
+    squared norm, their gradients zero): loss and gradients equal the dense computation over every
+    row, in float64."""
+    from sae_clt import fast_step
+
+    gen = torch.Generator().manual_seed(5)
+    n_rows, n_dead, d = 300, 12, 24
+    pre_dead = torch.randn(n_rows, n_dead, generator=gen, dtype=torch.float64) - 2.5  # ~7 % of rows live
+    w_dead = torch.nn.functional.normalize(torch.randn(n_dead, d, generator=gen, dtype=torch.float64), dim=1)
+    g_main = torch.randn(n_rows, d, generator=gen, dtype=torch.float64) * 1e-2
+    x_in = torch.randn(n_rows, d, generator=gen, dtype=torch.float64)
+    live = int((pre_dead > 0).any(1).sum())
+    assert 0 < live < 0.75 * n_rows
+    row_sq_err = (g_main / 1e-2).square().sum(1) if given_row_errors else None
+    got = fast_step._aux_k(w_dead, pre_dead, g_main, 1e-2, x_in, 64, 2.0, row_sq_err=row_sq_err)
+    want = fast_step._aux_k_dense(w_dead, pre_dead, g_main, 1e-2, x_in, 2.0)
+    for name, a, b in zip(("loss", "g_enc", "g_bias", "g_dec"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=name)
+
+
 def test_a_later_process_loads_the_built_kernels_without_torch_s_build_tooling():
     """Once built, the kernels' library is imported directly (torch.utils.cpp_extension and
     setuptools cost ~0.15 s to import at every stage's start otherwise)."""

@@ -85,6 +85,21 @@ def test_topk_rows_selects_the_same_entries_as_torch_topk_and_copies_out_asked_c
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_rows_finds_the_largest_entries_when_all_of_them_sit_in_the_row_s_second_half(dtype):
+    """The compiled top-k bounds the k-th value from the first half of each row only: rows whose
+    largest entries all lie in the second half (or all in the first) still get exactly them."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(24, 3072, generator=gen)
+    x[:12, 1536:] += 8.0  # every large entry in the second half
+    x[12:, :1536] += 8.0  # ... or in the first
+    x = x.to(dtype)
+    values, indices = topk_rows(x, 32)
+    want = x.float().topk(32, dim=-1)
+    assert torch.equal(values.sort(-1).values, want.values.sort(-1).values)
+    assert bool((indices[:12] >= 1536).all()) and bool((indices[12:] < 1536).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cols", [40, 3072, 20000])  # 20000: more entries per group than 16
 def test_topk_rows_ranks_nan_lowest_and_handles_infinities(dtype, cols):
     gen = torch.Generator().manual_seed(5)

@@ -892,21 +892,46 @@ void positive_impl(const T* xp, int64_t rows, int64_t cols, int64_t m, TV* vp, i
   });
 }
 
+// each row's number of positive entries; returns the most any row has
+template <typename T>
+int64_t count_positive(const T* xp, int64_t rows, int64_t cols, int64_t* cp) {
+  at::parallel_for(0, rows, 256, [=](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* x = xp + r * cols;
+      int64_t c = 0;
+      for (int64_t j = 0; j < cols; ++j) c += static_cast<float>(x[j]) > 0;
+      cp[r] = c;
+    }
+  });
+  int64_t most = 0;
+  for (int64_t r = 0; r < rows; ++r) most = std::max(most, cp[r]);
+  return most;
+}
+
+// (values, indices, counts): counts [rows] int64, each row's number of positive entries.
 std::vector<torch::Tensor> positive_entries(torch::Tensor x) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "positive_entries: a contiguous 2-D tensor expected");
   const int64_t rows = x.size(0), cols = x.size(1);
   const auto vdtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto counts = (x > 0).sum(1);
-  const int64_t m = std::max<int64_t>(1, rows ? counts.max().item<int64_t>() : 1);
+  auto counts = torch::empty({rows}, x.options().dtype(at::kLong));
+  int64_t* cp = counts.data_ptr<int64_t>();
+  int64_t most = 0;
+  switch (x.scalar_type()) {
+    case at::kBFloat16: most = count_positive(x.data_ptr<c10::BFloat16>(), rows, cols, cp); break;
+    case at::kFloat: most = count_positive(x.data_ptr<float>(), rows, cols, cp); break;
+    case at::kDouble: most = count_positive(x.data_ptr<double>(), rows, cols, cp); break;
+    default: TORCH_CHECK(false, "positive_entries: unsupported dtype");
+  }
+  const int64_t m = std::max<int64_t>(1, most);
   auto values = torch::empty({rows, m}, x.options().dtype(vdtype));
   auto indices = torch::empty({rows, m}, x.options().dtype(at::kLong));
   switch (x.scalar_type()) {
     case at::kBFloat16: positive_impl(x.data_ptr<c10::BFloat16>(), rows, cols, m, values.data_ptr<float>(), indices.data_ptr<int64_t>()); break;
     case at::kFloat: positive_impl(x.data_ptr<float>(), rows, cols, m, values.data_ptr<float>(), indices.data_ptr<int64_t>()); break;
     case at::kDouble: positive_impl(x.data_ptr<double>(), rows, cols, m, values.data_ptr<double>(), indices.data_ptr<int64_t>()); break;
-    default: TORCH_CHECK(false, "positive_entries: unsupported dtype");
+    default: break;
   }
-  return {values, indices};
+  return {values, indices, counts};
 }
 
 // out[r] = (float(part[p][idx[r] - offsets[p]]) - mean) / scale, p the part holding row idx[r]

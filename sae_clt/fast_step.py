@@ -55,11 +55,11 @@ def _aux_k(w_dead: torch.Tensor, pre_dead: torch.Tensor, g_main: torch.Tensor, m
     # benchmark at most ~13 of ~150 per row), so the kernels below see a few entries per row
     # instead of every dead latent, and while aux_k is at least that many the selection is all of
     # them (no top-k). Exact: the entries dropped have zero activation and gradient.
-    values, local = positive_entries(pre_dead)
+    values, local, per_row = positive_entries(pre_dead)
     # Dense matmuls cost ~ n_dead per row, the sparse kernels ~ the positives per row at about 8x
     # the price per item (bf16 and fp32 alike on this CPU): dense while that is cheaper and no row
     # needs a top-aux_k selection (the compaction's width is the most positives any row has).
-    if values.shape[1] <= aux_k and n_dead * n_rows <= DENSE_AUX_RATIO * int((values > 0).sum()):
+    if values.shape[1] <= aux_k and n_dead * n_rows <= DENSE_AUX_RATIO * int(per_row.sum()):
         return _aux_k_dense(w_dead, pre_dead, g_main, main_scale, x_in, variance)
     if values.shape[1] > aux_k:  # some row has more than aux_k: its top aux_k
         values, local = topk_rows(pre_dead, aux_k)
@@ -71,9 +71,9 @@ def _aux_k(w_dead: torch.Tensor, pre_dead: torch.Tensor, g_main: torch.Tensor, m
     # is the residual's |y - ŷ|². Dead latents fire on few rows (in MiniLM training 0.3-0.6
     # positives per row), so the kernels below get only the rows that have one; the rest add their
     # squared residual to the loss.
-    live = (acts > 0).any(1)
+    live = per_row > 0
     rest_sq_err = None
-    if int(live.sum()) <= 0.75 * n_rows:
+    if int(live.count_nonzero()) <= 0.75 * n_rows:
         rows = live.nonzero().squeeze(1)
         if row_sq_err is None:
             row_sq_err = (g_main / main_scale).square().sum(1)

@@ -76,21 +76,23 @@ def center_bf16(x: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Te
     return torch.sub(x, b, out=out)
 
 
-def positive_entries(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def positive_entries(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(values, indices) [rows, m] of each row's positive entries, m the most any row has (at least
-    1); shorter rows are padded with non-positive values (0 from the compiled kernel). The same set
-    as ``topk_rows(x, m)`` after a ReLU, in another order. Values float32 (float64 for float64)."""
+    1), and each row's count of them [rows] (int64); shorter rows are padded with non-positive
+    values (0 from the compiled kernel). The same set as ``topk_rows(x, m)`` after a ReLU, in
+    another order. Values float32 (float64 for float64)."""
     kernel = _use_kernel(x)
     if kernel and x.dim() == 2 and x.dtype in (torch.float32, torch.float64, torch.bfloat16):
         return tuple(kernel.positive_entries(x.contiguous()))
     return positive_entries_torch(x)
 
 
-def positive_entries_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def positive_entries_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     scores = x.double() if x.dtype == torch.float64 else x.float()
-    most = int((scores > 0).sum(1).max()) if scores.shape[0] else 0
+    counts = (scores > 0).sum(1)
+    most = int(counts.max()) if scores.shape[0] else 0
     values, indices = scores.topk(max(1, min(most, scores.shape[1])), dim=-1, sorted=False)
-    return values, indices
+    return values, indices, counts
 
 
 def gather_normalize(parts: list[torch.Tensor], idx: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

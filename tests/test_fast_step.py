@@ -306,14 +306,15 @@ def test_positive_entries_are_each_row_s_positive_values_padded_to_the_longest_r
     x = (torch.randn(40, 57, generator=gen) - 1.0).to(dtype)  # ~16 % positive: rows of different lengths
     x[3] = -1.0  # a row with none
     for compute in (kernels.positive_entries, kernels.positive_entries_torch):
-        values, idx = compute(x)
+        values, idx, counts = compute(x)
         assert values.shape == idx.shape == (40, int((x > 0).sum(1).max()))
+        assert torch.equal(counts, (x > 0).sum(1))
         for r in range(40):
             keep = values[r] > 0
             want = (x[r] > 0).nonzero().squeeze(1)
             assert sorted(idx[r][keep].tolist()) == want.tolist()
             torch.testing.assert_close(values[r][keep], x[r][idx[r][keep]].to(values.dtype), rtol=0, atol=0)
-    values, idx = kernels.positive_entries(torch.full((5, 9), -1.0))  # nothing positive: one padded column
+    values, idx, _ = kernels.positive_entries(torch.full((5, 9), -1.0))  # nothing positive: one padded column
     assert values.shape == (5, 1) and not bool((values > 0).any())
 
 

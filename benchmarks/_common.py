@@ -54,3 +54,22 @@ def load_experiment(argv: list[str], default: str = "specs/minilm_sae_L2.yaml"):
     print(f"{spec.id}: {spec.model.architecture} {store.hook_dims[spec.source]} -> {spec.model.d_sae}, k = {spec.model.k}, "
           f"batch {spec.train.batch_size}, {spec.train.epochs} epoch(s)")
     return spec, store, norm
+
+
+def encoder_matmul_ms(rows: int, d_in: int, d_sae: int, dtype, repeats: int = 15) -> float:
+    """Median time of one dense encoder matmul [rows, d_in] @ [d_in, d_sae] in ``dtype``, each
+    writing a fresh output: the floor a training step at that shape is compared with. This
+    project's VMs drift by 10-20 % over minutes, so rates are best read beside this figure
+    measured in the same run."""
+    import statistics
+
+    import torch
+
+    x, w = torch.randn(rows, d_in).to(dtype), torch.randn(d_in, d_sae).to(dtype)
+    torch.mm(x, w)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(x, w)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)

@@ -44,7 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", nargs="?", default="specs/datasets/minilm_docstrings.yaml")
     parser.add_argument("--windows", type=int, default=512, help="inputs to run (overrides collect.n_instances)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of the three timings, interleaved")
     args = parser.parse_args()
     path = Path(args.dataset).resolve()
     paths = Paths(find_root(path.parent))
@@ -74,16 +74,20 @@ def main() -> None:
             collect(dataset, subject, Path(tmp) / "store")
 
     run_collect()  # warm-up (and builds the windows' cache)
-    full = timed(bare_full, args.repeats)
-    cut = timed(bare_to_last_hook, args.repeats)
-    coll = timed(run_collect, args.repeats)
+    # The three interleaved, round after round: this project's VMs drift by 10-20 % over minutes,
+    # and timing each block of repeats in turn put that drift into the ratio (+6 % and +23 % in
+    # two runs minutes apart). The overhead is the median of the rounds' own ratios.
+    rounds = [(timed(bare_full, 1), timed(bare_to_last_hook, 1), timed(run_collect, 1)) for _ in range(args.repeats)]
+    full, cut, coll = (statistics.median(column) for column in zip(*rounds))
+    paired = statistics.median(c / k for _, k, c in rounds)
     rows = sum(b["input_ids"].numel() if isinstance(b, dict) else b.shape[0] * b.shape[1] for b in batches)
     print(f"dataset {dataset.id}: {args.windows} inputs, {rows:,} positions, hook points {', '.join(points)}, dtype {cfg.dtype}")
     print(f"bare forward, whole model        {full:7.2f} s  ({rows / full:,.0f} positions/s)")
     print(f"bare forward to the last hook    {cut:7.2f} s")
     print(f"saeclt collect (store written)   {coll:7.2f} s  ({rows / coll:,.0f} positions/s)")
+    print("rounds (whole, to last hook, collect; s): " + ", ".join(f"({f:.2f}, {k:.2f}, {c:.2f})" for f, k, c in rounds))
     print(f"collect / whole forward = {coll / full:.3f}; collect / forward to the last hook = {coll / cut:.3f} "
-          f"(overhead {100 * (coll / cut - 1):+.1f} %)")
+          f"(medians); median of the {args.repeats} rounds' ratios {paired:.3f} (overhead {100 * (paired - 1):+.1f} %)")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,11 @@ def fit_and_evaluate(spec, store, norm, train_updates: dict | None = None, model
 
 
 def load_experiment(argv: list[str], default: str = "specs/minilm_sae_L2.yaml"):
-    """(spec, store, normalisation) of the experiment named on the command line, with a header line."""
+    """(spec, store, normalisation) of the experiment named on the command line, with a header line
+    (``-h``/``--help``: the calling script's description, then exit)."""
+    if len(argv) > 1 and argv[1] in ("-h", "--help"):
+        print((sys.modules["__main__"].__doc__ or "").strip())
+        raise SystemExit(0)
     from sae_clt.stages import _experiment
 
     resolved, store, norm = _experiment(Path(argv[1] if len(argv) > 1 else default))

@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import cpu_description  # noqa: E402
+
 from sae_clt.dictionary import Dictionary, DictionaryConfig  # noqa: E402
 from sae_clt.fast_step import FastTopKStep  # noqa: E402
 from sae_clt.kernels import kernel_available, topk_rows  # noqa: E402

@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file
 
 from sae_clt import kernels
-
 from sae_clt.dictionary import Dictionary
 from sae_clt.normalize import Normalization, PairLoader
 from sae_clt.project import Paths

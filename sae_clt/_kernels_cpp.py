@@ -899,7 +899,9 @@ int64_t count_positive(const T* xp, int64_t rows, int64_t cols, int64_t* cp) {
     for (int64_t r = begin; r < end; ++r) {
       const T* x = xp + r * cols;
       int64_t c = 0;
-      for (int64_t j = 0; j < cols; ++j) c += static_cast<float>(x[j]) > 0;
+      // compared as positive_impl compares (float64 stays float64: a tiny positive value must
+      // count here exactly when it is kept there, or the row would overrun its m slots)
+      for (int64_t j = 0; j < cols; ++j) c += static_cast<typename Acc<T>::type>(x[j]) > 0;
       cp[r] = c;
     }
   });

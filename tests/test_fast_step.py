@@ -314,6 +314,10 @@ def test_positive_entries_are_each_row_s_positive_values_padded_to_the_longest_r
             want = (x[r] > 0).nonzero().squeeze(1)
             assert sorted(idx[r][keep].tolist()) == want.tolist()
             torch.testing.assert_close(values[r][keep], x[r][idx[r][keep]].to(values.dtype), rtol=0, atol=0)
+    tiny = torch.full((3, 4), -1.0, dtype=torch.float64)
+    tiny[1, :3] = 1e-50  # positive in float64, zero once cast to float32: counted and kept alike
+    values, idx, counts = kernels.positive_entries(tiny)
+    assert counts.tolist() == [0, 3, 0] and values.shape == (3, 3) and sorted(idx[1].tolist()) == [0, 1, 2]
     values, idx, _ = kernels.positive_entries(torch.full((5, 9), -1.0))  # nothing positive: one padded column
     assert values.shape == (5, 1) and not bool((values > 0).any())
 

@@ -164,10 +164,9 @@ def collect(dataset: DatasetSpec, subject, store_dir: Path, part: tuple[int, int
 
     def flush() -> None:
         nonlocal pending_instances, pending_prov, instances_done
-        acts = {p: torch.cat(xs) for p, xs in pending_acts.items()}
         prov = {k: torch.cat(v) for k, v in pending_prov.items()}
-        perm = torch.randperm(next(iter(acts.values())).shape[0], generator=gen)
-        writer.write_shard(acts, prov, perm)
+        perm = torch.randperm(next(iter(prov.values())).shape[0], generator=gen)
+        writer.write_shard({p: list(xs) for p, xs in pending_acts.items()}, prov, perm)  # the batches, not concatenated
         instances_done += pending_instances
         writer.save_progress({"key": key, "dims": writer.hook_dims, "instances_done": instances_done},
                              {"rng_state": gen.get_state()})

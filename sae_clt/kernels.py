@@ -1,5 +1,5 @@
-"""The fast TopK step's three hot operations: compiled CPU kernels where they could be built,
-pure-torch reference implementations otherwise.
+"""saeclt's hot operations (the fast TopK step, the loader, the store's writer): compiled CPU
+kernels where they could be built, pure-torch reference implementations otherwise.
 
 - ``topk_rows``: row-wise top-k (with an optional bias fused in). ``torch.topk`` over
   [4096, 3072] costs about twice a bf16 encoder matmul on a 2-core CPU.
@@ -13,6 +13,8 @@ pure-torch reference implementations otherwise.
   keeps them all).
 - ``gather_normalize``: a minibatch's rows from several shards' stored tensors, as normalised
   float32 (the data loader).
+- ``store_rows``: a shard's rows shuffled and converted to the store's dtype, with the running
+  statistics and the NaN/inf check in the same pass (the collection's writer).
 
 The kernels (C++ with OpenMP in ``_kernels_cpp.py``) are built on first use through torch's
 extension tooling when a C++ compiler and ninja are present (one build per source, flags, torch,
@@ -27,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch.nn import functional as F
@@ -107,6 +110,40 @@ def gather_normalize(parts: list[torch.Tensor], idx: torch.Tensor, mean: torch.T
 
 def gather_normalize_torch(parts, idx, mean, scale):
     return take_rows(parts, idx).to(torch.float32).sub_(mean).div_(scale)
+
+
+class StoredRows(NamedTuple):
+    """``store_rows``' result: the converted rows and their statistics (float64 sums)."""
+
+    out: torch.Tensor | None  # [rows, d] in the store's dtype; None when only statistics were asked for
+    col_sum: torch.Tensor  # [d]
+    col_sumsq: torch.Tensor  # [d]
+    norm_sum: float  # sum over rows of each row's L2 norm
+    zeros: int  # entries exactly 0
+    nonfinite_rows: int  # rows holding NaN or inf: when not 0, the rest is not to be used
+
+
+def store_rows(parts: list[torch.Tensor], idx: torch.Tensor | None, dtype: torch.dtype | None) -> StoredRows:
+    """Rows ``idx`` (all rows, in order, when None) of the row-wise concatenation of float32
+    ``parts``, converted to ``dtype`` (no conversion when None), with their per-column sums and
+    sums of squares, the sum of their norms and their count of zeros — one pass (the store's writer)."""
+    kernel = _use_kernel(*parts)
+    if kernel and all(p.dtype == torch.float32 and p.dim() == 2 and p.is_contiguous() for p in parts) \
+            and dtype in (None, torch.float16, torch.bfloat16, torch.float32):
+        rows = idx.numel() if idx is not None else sum(p.shape[0] for p in parts)
+        out = torch.empty((rows, parts[0].shape[1]), dtype=dtype) if dtype is not None else None
+        col_sum, col_sumsq, scalars = kernel.store_rows(list(parts), idx, out)
+        norm_sum, zeros, bad = scalars.tolist()
+        return StoredRows(out, col_sum, col_sumsq, norm_sum, int(zeros), int(bad))
+    return store_rows_torch(parts, idx, dtype)
+
+
+def store_rows_torch(parts, idx, dtype):
+    x = take_rows(parts, idx) if idx is not None else torch.cat(list(parts))
+    x64 = x.double()  # the reference: every product and sum in float64, as the kernel computes them
+    squares = x64 * x64
+    return StoredRows(x.to(dtype) if dtype is not None else None, x64.sum(0), squares.sum(0),
+                      float(squares.sum(1).sqrt().sum()), int((x == 0).sum()), int((~torch.isfinite(x).all(1)).sum()))
 
 
 def take_rows(parts: list[torch.Tensor], idx: torch.Tensor) -> torch.Tensor:

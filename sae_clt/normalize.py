@@ -48,9 +48,9 @@ def fit_normalization(dataset: DatasetSpec, store: ActivationStore, out_dir: Pat
     with progress_bar(store.n_shards, desc=f"normalize {dataset.id}", unit="shard") as bar:
         for i in range(store.n_shards):
             shard = store.read_shard(i, hooks + ["instance_id"])
-            train_rows = ~val_mask[shard["instance_id"]]
+            train_rows = (~val_mask[shard["instance_id"]]).nonzero().squeeze(1)
             for h in hooks:
-                stats[h].update(shard[h][train_rows])
+                stats[h].update(shard[h], train_rows)
             bar.update(1)
 
     tensors = {"val_instances": val_mask}

@@ -16,13 +16,16 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import DataError
 from .io import read_json, save_safetensors, write_json
+
+if TYPE_CHECKING:
+    from .kernels import StoredRows
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -51,13 +54,19 @@ class RunningStats:
         self.norm_sum = 0.0
         self.zeros = 0
 
-    def update(self, x: torch.Tensor) -> None:
-        # Sums accumulate in float64 without a float64 copy of the batch (collection speed).
-        self.n += x.shape[0]
-        self.sum += x.sum(0, dtype=torch.float64)
-        self.sumsq += x.square().sum(0, dtype=torch.float64)
-        self.norm_sum += float(torch.linalg.vector_norm(x, dim=1).sum(dtype=torch.float64))
-        self.zeros += int((x == 0).sum())
+    def update(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Add the rows ``rows`` of ``x`` (all of them when None)."""
+        from .kernels import store_rows
+
+        self.add(store_rows([x.float().contiguous()], rows, None), x.shape[0] if rows is None else rows.numel())
+
+    def add(self, stored: "StoredRows", n_rows: int) -> None:
+        """Add the statistics ``kernels.store_rows`` computed over ``n_rows`` rows."""
+        self.n += n_rows
+        self.sum += stored.col_sum
+        self.sumsq += stored.col_sumsq
+        self.norm_sum += stored.norm_sum
+        self.zeros += stored.zeros
 
     @property
     def mean(self) -> torch.Tensor:
@@ -125,24 +134,35 @@ class StoreWriter:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / MANIFEST).unlink(missing_ok=True)  # the store is incomplete until finish()
 
-    def write_shard(self, acts: dict[str, torch.Tensor], provenance: dict[str, torch.Tensor], perm: torch.Tensor) -> None:
+    def write_shard(self, acts: dict[str, torch.Tensor | list[torch.Tensor]], provenance: dict[str, torch.Tensor],
+                    perm: torch.Tensor) -> None:
+        """Write rows ``perm`` of each hook's activations (a tensor, or a list of parts to be read
+        as their row-wise concatenation) and of the provenance as the next shard."""
+        from .kernels import store_rows
+
         index = len(self.shards)
         name = f"shard_{index:05d}.safetensors"
-        finite = torch.ones(perm.numel(), dtype=torch.bool)
-        for hook, x in acts.items():
-            bad = ~torch.isfinite(x).all(dim=1)
-            if bad.any() and not self.drop_nonfinite:
-                row = int(bad.nonzero()[0])
-                raise DataError(f"{self.folder / name}: hook '{hook}' has NaN or inf in row {row} "
-                                f"(instance {int(provenance['instance_id'][row])}, position {int(provenance['position'][row])}); "
-                                f"shards before {name} were kept; set collect.drop_nonfinite: true to drop such rows")
-            finite &= ~bad
-        if not finite.all():  # drop_nonfinite: keep the finite rows, count the others
-            self.dropped_rows += int((~finite).sum())
+        parts = {hook: [x.float().contiguous() for x in (xs if isinstance(xs, (list, tuple)) else [xs])]
+                 for hook, xs in acts.items()}
+        # One pass per hook converts, gathers the statistics and looks for NaN/inf; only a shard
+        # that has such rows goes through the row-by-row check below and a second pass.
+        stored = {hook: store_rows(xs, perm, DTYPES[self.dtype]) for hook, xs in parts.items()}
+        if any(s.nonfinite_rows for s in stored.values()):
+            finite = torch.ones(perm.numel(), dtype=torch.bool)
+            for hook, xs in parts.items():
+                bad = ~torch.isfinite(torch.cat(xs)).all(dim=1)
+                if bad.any() and not self.drop_nonfinite:
+                    row = int(bad.nonzero()[0])
+                    raise DataError(f"{self.folder / name}: hook '{hook}' has NaN or inf in row {row} "
+                                    f"(instance {int(provenance['instance_id'][row])}, position {int(provenance['position'][row])}); "
+                                    f"shards before {name} were kept; set collect.drop_nonfinite: true to drop such rows")
+                finite &= ~bad
+            self.dropped_rows += int((~finite).sum())  # drop_nonfinite: keep the finite rows, count the others
             perm = perm[finite[perm]]
-        for hook, x in acts.items():
-            self.stats[hook].update(x[finite])
-        tensors = {hook: x[perm].to(DTYPES[self.dtype]) for hook, x in acts.items()}
+            stored = {hook: store_rows(xs, perm, DTYPES[self.dtype]) for hook, xs in parts.items()}
+        for hook, s in stored.items():
+            self.stats[hook].add(s, perm.numel())
+        tensors = {hook: s.out for hook, s in stored.items()}
         tensors.update({k: v[perm] for k, v in provenance.items()})
         try:
             save_safetensors(self.folder / name, tensors)

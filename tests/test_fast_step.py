@@ -337,6 +337,48 @@ def test_gather_normalize_gives_the_bits_of_torch_normalising_the_concatenated_r
             kernels.gather_normalize(parts, torch.tensor([sum(sizes)]), mean, scale)
 
 
+@pytest.mark.parametrize("dtype", [None, torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("sizes, d", [([300], 16), ([100, 7, 250], 21)])  # 21: not a multiple of 16
+def test_store_rows_converts_shuffled_rows_as_torch_does_and_sums_them_in_float64(dtype, sizes, d):
+    gen = torch.Generator().manual_seed(3)
+    parts = [torch.randn(n, d, generator=gen).mul(40) for n in sizes]
+    parts[0][2, :5] = 0.0
+    parts[0][3, :3] = torch.tensor([7e4, 1e-6, -3e-8])  # float16 overflow and denormals
+    idx = torch.randperm(sum(sizes), generator=gen)[: sum(sizes) - 11]
+    x = torch.cat(parts)[idx]
+    got = kernels.store_rows(parts, idx, dtype)
+    if dtype is None:
+        assert got.out is None
+    else:  # the bits torch's conversion gives
+        assert torch.equal(got.out.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                           x.to(dtype).view(torch.int16 if dtype != torch.float32 else torch.int32))
+    x64 = x.double()
+    assert torch.allclose(got.col_sum, x64.sum(0), rtol=1e-12, atol=1e-9)
+    assert torch.allclose(got.col_sumsq, (x64 * x64).sum(0), rtol=1e-12)
+    assert got.norm_sum == pytest.approx(float(x64.norm(dim=1).sum()), rel=1e-12)
+    assert got.zeros == int((x == 0).sum()) >= 5 and got.nonfinite_rows == 0
+    whole = kernels.store_rows(parts, None, None)  # no index: every row in order
+    assert torch.allclose(whole.col_sum, torch.cat(parts).double().sum(0), rtol=1e-12, atol=1e-9)
+
+
+def test_store_rows_counts_rows_with_nan_or_inf_and_sums_the_same_bits_for_any_thread_count():
+    gen = torch.Generator().manual_seed(4)
+    parts = [torch.randn(2000, 32, generator=gen), torch.randn(900, 32, generator=gen)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.store_rows(parts, None, torch.float16)
+        torch.set_num_threads(max(2, threads))
+        many = kernels.store_rows(parts, None, torch.float16)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one.col_sum, many.col_sum) and torch.equal(one.col_sumsq, many.col_sumsq)
+    assert one.norm_sum == many.norm_sum
+    parts[0][10, 3], parts[1][5, 0], parts[1][5, 1] = float("nan"), float("inf"), -float("inf")
+    assert kernels.store_rows(parts, torch.arange(2900).flip(0), torch.bfloat16).nonfinite_rows == 2
+    assert kernels.store_rows_torch(parts, None, None).nonfinite_rows == 2
+
+
 def test_center_bf16_rounds_exactly_as_torch_subtracting_into_bf16():
     gen = torch.Generator().manual_seed(2)
     x, b = torch.randn(70, 40, generator=gen) * 10, torch.randn(40, generator=gen)

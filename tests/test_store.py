@@ -29,6 +29,25 @@ def test_store_keeps_the_requested_dtype_and_reads_back_float32(tmp_path, dtype,
     assert torch.allclose(back, x, atol=tol, rtol=tol)
 
 
+def test_manifest_statistics_are_those_of_the_rows_written_across_shards(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    writer = StoreWriter(tmp_path, {"h": 6}, "float16", {"n_instances": 90})
+    xs = [torch.randn(40, 6, generator=gen) * 5 + 2, torch.randn(50, 6, generator=gen)]
+    xs[1][0] = 0.0
+    for i, x in enumerate(xs):  # the second shard handed over as two parts, not concatenated
+        prov = {"instance_id": torch.arange(len(x)) + 40 * i, "position": torch.zeros(len(x), dtype=torch.int32)}
+        writer.write_shard({"h": x if i == 0 else [x[:20], x[20:]]}, prov, torch.randperm(len(x), generator=gen))
+    stats = writer.finish()["stats"]["h"]
+    x = torch.cat(xs).double()
+    assert stats["rows"] == 90
+    assert stats["mean_norm"] == pytest.approx(float(x.norm(dim=1).mean()), rel=1e-12)
+    assert stats["centered_rms_norm"] == pytest.approx(float(x.var(0, correction=0).sum().sqrt()), rel=1e-9)
+    assert stats["frac_zeros"] == pytest.approx(6 / (90 * 6))
+    store = ActivationStore.open(tmp_path)
+    back = torch.cat([store.read_shard(i, ["h"])["h"] for i in range(2)])
+    assert torch.equal(back.sort(0).values, torch.cat(xs).half().float().sort(0).values)
+
+
 def test_corrupted_shard_fails_checksum_naming_the_file(tmp_path):
     _write(tmp_path)
     shard = tmp_path / "shard_00000.safetensors"

@@ -14,9 +14,10 @@ at a time through safetensors' memory map, so memory does not grow with the stor
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -120,7 +121,13 @@ class RunningStats:
 
 
 class StoreWriter:
-    """Writes shards atomically and the manifest last, so a store with a manifest is complete."""
+    """Writes shards atomically and the manifest last, so a store with a manifest is complete.
+
+    A shard's file is written, flushed and hashed on a background thread (the file system and
+    SHA-256 release the GIL) while the caller runs the next batches: on a 2-core machine this
+    was 3-5 % of collecting MiniLM. One shard is in flight at most; the progress file that
+    lists a shard is written after it, on the same thread. A failure is raised by the next
+    ``write_shard``, ``save_progress``, ``wait`` or ``finish``; nothing is written after it."""
 
     def __init__(self, folder: Path, hook_dims: dict[str, int], dtype: str, meta: dict, drop_nonfinite: bool = False):
         self.folder = Path(folder)
@@ -133,6 +140,32 @@ class StoreWriter:
         self.stats = {name: RunningStats(dim) for name, dim in hook_dims.items()}
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / MANIFEST).unlink(missing_ok=True)  # the store is incomplete until finish()
+        self._io: ThreadPoolExecutor | None = None
+        self._jobs: list[Future] = []
+        self._failure: BaseException | None = None
+
+    def _in_background(self, job: Callable[[], None]) -> None:
+        """Run ``job`` on the writer's thread after the jobs handed over before it; skipped once
+        one of those failed."""
+        if self._io is None:
+            self._io = ThreadPoolExecutor(1, thread_name_prefix="saeclt-store-writer")
+
+        def guarded() -> None:
+            if self._failure is None:
+                try:
+                    job()
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller by wait()
+                    self._failure = exc
+
+        self._jobs.append(self._io.submit(guarded))
+
+    def wait(self) -> None:
+        """Return once every shard handed over is on disk; raise the failure of one that is not."""
+        for job in self._jobs:
+            job.result()
+        self._jobs.clear()
+        if self._failure is not None:
+            raise self._failure
 
     def write_shard(self, acts: dict[str, torch.Tensor | list[torch.Tensor]], provenance: dict[str, torch.Tensor],
                     perm: torch.Tensor) -> None:
@@ -140,6 +173,7 @@ class StoreWriter:
         as their row-wise concatenation) and of the provenance as the next shard."""
         from .kernels import store_rows
 
+        self.wait()  # the previous shard is on disk (and listed) before this one is numbered
         index = len(self.shards)
         name = f"shard_{index:05d}.safetensors"
         parts = {hook: [x.float().contiguous() for x in (xs if isinstance(xs, (list, tuple)) else [xs])]
@@ -164,27 +198,38 @@ class StoreWriter:
             self.stats[hook].add(s, perm.numel())
         tensors = {hook: s.out for hook, s in stored.items()}
         tensors.update({k: v[perm] for k, v in provenance.items()})
-        try:
-            save_safetensors(self.folder / name, tensors)
-        except OSError as exc:
-            raise DataError(f"{self.folder / name}: cannot write shard ({exc.strerror or exc}); shards before it were kept, "
-                            "the store has no manifest and will be recollected") from None
         rows = int(perm.numel())
-        self.shards.append({"file": name, "rows": rows, "sha256": sha256_file(self.folder / name)})
+
+        def write() -> None:
+            try:
+                save_safetensors(self.folder / name, tensors)
+            except OSError as exc:
+                raise DataError(f"{self.folder / name}: cannot write shard ({exc.strerror or exc}); shards before it were kept, "
+                                "the store has no manifest and will be recollected") from None
+            self.shards.append({"file": name, "rows": rows, "sha256": sha256_file(self.folder / name)})
+
+        self._in_background(write)
 
     # A collection in progress is resumable: after each shard, the writer's state (shards so far,
     # running stats, dropped rows) is saved with the caller's own state in one atomic file.
 
     def save_progress(self, caller: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Record the state after the last shard handed over; written once that shard is on disk."""
         import json
 
-        state = {"shards": self.shards, "dropped_rows": self.dropped_rows, "caller": caller, "stats": {}}
+        if self._failure is not None:
+            raise self._failure
+        state = {"dropped_rows": self.dropped_rows, "caller": caller, "stats": {}}
         payload = dict(tensors)
-        for hook, stats in self.stats.items():
+        for hook, stats in self.stats.items():  # copied now: the next shard adds to them
             scalars, arrays = stats.state()
             state["stats"][hook] = scalars
-            payload.update({f"stats.{hook}.{k}": v for k, v in arrays.items()})
-        save_safetensors(self.folder / PROGRESS, payload, metadata={"state": json.dumps(state)})
+            payload.update({f"stats.{hook}.{k}": v.clone() for k, v in arrays.items()})
+
+        def write() -> None:  # runs after the shard's own job: the shard list is complete
+            save_safetensors(self.folder / PROGRESS, payload, metadata={"state": json.dumps({**state, "shards": self.shards})})
+
+        self._in_background(write)
 
     def restore_progress(self, state: dict, tensors: dict[str, torch.Tensor]) -> bool:
         """Continue from a saved state (see ``read_progress``) if every shard it lists is intact;
@@ -205,6 +250,10 @@ class StoreWriter:
     def finish(self, keep_raw_stats: bool = False) -> dict:
         """Write the manifest (the store is complete from here on) and drop the progress file.
         ``keep_raw_stats``: also keep the running sums (a worker part, to be merged)."""
+        self.wait()
+        if self._io is not None:
+            self._io.shutdown()
+            self._io = None
         if keep_raw_stats:
             import json
 

@@ -48,6 +48,31 @@ def test_manifest_statistics_are_those_of_the_rows_written_across_shards(tmp_pat
     assert torch.equal(back.sort(0).values, torch.cat(xs).half().float().sort(0).values)
 
 
+def test_a_shard_that_cannot_be_written_is_reported_and_no_progress_is_recorded_after_it(tmp_path, monkeypatch):
+    import sae_clt.store as store_module
+
+    writer = StoreWriter(tmp_path, {"h": 4}, "float32", {"n_instances": 20})
+    prov = {"instance_id": torch.arange(10), "position": torch.zeros(10, dtype=torch.int32)}
+    writer.write_shard({"h": torch.randn(10, 4)}, prov, torch.arange(10))
+    writer.save_progress({"done": 1}, {})
+    writer.wait()
+    real_save = store_module.save_safetensors
+
+    def full_disk(path, tensors, metadata=None):
+        if "shard_00001" in str(path):
+            raise OSError(28, "No space left on device")
+        real_save(path, tensors, metadata)
+
+    monkeypatch.setattr(store_module, "save_safetensors", full_disk)
+    writer.write_shard({"h": torch.randn(10, 4)}, prov, torch.arange(10))  # handed to the writer's thread
+    writer.save_progress({"done": 2}, {})  # must not record the shard that failed
+    with pytest.raises(DataError, match="shard_00001.safetensors: cannot write shard \\(No space left"):
+        writer.finish()
+    state, _ = store_module.read_progress(tmp_path)
+    assert state["caller"] == {"done": 1} and [s["file"] for s in state["shards"]] == ["shard_00000.safetensors"]
+    assert not (tmp_path / "manifest.json").exists()
+
+
 def test_corrupted_shard_fails_checksum_naming_the_file(tmp_path):
     _write(tmp_path)
     shard = tmp_path / "shard_00000.safetensors"

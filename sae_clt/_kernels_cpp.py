@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import sys
 
-NAME = "saeclt_kernels_v23"
+NAME = "saeclt_kernels_v24"
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -988,7 +988,9 @@ _Pragma("omp simd")
   });
 }
 
-torch::Tensor gather_normalize(std::vector<torch::Tensor> parts, torch::Tensor idx, torch::Tensor mean, torch::Tensor scale) {
+// out: a float32 [rows, d] tensor to write into (the loader reuses its batch buffers), or undefined for a new one.
+torch::Tensor gather_normalize(std::vector<torch::Tensor> parts, torch::Tensor idx, torch::Tensor mean, torch::Tensor scale,
+                               c10::optional<torch::Tensor> out_buffer) {
   TORCH_CHECK(!parts.empty(), "gather_normalize: no parts");
   const auto dtype = parts[0].scalar_type();
   const int64_t d = parts[0].size(1);
@@ -1006,7 +1008,14 @@ torch::Tensor gather_normalize(std::vector<torch::Tensor> parts, torch::Tensor i
               "gather_normalize: row index out of range");
   auto m = mean.to(at::kFloat).contiguous(), s = scale.to(at::kFloat).contiguous();
   TORCH_CHECK(m.numel() == d && s.numel() == d, "gather_normalize: mean and scale need one entry per column");
-  auto out = torch::empty({idx.numel(), d}, idx.options().dtype(at::kFloat));
+  torch::Tensor out;
+  if (out_buffer.has_value() && out_buffer->defined()) {
+    out = *out_buffer;
+    TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(0) == idx.numel() &&
+                out.size(1) == d, "gather_normalize: out must be a contiguous float32 [rows, d] tensor");
+  } else {
+    out = torch::empty({idx.numel(), d}, idx.options().dtype(at::kFloat));
+  }
   const int64_t rows = idx.numel();
   switch (dtype) {
 #define SAECLT_GATHER_CASE(ST, CT)                                                                              \

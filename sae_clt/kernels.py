@@ -98,14 +98,17 @@ def positive_entries_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     return values, indices, counts
 
 
-def gather_normalize(parts: list[torch.Tensor], idx: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def gather_normalize(parts: list[torch.Tensor], idx: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows ``idx`` of the row-wise concatenation of ``parts`` (2-D, one dtype and width; not
     concatenated), as float32 ``(x - mean) / scale`` — bit for bit what converting and then
-    subtracting and dividing in torch gives."""
+    subtracting and dividing in torch gives. Written into ``out`` (float32, [len(idx), width])
+    when given."""
     kernel = _use_kernel(*parts)
     if kernel and parts[0].dtype in (torch.float16, torch.bfloat16, torch.float32):
-        return kernel.gather_normalize(list(parts), idx, mean, scale)
-    return gather_normalize_torch(parts, idx, mean, scale)
+        return kernel.gather_normalize(list(parts), idx, mean, scale, out)
+    result = gather_normalize_torch(parts, idx, mean, scale)
+    return result if out is None else out.copy_(result)
 
 
 def gather_normalize_torch(parts, idx, mean, scale):

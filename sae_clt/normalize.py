@@ -145,6 +145,34 @@ class ShardGroup:
         return self
 
 
+class BatchBuffers:
+    """Float32 batch tensors whose memory is used again once the consumer has let go of a batch.
+
+    A fresh [4096, 384] float32 batch every step page-faults its 6 MB in again: 1-3 ms a batch on
+    a 2-core VM, 2-5 % of a bf16 training step. A buffer is handed out again only when nothing
+    references its memory any more (the batch and every view of it dropped); otherwise, or
+    where torch cannot tell, a new tensor is made, so a consumer that keeps batches (data
+    echoing, evaluation) is never overwritten."""
+
+    def __init__(self, keep: int = 6):
+        self.keep = keep
+        self._storages: list[torch.UntypedStorage] = []
+        self._use_count = getattr(torch._C, "_storage_Use_Count", None)  # private: absent means no reuse
+
+    def _free(self, storage: torch.UntypedStorage) -> bool:
+        return self._use_count(storage._cdata) == 1  # only this pool's own reference is left
+
+    def take(self, rows: int, cols: int) -> torch.Tensor:
+        if self._use_count is not None:
+            for storage in self._storages:
+                if storage.nbytes() >= rows * cols * 4 and self._free(storage):
+                    return torch.empty(0, dtype=torch.float32).set_(storage, 0, (rows, cols))
+        batch = torch.empty(rows, cols, dtype=torch.float32)
+        if self._use_count is not None and len(self._storages) < self.keep:
+            self._storages.append(batch.untyped_storage())
+        return batch
+
+
 class PairLoader:
     """Streams normalised (x_src, x_tgt) minibatches of one split from a store.
 
@@ -170,6 +198,7 @@ class PairLoader:
         self.echo = echo  # data echoing: each row is used this many times (see echoed)
         self.shards = list(range(store.n_shards)) if shards is None else list(shards)  # a rank's own shards
         self.rows_per_epoch = self._count_rows()
+        self.buffers = BatchBuffers()
 
     def _rows(self, instance_id: torch.Tensor) -> torch.Tensor:
         is_val = self.norm.val_instances[instance_id]
@@ -205,7 +234,9 @@ class PairLoader:
         batch at a time (one pass with the compiled kernel); with their instance ids and positions
         if asked."""
         def one(hook: str) -> torch.Tensor:
-            return gather_normalize(group.parts(hook), idx, self.norm.mean[hook], self.norm.scale[hook])
+            parts = group.parts(hook)
+            out = self.buffers.take(idx.numel(), parts[0].shape[1])
+            return gather_normalize(parts, idx, self.norm.mean[hook], self.norm.scale[hook], out=out)
 
         def rows(name: str) -> torch.Tensor:  # a hook group: its members side by side
             return one(name) if not is_group(name) else torch.cat([one(m) for m in members(name)], dim=1)

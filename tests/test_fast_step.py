@@ -332,6 +332,8 @@ def test_gather_normalize_gives_the_bits_of_torch_normalising_the_concatenated_r
     expected = (torch.cat(parts)[idx].to(torch.float32) - mean) / scale
     assert torch.equal(kernels.gather_normalize(parts, idx, mean, scale), expected)
     assert torch.equal(kernels.gather_normalize_torch(parts, idx, mean, scale), expected)
+    out = torch.full((50, d), float("nan"))
+    assert kernels.gather_normalize(parts, idx, mean, scale, out=out) is out and torch.equal(out, expected)  # into a reused buffer
     if kernels.kernel_available():
         with pytest.raises(RuntimeError, match="out of range"):
             kernels.gather_normalize(parts, torch.tensor([sum(sizes)]), mean, scale)

@@ -126,3 +126,24 @@ def test_building_and_checkpointing_the_optimizer_does_not_import_torch_dynamo()
             "print('torch._dynamo' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_loader_reuses_a_batch_s_memory_only_after_the_batch_and_its_views_are_dropped(tmp_path):
+    store = _synthetic_store(tmp_path / "store", n_rows=6000)
+    dataset, _ = _specs("transcoder", "b")
+    fit_normalization(dataset, store, tmp_path / "norm", tmp_path / "norm.json")
+    norm = Normalization.load(tmp_path / "norm")
+    fresh = PairLoader(store, norm, "a", "b", "train", 300, seed=5)
+    fresh.buffers._use_count = None  # never reuse: the reference
+    want = list(fresh.epoch(0))
+    held = list(PairLoader(store, norm, "a", "b", "train", 300, seed=5).epoch(0))  # every batch kept
+    assert len(held) == len(want) and all(torch.equal(a, b) for h, w in zip(held, want) for a, b in zip(h, w))
+    views, pointers = [], set()
+    for i, (x, y) in enumerate(PairLoader(store, norm, "a", "b", "train", 300, seed=5).epoch(0)):
+        if i % 4 == 0:
+            views.append((i, x[:7], y[-3:]))  # views outlive their batch: their memory must not be reused
+        pointers.add(x.data_ptr())
+        del x, y
+    for i, vx, vy in views:
+        assert torch.equal(vx, want[i][0][:7]) and torch.equal(vy, want[i][1][-3:])
+    assert len(pointers) < len(want)  # dropped batches' memory was reused

@@ -8,7 +8,7 @@ Each mode runs in its own process, so peak RSS is its own. Prints tokens/s, the 
 peak RSS of each; then, as separate runs drift with this machine's load, a paired run: steps fed
 from the store and from RAM alternating in one process, and the median of per-pair ratios.
 
-    python benchmarks/stream.py [--gigabytes 8] [--steps 300] [--store-dir /tmp/saeclt_stream_store]
+    python benchmarks/stream.py [--gigabytes 8] [--steps 300] [--store-dir /tmp/saeclt_stream_store] [--cold]
 """
 
 from __future__ import annotations
@@ -61,6 +61,19 @@ def peak_rss_gb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def evict(folder: Path) -> None:
+    """Drop the store's shards from the page cache (POSIX_FADV_DONTNEED; no privileges needed), so
+    the next store-fed run reads them from the disk rather than from memory a previous run filled."""
+    import os
+
+    for shard in folder.glob("shard_*.safetensors"):
+        fd = os.open(shard, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def run_mode(mode: str, folder: Path, steps: int) -> dict:
@@ -141,6 +154,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--store-dir", default="/tmp/saeclt_stream_store")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--cold", action="store_true",
+                        help="evict the store from the page cache before each store-fed run (by default the store-fed run "
+                             "finds the shards the RAM-fed run before it read still cached)")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     args = parser.parse_args()
     folder = Path(args.store_dir)
@@ -152,10 +168,13 @@ def main() -> None:
     from _common import cpu_description
 
     print(f"cpu: {cpu_description()}")
-    print(f"store: {size:.1f} GB on disk; {args.steps} steps of {BATCH} rows, fast bf16 TopK step")
+    print(f"store: {size:.1f} GB on disk; {args.steps} steps of {BATCH} rows, fast bf16 TopK step"
+          + ("; the store evicted from the page cache before each store-fed run" if args.cold else ""))
     results: dict[str, dict] = {}
     for rep in range(args.repeats):  # alternated, best of each: this machine's timings drift
         for mode in ("disk", "ram"):
+            if mode == "disk" and args.cold:
+                evict(folder)
             out = subprocess.run([sys.executable, __file__, "--mode", mode, "--steps", str(args.steps), "--store-dir", str(folder)],
                                  capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -166,6 +185,8 @@ def main() -> None:
     for mode, r in results.items():
         print(f"{mode:>5}: best {r['tokens_per_s']:,.0f} tokens/s, peak RSS {r['peak_rss_gb']:.2f} GB")
     print(f"disk / ram throughput (best of each): {results['disk']['tokens_per_s'] / results['ram']['tokens_per_s']:.3f}")
+    if args.cold:
+        evict(folder)
     out = subprocess.run([sys.executable, __file__, "--mode", "paired", "--steps", str(args.steps), "--store-dir", str(folder)],
                          capture_output=True, text=True, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])

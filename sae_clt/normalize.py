@@ -158,6 +158,20 @@ class BatchBuffers:
         self.keep = keep
         self._storages: list[torch.UntypedStorage] = []
         self._use_count = getattr(torch._C, "_storage_Use_Count", None)  # private: absent means no reuse
+        if self._use_count is not None and not self._counts_references():
+            self._use_count = None
+
+    def _counts_references(self) -> bool:
+        """Whether the use count behaves as relied on here (a live tensor counts, a dropped one
+        does not); a torch where it does not gets no reuse rather than overwritten batches."""
+        try:
+            probe = torch.empty(1)
+            storage = probe.untyped_storage()
+            alive = self._use_count(storage._cdata)
+            del probe
+            return alive == 2 and self._use_count(storage._cdata) == 1
+        except Exception:  # noqa: BLE001 - a changed private API: no reuse
+            return False
 
     def _free(self, storage: torch.UntypedStorage) -> bool:
         return self._use_count(storage._cdata) == 1  # only this pool's own reference is left

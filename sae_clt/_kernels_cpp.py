@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import sys
 
-NAME = "saeclt_kernels_v24"
+NAME = "saeclt_kernels_v25"
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -938,25 +938,58 @@ std::vector<torch::Tensor> positive_entries(torch::Tensor x) {
   return {values, indices, counts};
 }
 
+// Rows of several 2-D tensors of one dtype and width addressed as their row-wise concatenation
+// without concatenating them (the loader's shards of a group, the writer's collected batches).
+template <typename T>
+struct PartRows {
+  std::vector<const T*> parts;
+  std::vector<int64_t> offsets;  // each part's first row, ascending
+  int64_t d = 0, total = 0;
+  const T* operator()(int64_t g) const {
+    int64_t p = static_cast<int64_t>(parts.size()) - 1;
+    while (p > 0 && offsets[p] > g) --p;
+    return parts[p] + (g - offsets[p]) * d;
+  }
+};
+
+template <typename T>
+PartRows<T> part_rows(const std::vector<torch::Tensor>& parts, const char* who) {
+  TORCH_CHECK(!parts.empty(), who, ": no parts");
+  PartRows<T> rows;
+  rows.d = parts[0].size(1);
+  for (const auto& t : parts) {
+    TORCH_CHECK(t.dim() == 2 && t.is_contiguous() && t.scalar_type() == parts[0].scalar_type() && t.size(1) == rows.d,
+                who, ": parts must be contiguous 2-D tensors of one dtype and width");
+    rows.parts.push_back(t.data_ptr<T>());
+    rows.offsets.push_back(rows.total);
+    rows.total += t.size(0);
+  }
+  return rows;
+}
+
+// idx as contiguous 1-D int64, every entry a row of a table of total rows.
+inline torch::Tensor checked_rows(const torch::Tensor& idx, int64_t total, const char* who) {
+  TORCH_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong, who, ": 1-D int64 indices expected");
+  auto ix = idx.contiguous();
+  TORCH_CHECK(ix.numel() == 0 || (ix.min().item<int64_t>() >= 0 && ix.max().item<int64_t>() < total),
+              who, ": row index out of range");
+  return ix;
+}
+
 // out[r] = (float(part[p][idx[r] - offsets[p]]) - mean) / scale, p the part holding row idx[r]
 // (offsets: each part's first row, ascending). The loader's minibatch from the memory-mapped
 // shards of a group, as stored (float16, bfloat16 or float32), in one pass: no copy of the
 // group, no float32 intermediate. Subtraction then division, as torch's sub_/div_: same bits.
 template <typename T>
-void gather_normalize_impl(const std::vector<const T*>& parts, const std::vector<int64_t>& offsets, const int64_t* ip,
-                           int64_t rows, int64_t d, const float* mean, const float* scale, float* out) {
-  const int64_t n_parts = static_cast<int64_t>(parts.size());
-  const auto row_of = [=](int64_t g) {
-    int64_t p = n_parts - 1;
-    while (p > 0 && offsets[p] > g) --p;
-    return parts[p] + (g - offsets[p]) * d;
-  };
+void gather_normalize_impl(const PartRows<T>& row_of, const int64_t* ip, int64_t rows, const float* mean, const float* scale,
+                           float* out) {
+  const int64_t d = row_of.d;
   // The rows are random rows of shards far larger than the caches: each comes from DRAM, and one
   // row at a time the gather waits on memory (~1 ms a batch of 4096 against 0.15 ms cache-warm).
   // Prefetching the rows AHEAD rows on keeps several in flight.
   constexpr int64_t AHEAD = 16;
   const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
-  at::parallel_for(0, rows, 64, [=](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < std::min(end, begin + AHEAD); ++r) {
       const char* next = reinterpret_cast<const char*>(row_of(ip[r]));
       for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(next + b);
@@ -993,19 +1026,8 @@ torch::Tensor gather_normalize(std::vector<torch::Tensor> parts, torch::Tensor i
                                c10::optional<torch::Tensor> out_buffer) {
   TORCH_CHECK(!parts.empty(), "gather_normalize: no parts");
   const auto dtype = parts[0].scalar_type();
-  const int64_t d = parts[0].size(1);
-  std::vector<int64_t> offsets;
-  int64_t total = 0;
-  for (const auto& t : parts) {
-    TORCH_CHECK(t.dim() == 2 && t.is_contiguous() && t.scalar_type() == dtype && t.size(1) == d,
-                "gather_normalize: parts must be contiguous 2-D tensors of one dtype and width");
-    offsets.push_back(total);
-    total += t.size(0);
-  }
-  TORCH_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong, "gather_normalize: 1-D int64 indices expected");
-  idx = idx.contiguous();
-  TORCH_CHECK(idx.numel() == 0 || (idx.min().item<int64_t>() >= 0 && idx.max().item<int64_t>() < total),
-              "gather_normalize: row index out of range");
+  const int64_t d = parts[0].size(1), total = [&] { int64_t n = 0; for (const auto& t : parts) n += t.size(0); return n; }();
+  idx = checked_rows(idx, total, "gather_normalize");
   auto m = mean.to(at::kFloat).contiguous(), s = scale.to(at::kFloat).contiguous();
   TORCH_CHECK(m.numel() == d && s.numel() == d, "gather_normalize: mean and scale need one entry per column");
   torch::Tensor out;
@@ -1019,13 +1041,10 @@ torch::Tensor gather_normalize(std::vector<torch::Tensor> parts, torch::Tensor i
   const int64_t rows = idx.numel();
   switch (dtype) {
 #define SAECLT_GATHER_CASE(ST, CT)                                                                              \
-    case ST: {                                                                                                  \
-      std::vector<const CT*> ptrs;                                                                              \
-      for (const auto& t : parts) ptrs.push_back(t.data_ptr<CT>());                                             \
-      gather_normalize_impl<CT>(ptrs, offsets, idx.data_ptr<int64_t>(), rows, d, m.data_ptr<float>(), s.data_ptr<float>(), \
-                                out.data_ptr<float>());                                                         \
-      break;                                                                                                    \
-    }
+    case ST:                                                                                                    \
+      gather_normalize_impl<CT>(part_rows<CT>(parts, "gather_normalize"), idx.data_ptr<int64_t>(), rows,        \
+                                m.data_ptr<float>(), s.data_ptr<float>(), out.data_ptr<float>());               \
+      break;
     SAECLT_GATHER_CASE(at::kHalf, c10::Half)
     SAECLT_GATHER_CASE(at::kBFloat16, c10::BFloat16)
     SAECLT_GATHER_CASE(at::kFloat, float)
@@ -1058,14 +1077,8 @@ inline void store_row(const float* src, int64_t d, c10::BFloat16* out) { store_b
 inline void store_row(const float* src, int64_t d, float* out) { std::memcpy(out, src, d * sizeof(float)); }
 
 template <typename TO>
-void store_rows_impl(const std::vector<const float*>& parts, const std::vector<int64_t>& offsets, const int64_t* ip,
-                     int64_t rows, int64_t d, TO* out, double* partial) {
-  const int64_t n_parts = static_cast<int64_t>(parts.size());
-  const auto row_of = [=](int64_t g) {
-    int64_t p = n_parts - 1;
-    while (p > 0 && offsets[p] > g) --p;
-    return parts[p] + (g - offsets[p]) * d;
-  };
+void store_rows_impl(const PartRows<float>& row_of, const int64_t* ip, int64_t rows, TO* out, double* partial) {
+  const int64_t d = row_of.d;
   constexpr int64_t AHEAD = 8;
   const int64_t width = 2 * d + 3;  // per chunk: d sums, d sums of squares, norm sum, zeros, bad rows
   const int64_t per_chunk = (rows + STORE_CHUNKS - 1) / STORE_CHUNKS;
@@ -1109,26 +1122,14 @@ _Pragma("omp simd reduction(+ : row_sq, row_zeros, poison)")
 // {column sums [d], column sums of squares [d], (norm sum, zeros, bad rows) [3]}, all float64.
 std::vector<torch::Tensor> store_rows(std::vector<torch::Tensor> parts, c10::optional<torch::Tensor> idx,
                                       c10::optional<torch::Tensor> out) {
-  TORCH_CHECK(!parts.empty(), "store_rows: no parts");
-  const int64_t d = parts[0].size(1);
-  std::vector<const float*> ptrs;
-  std::vector<int64_t> offsets;
-  int64_t total = 0;
-  for (const auto& t : parts) {
-    TORCH_CHECK(t.dim() == 2 && t.is_contiguous() && t.scalar_type() == at::kFloat && t.size(1) == d,
-                "store_rows: parts must be contiguous float32 2-D tensors of one width");
-    ptrs.push_back(t.data_ptr<float>());
-    offsets.push_back(total);
-    total += t.size(0);
-  }
+  for (const auto& t : parts) TORCH_CHECK(t.scalar_type() == at::kFloat, "store_rows: float32 parts expected");
+  const auto row_of = part_rows<float>(parts, "store_rows");
+  const int64_t d = row_of.d;
   torch::Tensor ix;
   const int64_t* ip = nullptr;
-  int64_t rows = total;
+  int64_t rows = row_of.total;
   if (idx.has_value() && idx->defined()) {
-    TORCH_CHECK(idx->dim() == 1 && idx->scalar_type() == at::kLong, "store_rows: 1-D int64 indices expected");
-    ix = idx->contiguous();
-    TORCH_CHECK(ix.numel() == 0 || (ix.min().item<int64_t>() >= 0 && ix.max().item<int64_t>() < total),
-                "store_rows: row index out of range");
+    ix = checked_rows(*idx, row_of.total, "store_rows");
     ip = ix.data_ptr<int64_t>();
     rows = ix.numel();
   }
@@ -1138,13 +1139,13 @@ std::vector<torch::Tensor> store_rows(std::vector<torch::Tensor> parts, c10::opt
     TORCH_CHECK(out->is_contiguous() && out->dim() == 2 && out->size(0) == rows && out->size(1) == d,
                 "store_rows: out must be a contiguous [rows, d] tensor");
     switch (out->scalar_type()) {
-      case at::kHalf: store_rows_impl(ptrs, offsets, ip, rows, d, out->data_ptr<c10::Half>(), pp); break;
-      case at::kBFloat16: store_rows_impl(ptrs, offsets, ip, rows, d, out->data_ptr<c10::BFloat16>(), pp); break;
-      case at::kFloat: store_rows_impl(ptrs, offsets, ip, rows, d, out->data_ptr<float>(), pp); break;
+      case at::kHalf: store_rows_impl(row_of, ip, rows, out->data_ptr<c10::Half>(), pp); break;
+      case at::kBFloat16: store_rows_impl(row_of, ip, rows, out->data_ptr<c10::BFloat16>(), pp); break;
+      case at::kFloat: store_rows_impl(row_of, ip, rows, out->data_ptr<float>(), pp); break;
       default: TORCH_CHECK(false, "store_rows: out must be float16, bfloat16 or float32");
     }
   } else {
-    store_rows_impl<float>(ptrs, offsets, ip, rows, d, nullptr, pp);
+    store_rows_impl<float>(row_of, ip, rows, nullptr, pp);
   }
   auto sums = partial[0].clone();  // chunk by chunk, in order: the same bits for any thread count
   double* t = sums.data_ptr<double>();

@@ -339,12 +339,15 @@ def prefetched(items: Iterator, depth: int = 1) -> Iterator:
     import queue
     import threading
 
+    from .threads import use_one_torch_thread
+
     ready: queue.Queue = queue.Queue()
     permits = threading.Semaphore(depth)  # released when the consumer takes an item
     stop = threading.Event()
 
     def produce() -> None:
         try:
+            use_one_torch_thread()  # its indexing ops must not start a second OpenMP team beside the step's
             iterator = iter(items)
             while True:
                 while not permits.acquire(timeout=0.1):

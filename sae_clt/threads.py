@@ -1,0 +1,55 @@
+"""Background threads (the loader's prefetch) that use torch without competing with the main
+thread's parallel work.
+
+torch's CPU build runs parallel ops on OpenMP. An op called from a second Python thread starts a
+second OpenMP team of its own, sized like the main one: on a 2-core machine the prefetch thread's
+few indexing ops then run two more threads beside the training step's two, and a step whose
+parallel loops wait at a barrier for a descheduled worker pays for it. The work these threads do
+is small and can run on the thread itself.
+
+``torch.set_num_threads`` cannot be used for this: it also sets the count torch gives every thread
+(measured: the training step itself fell to one thread, 95 against 55 ms). OpenMP's own
+``omp_set_num_threads`` changes the calling thread's count only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+from functools import lru_cache
+
+
+@lru_cache(maxsize=1)
+def _openmp_runtime() -> ctypes.CDLL | None:
+    """The OpenMP runtime torch has loaded (found in this process's memory map), or None where
+    there is none or it cannot be found (not Linux, another parallel backend)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = re.findall(r"(/\S*lib(?:gomp|iomp5|omp)[^/\s]*\.so[^/\s]*)", maps.read())
+    except OSError:
+        return None
+    for path in dict.fromkeys(paths):
+        try:
+            runtime = ctypes.CDLL(path)  # already loaded: the same library, not a second copy
+            runtime.omp_set_num_threads  # noqa: B018 - the symbol must be there
+            return runtime
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def use_one_torch_thread() -> bool:
+    """Make torch ops called from the current thread run on this thread alone, leaving every other
+    thread's count as it is. Call it first thing in a background thread. Returns whether it took
+    effect (False where torch does not parallelise with OpenMP or its runtime is not found: the
+    thread then works as before)."""
+    import torch
+
+    # torch sets a thread's OpenMP count on that thread's first use (from the global setting);
+    # trigger that first so it does not undo the count set below.
+    torch.get_num_threads()
+    runtime = _openmp_runtime()
+    if runtime is None:
+        return False
+    runtime.omp_set_num_threads(1)
+    return torch.get_num_threads() == 1

@@ -20,22 +20,24 @@ from functools import lru_cache
 
 
 @lru_cache(maxsize=1)
-def _openmp_runtime() -> ctypes.CDLL | None:
-    """The OpenMP runtime torch has loaded (found in this process's memory map), or None where
-    there is none or it cannot be found (not Linux, another parallel backend)."""
+def _openmp_runtimes() -> tuple[ctypes.CDLL, ...]:
+    """The OpenMP runtimes loaded in this process (found in its memory map; torch's first, since
+    other packages, e.g. scikit-learn, may bring their own copy), or none where they cannot be
+    found (not Linux, another parallel backend)."""
     try:
         with open("/proc/self/maps") as maps:
             paths = re.findall(r"(/\S*lib(?:gomp|iomp5|omp)[^/\s]*\.so[^/\s]*)", maps.read())
     except OSError:
-        return None
-    for path in dict.fromkeys(paths):
+        return ()
+    runtimes = []
+    for path in sorted(dict.fromkeys(paths), key=lambda p: "/torch/" not in p):
         try:
             runtime = ctypes.CDLL(path)  # already loaded: the same library, not a second copy
             runtime.omp_set_num_threads  # noqa: B018 - the symbol must be there
-            return runtime
+            runtimes.append(runtime)
         except (OSError, AttributeError):
             continue
-    return None
+    return tuple(runtimes)
 
 
 def use_one_torch_thread() -> bool:
@@ -48,8 +50,8 @@ def use_one_torch_thread() -> bool:
     # torch sets a thread's OpenMP count on that thread's first use (from the global setting);
     # trigger that first so it does not undo the count set below.
     torch.get_num_threads()
-    runtime = _openmp_runtime()
-    if runtime is None:
-        return False
-    runtime.omp_set_num_threads(1)
-    return torch.get_num_threads() == 1
+    for runtime in _openmp_runtimes():
+        runtime.omp_set_num_threads(1)  # this thread's count in that runtime only
+        if torch.get_num_threads() == 1:  # the runtime torch uses
+            return True
+    return False

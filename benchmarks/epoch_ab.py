@@ -26,7 +26,8 @@ CHILD_ROOT = "SAECLT_AB_ROOT"  # set in a child: import sae_clt from this folder
 
 
 def child(spec_path: str, runs: int, precision: str) -> None:
-    """Train ``runs`` epochs with the sae_clt found under $SAECLT_AB_ROOT; print one JSON line."""
+    """Train ``runs`` epochs with the sae_clt found under $SAECLT_AB_ROOT; print one JSON line.
+    (Not through _common.py: importing it puts the working tree first on sys.path.)"""
     # An editable install would import the working tree's package whatever sys.path says.
     sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__ and "editable" not in getattr(f, "__name__", "")]
     sys.path.insert(0, os.environ[CHILD_ROOT])
@@ -54,6 +55,8 @@ def run_child(root: Path, args) -> float:
     if done.returncode:
         raise SystemExit(f"the run with {root} failed:\n{done.stderr[-2000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    if not Path(result["package"]).resolve().is_relative_to(root.resolve()):  # else A and B ran the same code
+        raise SystemExit(f"the run meant for {root} imported sae_clt from {result['package']}")
     return statistics.median(result["ms_per_step"])
 
 

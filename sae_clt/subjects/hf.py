@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 
 from ..errors import DataError, SpecError
-from ..io import write_json
-from ..provenance import output_meta
 from ..spec import HFSubjectSpec
+from .loaded import record_loaded_model
 
 
 def model_folder(spec: HFSubjectSpec, root: Path) -> Path:
@@ -181,11 +180,4 @@ class HFSubject:
 def prepare_subject(spec: HFSubjectSpec, root: Path, out_dir: Path, metrics_path: Path, log=print) -> dict:
     """Stage `subject` for an hf model: load it offline, record what was loaded."""
     subject = HFSubject.load(spec, root)
-    n_params = sum(p.numel() for p in subject.model.parameters())
-    meta = output_meta(spec, 0)
-    info = {"kind": "hf", "model_folder_name": subject.folder.name, "fingerprint": subject.fingerprint(),
-            "architecture": type(subject.model).__name__, "parameters": n_params, "meta": meta}
-    write_json(out_dir / "config.json", info)
-    write_json(metrics_path, {"parameters": n_params, "meta": meta})
-    log(f"[subject] {spec.id}: {info['architecture']} with {n_params:,} parameters, fingerprint {info['fingerprint']}")
-    return info
+    return record_loaded_model(spec, subject, {"kind": "hf", "model_folder_name": subject.folder.name}, out_dir, metrics_path, log)

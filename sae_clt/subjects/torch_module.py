@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 
 from ..errors import DataError, SpecError
-from ..io import write_json
-from ..provenance import output_meta
 from ..spec import TorchSubjectSpec
+from .loaded import record_loaded_model
 
 
 def _resolve(root: Path, name: str) -> Path:
@@ -200,11 +199,4 @@ class TorchSubject:
 def prepare_subject(spec: TorchSubjectSpec, root: Path, out_dir: Path, metrics_path: Path, log=print) -> dict:
     """Stage `subject` for a torch module: build it, load its weights, record what was loaded."""
     subject = TorchSubject.load(spec, root)
-    n_params = sum(p.numel() for p in subject.model.parameters())
-    meta = output_meta(spec, 0)
-    info = {"kind": "torch", "factory": spec.factory, "fingerprint": subject.fingerprint(),
-            "architecture": type(subject.model).__name__, "parameters": n_params, "meta": meta}
-    write_json(out_dir / "config.json", info)
-    write_json(metrics_path, {"parameters": n_params, "meta": meta})
-    log(f"[subject] {spec.id}: {info['architecture']} with {n_params:,} parameters, fingerprint {info['fingerprint']}")
-    return info
+    return record_loaded_model(spec, subject, {"kind": "torch", "factory": spec.factory}, out_dir, metrics_path, log)

@@ -1,19 +1,31 @@
 """saeclt against EleutherAI sparsify and SAELens: TopK SAE, 384 -> 3072, k = 32, batch 4096,
 one epoch over the same training rows, held-out FVU and dead fraction on the same rows.
 
-The peers live in their own environment (they pin other versions of things), so this runs in
-three steps; each prints one JSON line:
+The peers live in their own environment (they pin other versions of things). One command runs
+every trainer side by side, each in a process of its own, round after round, and prints one table
+with tokens/s, FVU, dead fraction, the encoder matmuls timed in the same run, and saeclt's speed
+over the fastest peer's:
+
+    python -m venv PEER && PEER/bin/pip install torch==2.13.0 eai-sparsify sae-lens
+    python benchmarks/peers.py all --peers-python PEER/bin/python [--rounds 2] [--trainers ...]
+
+It runs these steps, which can also be run one at a time (each prints one JSON line):
 
     python benchmarks/peers.py export --spec specs/minilm_sae_L2.yaml --out /tmp/peer_data
-    python benchmarks/peers.py saeclt --spec specs/minilm_sae_L2.yaml --out /tmp/peer_data [--precision bf16]
-    PEER/bin/python benchmarks/peers.py sparsify --out /tmp/peer_data [--passes 3]  # pip install eai-sparsify
-    PEER/bin/python benchmarks/peers.py saelens --out /tmp/peer_data    # pip install sae-lens
+    python benchmarks/peers.py saeclt --spec specs/minilm_sae_L2.yaml --out /tmp/peer_data [--precision bf16] [--one-pass]
+    PEER/bin/python benchmarks/peers.py sparsify --out /tmp/peer_data [--passes 3] [--auxk] [--bf16]
+    PEER/bin/python benchmarks/peers.py saelens --out /tmp/peer_data [--bf16]
 
 `export` writes the raw (unnormalised) training rows in saeclt's epoch-0 order and the
 validation rows as .npy. The peers run with their own default recipes (sparsify: SignSGD with
 schedule-free momentum, its latent-scaled learning rate, decoder bias at the data mean;
 SAELens: Adam 3e-4, constant schedule, its TopK SAE with AuxK), plus AuxK for sparsify
-(auxk_alpha 1/32, dead after 5 steps' tokens) since its default leaves it off.
+(auxk_alpha 1/32, dead after 5 steps' tokens) since its default leaves it off. `--bf16` runs a
+peer's training under torch's bf16 autocast (their trainers enable it on CUDA only). saeclt's
+`--one-pass` trains as the peers do, once over the rows (no data echoing, no decoder refit),
+with the fast step and AuxK on; without it, the spec's own recipe. saeclt's tokens/s count its
+whole train() (reading the store, start-up, saving); the peers' only their training loop over
+rows already in RAM.
 FVU = Σ‖y − ŷ‖² / Σ‖y − ȳ‖² over the validation rows (as saeclt's metrics define it).
 """
 
@@ -69,9 +81,20 @@ def run_saeclt(args) -> None:
 
     resolved, store, norm = _experiment(Path(args.spec))
     overrides = {"precision": args.precision} if args.precision else {}
+    if args.one_pass:  # as the peers train: once over the rows, the fast step, AuxK on (the spec's aux_k)
+        overrides |= {"step": "fast", "echo": 1, "decoder_refit_frac": 0.0}
     _, m, rate = fit_and_evaluate(resolved.experiment, store, norm, overrides)
     print(json.dumps({"trainer": "saeclt", **overrides, "fvu": m["reconstruction"]["fvu"], "dead_fraction": m["sparsity"]["dead_fraction"],
                       "tokens_per_s": rate}))
+
+
+def _autocast(args):
+    """bf16 autocast on the CPU for a peer's training with --bf16 (fp32 master weights, as saeclt's)."""
+    import contextlib
+
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
 
 
 def _load(args):
@@ -107,8 +130,9 @@ def run_sparsify(args) -> None:
             sae.b_dec.data = x.mean(0)
         sae.set_decoder_norm_to_unit_norm()
         dead = since_fired > args.dead_tokens if args.auxk else None
-        out = sae(x, dead_mask=dead)
-        loss = out.fvu + (1 / 32 if args.auxk else 0) * out.auxk_loss
+        with _autocast(args):
+            out = sae(x, dead_mask=dead)
+            loss = out.fvu + (1 / 32 if args.auxk else 0) * out.auxk_loss
         loss.backward()
         sae.remove_gradient_parallel_to_decoder_directions()
         opt.step()
@@ -125,7 +149,8 @@ def run_sparsify(args) -> None:
         z = torch.zeros(x.shape[0], D_SAE).scatter(1, out.latent_indices, out.latent_acts)
         return out.sae_out, z
 
-    print(json.dumps({"trainer": "sparsify" + (" +auxk" if args.auxk else "") + (f" x{args.passes} passes" if args.passes > 1 else ""),
+    print(json.dumps({"trainer": "sparsify" + (" +auxk" if args.auxk else "") + (f" x{args.passes} passes" if args.passes > 1 else "")
+                      + (" bf16" if args.bf16 else ""),
                       **fvu_and_dead(run, val), "tokens_per_s": n_read * BATCH / seconds}))
 
 
@@ -143,7 +168,8 @@ def run_saelens(args) -> None:
     cfg = SAETrainerConfig(total_training_samples=n_batches * BATCH, train_batch_size_samples=BATCH, lr_end=3e-5)
     trainer = SAETrainer(cfg, sae, data_provider=iter(train.split(BATCH)[:n_batches]))
     started = time.perf_counter()
-    trainer.fit()
+    with _autocast(args):
+        trainer.fit()
     seconds = time.perf_counter() - started
 
     @torch.no_grad()
@@ -151,12 +177,82 @@ def run_saelens(args) -> None:
         z = sae.encode(x)
         return sae.decode(z), z
 
-    print(json.dumps({"trainer": "saelens", **fvu_and_dead(run, val), "tokens_per_s": n_batches * BATCH / seconds}))
+    print(json.dumps({"trainer": "saelens" + (" bf16" if args.bf16 else ""), **fvu_and_dead(run, val), "tokens_per_s": n_batches * BATCH / seconds}))
+
+
+# Every trainer `all` can run: which interpreter (saeclt's or the peers'), and the arguments.
+TRAINERS = {
+    "saeclt-bf16": ("self", ["saeclt", "--precision", "bf16", "--one-pass"]),
+    "saeclt-fp32": ("self", ["saeclt", "--precision", "fp32", "--one-pass"]),
+    "saeclt-recipe": ("self", ["saeclt"]),
+    "sparsify": ("peer", ["sparsify"]),
+    "sparsify-auxk": ("peer", ["sparsify", "--auxk"]),
+    "sparsify-bf16": ("peer", ["sparsify", "--auxk", "--bf16"]),
+    "saelens": ("peer", ["saelens"]),
+    "saelens-bf16": ("peer", ["saelens", "--bf16"]),
+}
+
+
+def run_all(args) -> None:
+    """Every trainer in its own process, round after round (each round starting one trainer later,
+    as this host's speed drifts), with the encoder matmuls timed before each round; one table."""
+    import statistics
+    import subprocess
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import torch
+    from _common import cpu_description, encoder_matmul_ms
+
+    names = [n.strip() for n in args.trainers.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TRAINERS]
+    if unknown:
+        raise SystemExit(f"--trainers: unknown {', '.join(unknown)}; choose from {', '.join(TRAINERS)}")
+    needs_peer = any(TRAINERS[n][0] == "peer" for n in names)
+    if needs_peer and not args.peers_python:
+        raise SystemExit("--peers-python: the Python of an environment with eai-sparsify and sae-lens installed is needed "
+                         "for " + ", ".join(n for n in names if TRAINERS[n][0] == "peer") + " (or leave them out with --trainers)")
+    script, out = str(Path(__file__).resolve()), Path(args.out)
+    common = ["--out", str(out), "--spec", args.spec]
+    if not (out / "train.npy").exists() or not (out / "val.npy").exists():
+        subprocess.run([sys.executable, script, "export", *common], check=True)
+    import numpy as np
+
+    d_in = int(np.load(out / "train.npy", mmap_mode="r").shape[1])
+    print(f"cpu: {cpu_description()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    results: dict[str, list[dict]] = {n: [] for n in names}
+    matmuls = []
+    for r in range(args.rounds):
+        mm = {"bf16": encoder_matmul_ms(BATCH, d_in, D_SAE, torch.bfloat16), "fp32": encoder_matmul_ms(BATCH, d_in, D_SAE, torch.float32)}
+        matmuls.append(mm)
+        print(f"round {r + 1}: encoder matmul bf16 {mm['bf16']:.1f} ms, fp32 {mm['fp32']:.1f} ms", flush=True)
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            which, argv = TRAINERS[name]
+            python = sys.executable if which == "self" else args.peers_python
+            done = subprocess.run([python, script, *argv, *common], capture_output=True, text=True)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+            if done.returncode or not lines:
+                raise SystemExit(f"{name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+            row = json.loads(lines[-1])
+            results[name].append(row)
+            print(f"  {name:<15} {row['tokens_per_s']:>9,.0f} tokens/s  FVU {row['fvu']:.4f}  dead {row['dead_fraction']:.3f}", flush=True)
+    print(f"\n{'trainer':<15}{'tokens/s (median)':>19}{'per round':>30}{'FVU':>9}{'dead':>8}")
+    rate = {n: statistics.median(row["tokens_per_s"] for row in rows) for n, rows in results.items()}
+    for name, rows in results.items():
+        per = ", ".join(f"{row['tokens_per_s']:,.0f}" for row in rows)
+        print(f"{name:<15}{rate[name]:>19,.0f}{per:>30}{rows[-1]['fvu']:>9.4f}{rows[-1]['dead_fraction']:>8.3f}")
+    print("encoder matmul per round (ms): " + ", ".join(f"bf16 {m['bf16']:.1f} / fp32 {m['fp32']:.1f}" for m in matmuls))
+    peers = {n: v for n, v in rate.items() if TRAINERS[n][0] == "peer"}
+    if peers:
+        fastest = max(peers, key=peers.get)
+        for ours in ("saeclt-bf16", "saeclt-fp32", "saeclt-recipe"):
+            if ours in rate:
+                print(f"{ours} / fastest peer ({fastest}): {rate[ours] / peers[fastest]:.2f}x")
+    print(json.dumps({"tokens_per_s": rate, "fvu": {n: rows[-1]["fvu"] for n, rows in results.items()}, "matmul_ms": matmuls}))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["export", "saeclt", "sparsify", "saelens"])
+    parser.add_argument("what", choices=["all", "export", "saeclt", "sparsify", "saelens"])
     parser.add_argument("--spec", default="specs/minilm_sae_L2.yaml")
     parser.add_argument("--out", default="/tmp/peer_data")
     parser.add_argument("--auxk", action="store_true", help="sparsify: AuxK on (its default is off)")
@@ -164,8 +260,14 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=1, help="sparsify: train on the rows this many times (reshuffled); "
                         "its steps then match saeclt's data echoing; tokens/s counts rows read")
     parser.add_argument("--dead-tokens", type=int, default=5 * BATCH)
+    parser.add_argument("--one-pass", action="store_true", help="saeclt: train once over the rows as the peers do "
+                        "(fast step, no data echoing, no decoder refit; AuxK as the spec sets it)")
+    parser.add_argument("--bf16", action="store_true", help="sparsify, saelens: train under bf16 autocast")
+    parser.add_argument("--peers-python", help="all: the Python of the environment with eai-sparsify and sae-lens")
+    parser.add_argument("--rounds", type=int, default=1, help="all: times each trainer runs (the table shows medians)")
+    parser.add_argument("--trainers", default=",".join(TRAINERS), help="all: comma-separated, from " + ", ".join(TRAINERS))
     args = parser.parse_args()
-    {"export": export, "saeclt": run_saeclt, "sparsify": run_sparsify, "saelens": run_saelens}[args.what](args)
+    {"all": run_all, "export": export, "saeclt": run_saeclt, "sparsify": run_sparsify, "saelens": run_saelens}[args.what](args)
 
 
 if __name__ == "__main__":

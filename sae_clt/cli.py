@@ -22,6 +22,7 @@ app = typer.Typer(
         "  saeclt validate                      # check every spec without running anything\n\n"
         "  saeclt inspect specs/sae_L2.yaml     # statistics of the spec's source/target activations\n\n"
         "  saeclt import-acts acts.safetensors --id my_acts --experiment my_sae   # bring your own activations\n\n"
+        "  saeclt convert specs/minilm_sae_L2.yaml --to saelens   # load it with SAELens (or --to sparsify)\n\n"
         "  dvc repro                            # every experiment listed in params.yaml"
     ),
     no_args_is_help=True,
@@ -204,6 +205,35 @@ def import_acts(
             typer.echo(f"wrote {path.relative_to(root)}")
         next_spec = f"specs/{experiment}.yaml" if experiment else "specs/<your experiment>.yaml (with `dataset: " + id + "`)"
         typer.echo(f"next: saeclt run {next_spec}")
+    except BaseException as exc:  # noqa: BLE001
+        _fail(exc)
+
+
+@app.command()
+def convert(
+    spec: Path = typer.Argument(..., help="Experiment spec whose trained dictionary to write (train it first: saeclt run SPEC)."),
+    to: str = typer.Option(..., "--to", help="Format: saelens (SAE.load_from_disk) or sparsify (SparseCoder.load_from_disk)."),
+    out: Path = typer.Option(None, help="Folder to write (replaced whole); default runs/experiments/ID/FORMAT/."),
+) -> None:
+    """Write an experiment's trained dictionary in SAELens' or sparsify's format.
+
+    The store's normalisation is folded into the weights, so the written dictionary takes the
+    subject's raw activations (checked on sample rows against saeclt's own reconstruction before
+    anything is written). SAELens: TopK / JumpReLU / ReLU SAEs, BatchTopK as JumpReLU, ReLU and
+    JumpReLU (skip-)transcoders; sparsify: TopK SAEs and transcoders.
+
+    Example: saeclt convert specs/minilm_sae_L2.yaml --to saelens
+    then, in Python: sae_lens.SAE.load_from_disk("runs/experiments/minilm_sae_L2/saelens")
+    """
+    try:
+        from .interop import convert_experiment
+
+        result = convert_experiment(spec, to, out)
+        folder = Path(result["folder"])
+        shown = folder.relative_to(Path.cwd()) if folder.is_relative_to(Path.cwd()) else folder
+        typer.echo(f"wrote {shown} ({', '.join(result['files'])}; {result['format']} architecture "
+                   f"{result['architecture']}); folded weights reproduce saeclt's reconstruction to a relative "
+                   f"{result['max_relative_error']:.1e} on sample rows")
     except BaseException as exc:  # noqa: BLE001
         _fail(exc)
 

@@ -1,0 +1,226 @@
+"""A trained dictionary written in other tools' formats, so it can be loaded where they are used:
+
+- ``saelens``: a folder with ``cfg.json`` and ``sae_weights.safetensors`` as SAELens 6 saves them
+  (``SAE.load_from_disk(folder)``); architectures ``topk``, ``jumprelu``, ``standard`` (ReLU) for
+  SAEs, ``transcoder`` / ``jumprelu_transcoder`` and their ``skip_`` forms for transcoders.
+- ``sparsify``: a folder with ``cfg.json`` and ``sae.safetensors`` as EleutherAI sparsify saves a
+  ``SparseCoder`` (``SparseCoder.load_from_disk(folder)``); TopK only, transcoders with equal
+  input and output widths.
+
+saeclt keeps a dictionary's weights in the activation store's normalised space (per-dim mean and
+scale, saved beside them); the other tools take raw activations. The normalisation is folded
+into the weights, in float64, so the written dictionary maps raw activations to the same raw
+reconstruction as ``Dictionary.predict_raw`` (up to float32 rounding), with its decoder rows no
+longer of unit norm. ``convert`` checks that on sample rows before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .dictionary import Dictionary
+from .errors import DataError
+
+FORMATS = ("saelens", "sparsify")
+SAELENS_FORMAT_VERSION = "6.0.0"  # the cfg.json layout written here: SAELens 6's (metadata block, architecture names)
+
+
+@dataclass
+class RawWeights:
+    """A dictionary acting on raw activations:
+    pre = (x - b_dec·[centered]) @ W_enc + b_enc;  ŷ = σ(pre) @ W_dec + b_dec (+ x @ W_skip)."""
+
+    W_enc: torch.Tensor  # [d_in, d_sae]
+    b_enc: torch.Tensor  # [d_sae]
+    W_dec: torch.Tensor  # [d_sae, d_out]
+    b_dec: torch.Tensor  # [d_out]
+    centered: bool  # b_dec subtracted from the input before the encoder (SAEs)
+    W_skip: torch.Tensor | None = None  # [d_in, d_out]
+    threshold: torch.Tensor | None = None  # [d_sae], JumpReLU (and BatchTopK's inference form)
+
+
+def raw_weights(model: Dictionary, centered: bool) -> RawWeights:
+    """``model``'s weights with its normalisation folded in. ``centered`` asks for the form that
+    subtracts b_dec from the input (possible when source and target share one normalisation, as an
+    SAE's do); otherwise the encoder bias absorbs the centring."""
+    cfg = model.cfg
+    f64 = torch.float64
+    s_src, m_src = model.source_scale.to(f64), model.source_mean.to(f64)
+    s_tgt, m_tgt = model.target_scale.to(f64), model.target_mean.to(f64)
+    W_enc, b_enc = model.W_enc.detach().to(f64), model.b_enc.detach().to(f64)
+    W_dec, b_dec = model.W_dec.detach().to(f64), model.b_dec.detach().to(f64)
+    # x_n = (x - m_src) / s_src;  ŷ = (z W_dec + b_dec [+ x_n W_skip]) * s_tgt + m_tgt
+    enc = W_enc / s_src[:, None]
+    dec = W_dec * s_tgt[None, :]
+    out_bias = b_dec * s_tgt + m_tgt
+    skip = None
+    if cfg.architecture == "skip_transcoder":
+        W_skip = model.W_skip.detach().to(f64)
+        skip = W_skip / s_src[:, None] * s_tgt[None, :]
+        out_bias = out_bias - ((m_src / s_src) @ W_skip) * s_tgt
+    # the encoder's input: x_n - b_dec·[sae]
+    shift = m_src / s_src + (b_dec if cfg.apply_b_dec_to_input else 0.0)
+    if centered:
+        same = cfg.apply_b_dec_to_input and torch.allclose(s_src, s_tgt) and torch.allclose(m_src, m_tgt)
+        if not same:
+            raise DataError("the centred form needs an SAE whose source and target share one normalisation")
+        bias = b_enc  # x - out_bias = s (x_n - b_dec): the shift is exactly the decoder bias
+    else:
+        bias = b_enc - shift @ W_enc
+    threshold = None
+    if cfg.activation == "jumprelu":
+        threshold = model.log_threshold.detach().to(f64).exp()
+    elif cfg.activation == "batchtopk":
+        threshold = model.threshold.detach().to(f64).clamp_min(0)
+    f32 = torch.float32
+    return RawWeights(enc.to(f32).contiguous(), bias.to(f32).contiguous(), dec.to(f32).contiguous(), out_bias.to(f32).contiguous(),
+                      centered, None if skip is None else skip.to(f32).contiguous(),
+                      None if threshold is None else threshold.to(f32).contiguous())
+
+
+def predict(w: RawWeights, x: torch.Tensor, activation: str, k: int) -> torch.Tensor:
+    """The raw reconstruction of the folded weights, computed as the target tools compute it
+    (top-k of the pre-activations then ReLU; JumpReLU as ReLU(pre)·[pre > θ])."""
+    pre = (x - w.b_dec if w.centered else x) @ w.W_enc + w.b_enc
+    if activation == "topk":
+        values, idx = pre.topk(k, dim=-1)
+        z = torch.zeros_like(pre).scatter(-1, idx, values.relu())
+    elif w.threshold is not None:
+        z = pre.relu() * (pre > w.threshold)
+    else:
+        z = pre.relu()
+    y = z @ w.W_dec + w.b_dec
+    return y if w.W_skip is None else y + x @ w.W_skip
+
+
+def _unsupported(fmt: str, cfg, why: str) -> DataError:
+    return DataError(f"cannot write a {cfg.architecture} with activation '{cfg.activation}' as {fmt}: {why}")
+
+
+def saelens_files(model: Dictionary, w: RawWeights, meta: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(cfg.json contents, tensors) in SAELens 6's layout, from the folded weights ``w``."""
+    cfg = model.cfg
+    act, arch = cfg.activation, cfg.architecture
+    if arch == "clt":
+        raise _unsupported("saelens", cfg, "SAELens holds one dictionary per hook point (cross-layer transcoders: not yet)")
+    if act == "relu_clipped":
+        raise _unsupported("saelens", cfg, "SAELens has no clipped ReLU")
+    jump = act in ("jumprelu", "batchtopk")  # BatchTopK's inference form is a JumpReLU with its calibrated threshold
+    if arch == "sae":
+        name = {"topk": "topk", "relu": "standard"}.get(act, "jumprelu")
+    elif act == "topk":
+        raise _unsupported("saelens", cfg, "SAELens has no TopK transcoder; write it for sparsify (--to sparsify), "
+                           "which has one, or train the transcoder with batchtopk or jumprelu")
+    else:
+        name = ("jumprelu_" if jump else "") + ("skip_transcoder" if arch == "skip_transcoder" else "transcoder")
+    tensors = {"W_enc": w.W_enc, "b_enc": w.b_enc, "W_dec": w.W_dec, "b_dec": w.b_dec}
+    if w.threshold is not None:
+        tensors["threshold"] = w.threshold
+    if w.W_skip is not None:
+        tensors["W_skip"] = w.W_skip.t().contiguous()  # SAELens: [d_out, d_in], applied as x @ W_skipᵀ
+    config = {
+        "architecture": name, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": "float32", "device": "cpu",
+        "apply_b_dec_to_input": arch == "sae", "normalize_activations": "none", "reshape_activations": "none",
+        "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": SAELENS_FORMAT_VERSION,
+                     "model_name": meta.get("subject"), "hook_name": cfg.source,
+                     **({"hook_name_out": cfg.target} if arch != "sae" else {}), "saeclt": meta},
+    }
+    if arch != "sae":
+        config["d_out"] = cfg.d_out
+    if act == "topk":
+        config["k"] = cfg.k
+    return config, tensors
+
+
+def sparsify_files(model: Dictionary, w: RawWeights, meta: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(cfg.json contents, tensors) as sparsify's ``SparseCoder.save_to_disk`` writes them, from ``w``."""
+    cfg = model.cfg
+    if cfg.activation != "topk" or cfg.architecture == "clt":
+        raise _unsupported("sparsify", cfg, "sparsify's SparseCoder is a TopK SAE or transcoder")
+    if cfg.architecture != "sae" and cfg.d_in != cfg.d_out:
+        raise _unsupported("sparsify", cfg, f"sparsify's transcoders write as many dims as they read (here {cfg.d_in} -> {cfg.d_out})")
+    tensors = {"encoder.weight": w.W_enc.t().contiguous(), "encoder.bias": w.b_enc, "W_dec": w.W_dec, "b_dec": w.b_dec}
+    if w.W_skip is not None:
+        tensors["W_skip"] = w.W_skip.t().contiguous()  # sparsify: [d_out, d_in], applied as x @ W_skipᵀ
+    config = {
+        "activation": "topk", "expansion_factor": max(1, cfg.d_sae // cfg.d_in), "num_latents": cfg.d_sae, "k": cfg.k,
+        "normalize_decoder": False,  # the folded scale leaves the decoder rows off unit norm
+        "multi_topk": False, "skip_connection": cfg.architecture == "skip_transcoder", "transcode": cfg.architecture != "sae",
+        "d_in": cfg.d_in, "saeclt": meta,  # (sparsify drops fields it does not know when loading)
+    }
+    return config, tensors
+
+
+WEIGHT_FILES = {"saelens": "sae_weights.safetensors", "sparsify": "sae.safetensors"}
+
+
+def check_rows(model: Dictionary, n: int = 1024, seed: int = 0) -> torch.Tensor:
+    """Sample raw source rows around the dictionary's own normalisation (mean ± 2 scales)."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, model.cfg.d_in, generator=gen) * 2
+    return z * model.source_scale + model.source_mean
+
+
+def folding_error(model: Dictionary, w: RawWeights, x: torch.Tensor) -> float:
+    """Largest |ŷ_folded - ŷ_saeclt| over the rows, relative to the rows' largest |ŷ_saeclt|."""
+    cfg = model.cfg
+    expected = model.predict_raw(x)
+    got = predict(w, x, cfg.activation, cfg.k)
+    return float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+
+
+def convert(model: Dictionary, fmt: str, out_dir: Path, meta: dict, tolerance: float = 1e-4) -> dict:
+    """Write ``model`` in format ``fmt`` into ``out_dir`` (replaced whole, through a temporary
+    folder beside it, so a failed write leaves the old one). Returns a summary with the folding
+    check's error on sample rows; raises if it exceeds ``tolerance``."""
+    from safetensors.torch import save_file
+
+    if fmt not in FORMATS:
+        raise DataError(f"unknown format '{fmt}'; expected one of: {', '.join(FORMATS)}")
+    w = raw_weights(model, centered=model.cfg.architecture == "sae")  # both tools subtract b_dec from an SAE's input
+    config, tensors = (saelens_files if fmt == "saelens" else sparsify_files)(model, w, meta)
+    error = folding_error(model, w, check_rows(model))
+    if not error <= tolerance:
+        raise DataError(f"the folded weights do not reproduce saeclt's reconstruction (relative error {error:.2e} > {tolerance:g}); "
+                        "nothing was written")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_file(tensors, str(staging / WEIGHT_FILES[fmt]), metadata={"format": fmt, "written_by": "saeclt"})
+        (staging / "cfg.json").write_text(json.dumps(config, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {"format": fmt, "folder": str(out_dir), "files": ["cfg.json", WEIGHT_FILES[fmt]],
+            "architecture": config.get("architecture") or f"SparseCoder (transcode: {str(config['transcode']).lower()})",
+            "max_relative_error": error}
+
+
+def convert_experiment(spec_path: Path, fmt: str, out_dir: Path | None = None) -> dict:
+    """``saeclt convert``: an experiment's trained dictionary written as ``fmt`` (default folder
+    ``runs/experiments/<id>/<fmt>/``), with where it came from in the written config."""
+    from .io import read_json
+    from .project import resolve_experiment
+    from .provenance import versions
+
+    if fmt not in FORMATS:
+        raise DataError(f"--to: unknown format '{fmt}'; expected one of: {', '.join(FORMATS)}")
+    resolved = resolve_experiment(spec_path)
+    eid = resolved.experiment.id
+    folder = resolved.paths.dictionary_dir(eid)
+    model = Dictionary.load(folder)  # (a clear error when the experiment has not been trained)
+    trained = read_json(folder / "cfg.json").get("meta", {})
+    meta = {"experiment": eid, "subject": resolved.subject.id, "dataset": resolved.dataset.id,
+            "source": model.cfg.source, "target": model.cfg.target, "activation": model.cfg.activation, "k": model.cfg.k,
+            "trained": trained, "converted_with": versions()}
+    return convert(model, fmt, out_dir or folder.parent / fmt, meta)

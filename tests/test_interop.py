@@ -1,0 +1,134 @@
+"""`saeclt convert`: dictionaries written for SAELens and sparsify reproduce saeclt's raw
+reconstruction when run the way those tools run them (their forward passes are written out
+below from the files alone, independently of sae_clt.interop's own fold)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sae_clt.dictionary import Dictionary, DictionaryConfig
+from sae_clt.errors import DataError
+from sae_clt.interop import convert, convert_experiment
+
+
+def _dictionary(architecture: str, activation: str, d_in: int = 12, d_out: int = 12, seed: int = 0) -> Dictionary:
+    """Random weights, a non-trivial per-dim normalisation, thresholds that let some latents fire."""
+    cfg = DictionaryConfig(architecture=architecture, d_in=d_in, d_out=d_out, d_sae=40, activation=activation, k=5,
+                           source="a", target="a" if architecture == "sae" else "b")
+    model = Dictionary(cfg, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        if activation == "jumprelu":
+            model.log_threshold.fill_(math.log(0.3))
+        if activation == "batchtopk":
+            model.threshold.fill_(0.4)
+        src_mean, src_scale = torch.randn(d_in, generator=gen) * 3, torch.rand(d_in, generator=gen) * 4 + 0.5
+        if architecture == "sae":
+            tgt_mean, tgt_scale = src_mean, src_scale
+        else:
+            tgt_mean, tgt_scale = torch.randn(d_out, generator=gen) * 3, torch.rand(d_out, generator=gen) * 4 + 0.5
+        model.set_normalization(src_mean, src_scale, tgt_mean, tgt_scale)
+    return model.eval()
+
+
+def _raw_rows(model: Dictionary, n: int = 300) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(7)
+    return torch.randn(n, model.cfg.d_in, generator=gen) * model.source_scale + model.source_mean
+
+
+def saelens_forward(folder, x: torch.Tensor) -> torch.Tensor:
+    """SAELens 6's inference forward for the architectures saeclt writes, read from the files."""
+    cfg = json.loads((folder / "cfg.json").read_text())
+    t = load_file(folder / "sae_weights.safetensors")
+    sae_in = x - t["b_dec"] if cfg["apply_b_dec_to_input"] else x
+    pre = sae_in @ t["W_enc"] + t["b_enc"]
+    arch = cfg["architecture"]
+    if arch == "topk":
+        values, idx = pre.topk(cfg["k"], dim=-1)
+        acts = torch.zeros_like(pre).scatter(-1, idx, values.relu())
+    elif arch.startswith("jumprelu"):
+        acts = pre.relu() * (pre > t["threshold"])
+    else:  # standard, transcoder, skip_transcoder: ReLU
+        acts = pre.relu()
+    out = acts @ t["W_dec"] + t["b_dec"]
+    return out + x @ t["W_skip"].T if "skip" in arch else out
+
+
+def sparsify_forward(folder, x: torch.Tensor) -> torch.Tensor:
+    """sparsify's SparseCoder forward (encoder on x - b_dec unless transcoding, ReLU, top-k)."""
+    cfg = json.loads((folder / "cfg.json").read_text())
+    t = load_file(folder / "sae.safetensors")
+    sae_in = x if cfg["transcode"] else x - t["b_dec"]
+    pre = (sae_in @ t["encoder.weight"].T + t["encoder.bias"]).relu()
+    values, idx = pre.topk(cfg["k"], dim=-1)
+    out = torch.zeros_like(pre).scatter(-1, idx, values) @ t["W_dec"] + t["b_dec"]
+    return out + x @ t["W_skip"].T if cfg["skip_connection"] else out
+
+
+SAELENS_CASES = [("sae", "topk", "topk"), ("sae", "relu", "standard"), ("sae", "jumprelu", "jumprelu"),
+                 ("sae", "batchtopk", "jumprelu"), ("transcoder", "relu", "transcoder"),
+                 ("transcoder", "jumprelu", "jumprelu_transcoder"), ("skip_transcoder", "relu", "skip_transcoder"),
+                 ("skip_transcoder", "batchtopk", "jumprelu_skip_transcoder")]
+
+
+@pytest.mark.parametrize("architecture,activation,expected_name", SAELENS_CASES)
+def test_saelens_files_reproduce_saeclts_raw_reconstruction(tmp_path, architecture, activation, expected_name):
+    d_out = 12 if architecture == "sae" else 9  # transcoders may change width in SAELens
+    model = _dictionary(architecture, activation, d_out=d_out)
+    summary = convert(model, "saelens", tmp_path / "out", meta={"experiment": "x"})
+    cfg = json.loads((tmp_path / "out" / "cfg.json").read_text())
+    assert cfg["architecture"] == expected_name and summary["architecture"] == expected_name
+    assert cfg["metadata"]["hook_name"] == "a" and cfg["metadata"]["saeclt"]["experiment"] == "x"
+    assert float(cfg["metadata"]["sae_lens_version"].split(".")[0]) >= 6  # read as SAELens 6's layout, not converted from 5's
+    x = _raw_rows(model)
+    torch.testing.assert_close(saelens_forward(tmp_path / "out", x), model.predict_raw(x), rtol=1e-4, atol=1e-4)
+    assert summary["max_relative_error"] < 1e-5
+
+
+@pytest.mark.parametrize("architecture", ["sae", "transcoder", "skip_transcoder"])
+def test_sparsify_files_reproduce_saeclts_raw_reconstruction(tmp_path, architecture):
+    model = _dictionary(architecture, "topk")
+    convert(model, "sparsify", tmp_path / "out", meta={})
+    cfg = json.loads((tmp_path / "out" / "cfg.json").read_text())
+    assert (cfg["num_latents"], cfg["k"], cfg["d_in"], cfg["transcode"]) == (40, 5, 12, architecture != "sae")
+    x = _raw_rows(model)
+    torch.testing.assert_close(sparsify_forward(tmp_path / "out", x), model.predict_raw(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt,architecture,activation,d_out,message", [
+    ("saelens", "transcoder", "topk", 12, "no TopK transcoder"),
+    ("saelens", "sae", "relu_clipped", 12, "no clipped ReLU"),
+    ("sparsify", "sae", "jumprelu", 12, "TopK"),
+    ("sparsify", "transcoder", "topk", 9, "as many dims as they read"),
+])
+def test_unsupported_combinations_are_refused_and_write_nothing(tmp_path, fmt, architecture, activation, d_out, message):
+    model = _dictionary(architecture, activation, d_out=d_out)
+    with pytest.raises(DataError, match=message):
+        convert(model, fmt, tmp_path / "out", meta={})
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_conversion_keeps_the_previous_output(tmp_path):
+    good = _dictionary("sae", "topk")
+    convert(good, "saelens", tmp_path / "out", meta={})
+    before = (tmp_path / "out" / "sae_weights.safetensors").read_bytes()
+    with pytest.raises(DataError):
+        convert(_dictionary("transcoder", "topk", d_out=9), "saelens", tmp_path / "out", meta={})
+    assert (tmp_path / "out" / "sae_weights.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left behind
+
+
+def test_convert_command_writes_a_trained_experiment_with_its_provenance(built_project, tmp_path):
+    result = convert_experiment(built_project / "specs/tiny_sae.yaml", "sparsify", tmp_path / "sp")
+    cfg = json.loads((tmp_path / "sp" / "cfg.json").read_text())
+    assert cfg["saeclt"]["experiment"] == "tiny_sae" and cfg["saeclt"]["trained"]["spec_hash"]
+    assert result["max_relative_error"] < 1e-5
+    with pytest.raises(DataError, match="unknown format 'onnx'"):
+        convert_experiment(built_project / "specs/tiny_sae.yaml", "onnx", tmp_path / "x")

@@ -242,11 +242,12 @@ def run_all(args) -> None:
         print(f"{name:<15}{rate[name]:>19,.0f}{per:>30}{rows[-1]['fvu']:>9.4f}{rows[-1]['dead_fraction']:>8.3f}")
     print("encoder matmul per round (ms): " + ", ".join(f"bf16 {m['bf16']:.1f} / fp32 {m['fp32']:.1f}" for m in matmuls))
     peers = {n: v for n, v in rate.items() if TRAINERS[n][0] == "peer"}
-    if peers:
-        fastest = max(peers, key=peers.get)
-        for ours in ("saeclt-bf16", "saeclt-fp32", "saeclt-recipe"):
-            if ours in rate:
-                print(f"{ours} / fastest peer ({fastest}): {rate[ours] / peers[fastest]:.2f}x")
+    for ours in ("saeclt-bf16", "saeclt-fp32", "saeclt-recipe"):
+        # saeclt in fp32 against the peers in fp32; otherwise against the fastest peer in any precision
+        rivals = {n: v for n, v in peers.items() if not (ours == "saeclt-fp32" and n.endswith("-bf16"))}
+        if ours in rate and rivals:
+            fastest = max(rivals, key=rivals.get)
+            print(f"{ours} / fastest {'fp32 ' if ours == 'saeclt-fp32' else ''}peer ({fastest}): {rate[ours] / rivals[fastest]:.2f}x")
     print(json.dumps({"tokens_per_s": rate, "fvu": {n: rows[-1]["fvu"] for n, rows in results.items()}, "matmul_ms": matmuls}))
 
 

@@ -132,3 +132,17 @@ def test_convert_command_writes_a_trained_experiment_with_its_provenance(built_p
     assert result["max_relative_error"] < 1e-5
     with pytest.raises(DataError, match="unknown format 'onnx'"):
         convert_experiment(built_project / "specs/tiny_sae.yaml", "onnx", tmp_path / "x")
+
+
+def test_convert_cli_reports_what_it_wrote_and_names_bad_input(built_project, tmp_path):
+    from typer.testing import CliRunner
+
+    from sae_clt.cli import app
+
+    spec = str(built_project / "specs/tiny_tc.yaml")  # a ReLU transcoder
+    ok = CliRunner().invoke(app, ["convert", spec, "--to", "saelens", "--out", str(tmp_path / "tc")])
+    assert ok.exit_code == 0, ok.output
+    assert "architecture transcoder" in ok.output and (tmp_path / "tc" / "sae_weights.safetensors").exists()
+    refused = CliRunner().invoke(app, ["convert", spec, "--to", "sparsify", "--out", str(tmp_path / "tc_sp")])
+    assert refused.exit_code == 3 and "sparsify's SparseCoder is a TopK" in refused.output
+    assert not (tmp_path / "tc_sp").exists()

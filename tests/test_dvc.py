@@ -101,3 +101,24 @@ def test_run_killed_mid_stage_is_recovered_by_the_next_run(dvc_project):
     assert (dvc_project / "reports" / "tiny_sae" / "report.md").exists()
     manifest = json.loads((dvc_project / "runs" / "datasets" / "tiny_acts" / "store" / "manifest.json").read_text())
     assert manifest["n_rows"] == 300 * 10  # recollected whole: nothing lost, nothing duplicated
+
+
+def test_committed_dvc_lock_matches_the_code_and_specs_it_was_produced_with():
+    """A fresh clone's `dvc repro` reruns only what its outputs' absence asks for: every source
+    file, spec and param recorded in dvc.lock is the one in the tree (a code change committed
+    without `dvc repro` would make every user's first repro recollect and retrain)."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repo, capture_output=True, text=True,
+                          env=dict(os.environ, DVC_NO_ANALYTICS="1"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    stale = {}
+    for stage, entries in json.loads(done.stdout or "{}").items():
+        for entry in entries:
+            if not isinstance(entry, dict):
+                continue  # "always changed"
+            deps = {p: why for p, why in entry.get("changed deps", {}).items() if not p.startswith("runs/")}
+            if deps or entry.get("changed params"):
+                stale[stage] = {**deps, **entry.get("changed params", {})}
+    assert not stale, f"dvc.lock is stale for {stale}: run `dvc repro` and commit dvc.lock"

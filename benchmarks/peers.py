@@ -13,8 +13,8 @@ It runs these steps, which can also be run one at a time (each prints one JSON l
 
     python benchmarks/peers.py export --spec specs/minilm_sae_L2.yaml --out /tmp/peer_data
     python benchmarks/peers.py saeclt --spec specs/minilm_sae_L2.yaml --out /tmp/peer_data [--precision bf16] [--one-pass]
-    PEER/bin/python benchmarks/peers.py sparsify --out /tmp/peer_data [--passes 3] [--auxk] [--bf16]
-    PEER/bin/python benchmarks/peers.py saelens --out /tmp/peer_data [--bf16]
+    PEER/bin/python benchmarks/peers.py sparsify --out /tmp/peer_data [--passes 3] [--auxk] [--bf16] [--save DIR]
+    PEER/bin/python benchmarks/peers.py saelens --out /tmp/peer_data [--bf16] [--save DIR]
 
 `export` writes the raw (unnormalised) training rows in saeclt's epoch-0 order and the
 validation rows as .npy. The peers run with their own default recipes (sparsify: SignSGD with
@@ -142,6 +142,8 @@ def run_sparsify(args) -> None:
     seconds = time.perf_counter() - started
     opt.eval()  # schedule-free: evaluate at the averaged weights
     sae.set_decoder_norm_to_unit_norm()
+    if args.save:  # its own format, for `saeclt compare SPEC FOLDER`
+        sae.save_to_disk(args.save)
 
     @torch.no_grad()
     def run(x):
@@ -171,6 +173,8 @@ def run_saelens(args) -> None:
     with _autocast(args):
         trainer.fit()
     seconds = time.perf_counter() - started
+    if args.save:  # its inference form and format, for `saeclt compare SPEC FOLDER`
+        sae.save_inference_model(args.save)
 
     @torch.no_grad()
     def run(x):
@@ -264,6 +268,8 @@ def main() -> None:
     parser.add_argument("--one-pass", action="store_true", help="saeclt: train once over the rows as the peers do "
                         "(fast step, no data echoing, no decoder refit; AuxK as the spec sets it)")
     parser.add_argument("--bf16", action="store_true", help="sparsify, saelens: train under bf16 autocast")
+    parser.add_argument("--save", help="sparsify, saelens: save the trained dictionary in the tool's own format into this "
+                        "folder (then: saeclt compare SPEC FOLDER)")
     parser.add_argument("--peers-python", help="all: the Python of the environment with eai-sparsify and sae-lens")
     parser.add_argument("--rounds", type=int, default=1, help="all: times each trainer runs (the table shows medians)")
     parser.add_argument("--trainers", default=",".join(TRAINERS), help="all: comma-separated, from " + ", ".join(TRAINERS))

@@ -238,6 +238,30 @@ def convert(
         _fail(exc)
 
 
+@app.command()
+def compare(
+    spec: Path = typer.Argument(..., help="Experiment spec: its validation rows, and its trained dictionary if there is one."),
+    folders: List[Path] = typer.Argument(None, help="Dictionaries saved by SAELens (cfg.json + sae_weights.safetensors) or sparsify (cfg.json + sae.safetensors)."),
+    out: Path = typer.Option(None, help="JSON file to write; default runs/experiments/ID/compare.json."),
+    max_rows: int = typer.Option(None, help="Stop after this many validation rows (default: all)."),
+) -> None:
+    """Metrics of an experiment's dictionary beside dictionaries trained elsewhere, on the same
+    held-out rows with the same definitions as the evaluate stage (FVU, cosine, L0, dead, dense).
+
+    External dictionaries must take the subject's raw activations at the experiment's source
+    hook point (and write its target's): e.g. one trained with SAELens or sparsify on the same
+    activations, or one written by `saeclt convert`.
+
+    Example: saeclt compare specs/minilm_sae_L2.yaml path/to/saelens_sae path/to/sparsify/layer2
+    """
+    try:
+        from .compare import compare_experiment, comparison_table
+
+        typer.echo(comparison_table(compare_experiment(spec, list(folders or []), out, max_rows)))
+    except BaseException as exc:  # noqa: BLE001
+        _fail(exc)
+
+
 def entry() -> None:
     app()
 

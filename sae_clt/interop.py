@@ -224,3 +224,95 @@ def convert_experiment(spec_path: Path, fmt: str, out_dir: Path | None = None) -
             "source": model.cfg.source, "target": model.cfg.target, "activation": model.cfg.activation, "k": model.cfg.k,
             "trained": trained, "converted_with": versions()}
     return convert(model, fmt, out_dir or folder.parent / fmt, meta)
+
+
+# --------------------------------------------------------------------------- reading them back
+
+
+def _read_folder(folder: Path) -> tuple[str, dict, dict[str, torch.Tensor]]:
+    """(format, cfg.json, tensors) of a SAELens or sparsify dictionary folder."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / "cfg.json").exists():
+        raise DataError(f"{folder}: no cfg.json (expected a SAELens or sparsify dictionary folder)")
+    for fmt, name in WEIGHT_FILES.items():
+        if (folder / name).exists():
+            try:
+                config = json.loads((folder / "cfg.json").read_text())
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{folder / 'cfg.json'}: not valid JSON ({exc})") from exc
+            return fmt, config, load_file(folder / name)
+    raise DataError(f"{folder}: neither {WEIGHT_FILES['saelens']} (SAELens) nor {WEIGHT_FILES['sparsify']} (sparsify) found")
+
+
+def _field(folder: Path, config: dict, key: str, kinds=(int,)):
+    if key not in config or not isinstance(config[key], kinds):
+        raise DataError(f"{Path(folder) / 'cfg.json'}: {key}: expected {' or '.join(k.__name__ for k in kinds)}, "
+                        f"got {config.get(key)!r}")
+    return config[key]
+
+
+def _tensor(folder: Path, tensors: dict, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    if key not in tensors:
+        raise DataError(f"{folder}: tensor '{key}' missing (found {', '.join(sorted(tensors))})")
+    t = tensors[key].float()
+    if tuple(t.shape) != shape:
+        raise DataError(f"{folder}: tensor '{key}' has shape {list(t.shape)}, expected {list(shape)}")
+    return t
+
+
+def load_external(folder: Path) -> tuple[Dictionary, dict]:
+    """A dictionary saved by SAELens or sparsify as a saeclt ``Dictionary`` acting on raw
+    activations (identity normalisation: ``predict_raw`` and ``encode`` take raw rows), and a
+    description (format, architecture, width, k). Kinds saeclt has no counterpart for are refused."""
+    from .dictionary import DictionaryConfig
+
+    fmt, config, tensors = _read_folder(folder)
+    if fmt == "saelens":
+        arch = _field(folder, config, "architecture", (str,))
+        if config.get("normalize_activations", "none") not in ("none", None):
+            raise DataError(f"{Path(folder) / 'cfg.json'}: normalize_activations: '{config['normalize_activations']}' is not "
+                            "supported (only 'none': the dictionary must take raw activations)")
+        base = arch.removeprefix("jumprelu_")
+        kinds = {"topk": ("sae", "topk"), "standard": ("sae", "relu"), "jumprelu": ("sae", "jumprelu"),
+                 "transcoder": ("transcoder", "relu"), "skip_transcoder": ("skip_transcoder", "relu")}
+        if arch not in kinds and base not in ("transcoder", "skip_transcoder"):
+            raise DataError(f"{Path(folder) / 'cfg.json'}: architecture: '{arch}' is not supported; expected one of "
+                            "topk, standard, jumprelu, transcoder, skip_transcoder, jumprelu_transcoder, jumprelu_skip_transcoder")
+        architecture, activation = kinds.get(arch, (base, "jumprelu"))
+        centered = bool(config.get("apply_b_dec_to_input", True)) and architecture == "sae"
+        d_in, d_sae = _field(folder, config, "d_in"), _field(folder, config, "d_sae")
+        d_out = _field(folder, config, "d_out") if architecture != "sae" else d_in
+        k = _field(folder, config, "k") if activation == "topk" else 0
+        w_enc, w_dec = _tensor(folder, tensors, "W_enc", (d_in, d_sae)), _tensor(folder, tensors, "W_dec", (d_sae, d_out))
+        w_skip = _tensor(folder, tensors, "W_skip", (d_out, d_in)).t() if architecture == "skip_transcoder" else None
+        meta = config.get("metadata") or {}
+        source, target = meta.get("hook_name") or "in", meta.get("hook_name_out") or meta.get("hook_name") or "out"
+    else:
+        if _field(folder, config, "activation", (str,)) != "topk":
+            raise DataError(f"{Path(folder) / 'cfg.json'}: activation: '{config['activation']}' is not supported (only topk)")
+        d_in, d_sae, k = _field(folder, config, "d_in"), _field(folder, config, "num_latents"), _field(folder, config, "k")
+        transcode, skip = bool(config.get("transcode")), bool(config.get("skip_connection"))
+        architecture, activation, d_out, centered = ("skip_transcoder" if skip else "transcoder" if transcode else "sae"), "topk", d_in, not transcode
+        w_enc = _tensor(folder, tensors, "encoder.weight", (d_sae, d_in)).t()
+        w_dec = _tensor(folder, tensors, "W_dec", (d_sae, d_in))
+        w_skip = _tensor(folder, tensors, "W_skip", (d_in, d_in)).t() if skip else None
+        source = target = "in"
+    if architecture == "sae" and not centered:
+        architecture = "transcoder"  # an SAE that does not subtract b_dec from its input: the transcoder's form
+    cfg = DictionaryConfig(architecture=architecture, d_in=d_in, d_out=d_out, d_sae=d_sae, activation=activation, k=k,
+                           source=source, target=target)
+    model = Dictionary(cfg)
+    with torch.no_grad():
+        model.W_enc.copy_(w_enc)
+        model.b_enc.copy_(_tensor(folder, tensors, "b_enc" if fmt == "saelens" else "encoder.bias", (d_sae,)))
+        model.W_dec.copy_(w_dec)
+        model.b_dec.copy_(_tensor(folder, tensors, "b_dec", (d_out,)))
+        if w_skip is not None:
+            model.W_skip.copy_(w_skip)
+        if activation == "jumprelu":  # θ ≥ 0; log of a tiny floor where it is 0 (then the same as ReLU)
+            model.log_threshold.copy_(_tensor(folder, tensors, "threshold", (d_sae,)).clamp_min(1e-30).log())
+    description = {"format": fmt, "folder": str(folder), "architecture": architecture, "activation": activation,
+                   "d_in": d_in, "d_out": d_out, "d_sae": d_sae, "k": k}
+    return model.eval(), description

@@ -146,3 +146,54 @@ def test_convert_cli_reports_what_it_wrote_and_names_bad_input(built_project, tm
     refused = CliRunner().invoke(app, ["convert", spec, "--to", "sparsify", "--out", str(tmp_path / "tc_sp")])
     assert refused.exit_code == 3 and "sparsify's SparseCoder is a TopK" in refused.output
     assert not (tmp_path / "tc_sp").exists()
+
+
+# ------------------------------------------------------------------ reading them back: saeclt compare
+
+
+@pytest.mark.parametrize("fmt,architecture,activation", [(f, a, act) for a, act, _ in SAELENS_CASES for f in ["saelens"]]
+                         + [("sparsify", a, "topk") for a in ("sae", "transcoder", "skip_transcoder")])
+def test_written_dictionaries_read_back_give_the_same_reconstruction(tmp_path, fmt, architecture, activation):
+    from sae_clt.interop import load_external
+
+    d_out = 9 if fmt == "saelens" and architecture != "sae" else 12
+    model = _dictionary(architecture, activation, d_out=d_out)
+    convert(model, fmt, tmp_path / "out", meta={})
+    back, description = load_external(tmp_path / "out")
+    assert (description["format"], description["d_sae"]) == (fmt, 40)
+    x = _raw_rows(model)
+    torch.testing.assert_close(back.predict_raw(x), model.predict_raw(x), rtol=1e-4, atol=1e-4)
+
+
+def test_compare_reports_the_evaluate_stages_metrics_for_every_copy_of_a_dictionary(built_project, tmp_path):
+    from sae_clt.compare import compare_experiment, comparison_table
+
+    spec = built_project / "specs/tiny_sae.yaml"
+    convert_experiment(spec, "saelens", tmp_path / "lens")
+    convert_experiment(spec, "sparsify", tmp_path / "sp")
+    summary = compare_experiment(spec, [tmp_path / "lens", tmp_path / "sp"], tmp_path / "compare.json")
+    evaluated = json.loads((built_project / "metrics/tiny_sae/eval.json").read_text())
+    fvus = [r["reconstruction"]["fvu"] for r in summary["dictionaries"].values()]
+    assert len(fvus) == 3 and all(abs(f - evaluated["reconstruction"]["fvu"]) < 1e-5 for f in fvus)
+    l0s = [r["sparsity"]["l0"] for r in summary["dictionaries"].values()]
+    assert all(abs(v - evaluated["sparsity"]["l0"]) < 1e-6 for v in l0s)
+    assert json.loads((tmp_path / "compare.json").read_text())["rows"] == summary["rows"] > 0
+    assert "saelens:lens" in comparison_table(summary)
+
+
+def test_compare_refuses_folders_that_do_not_fit_naming_what_is_wrong(built_project, tmp_path):
+    from sae_clt.compare import compare_experiment
+
+    spec = built_project / "specs/tiny_sae.yaml"
+    with pytest.raises(DataError, match="no cfg.json"):
+        compare_experiment(spec, [tmp_path], tmp_path / "c.json")
+    narrow = _dictionary("sae", "topk", d_in=5, d_out=5)
+    convert(narrow, "sparsify", tmp_path / "narrow", meta={})
+    with pytest.raises(DataError, match="reads 5 and writes 5 dims"):
+        compare_experiment(spec, [tmp_path / "narrow"], tmp_path / "c.json")
+    convert(_dictionary("sae", "topk"), "saelens", tmp_path / "odd", meta={})
+    cfg = json.loads((tmp_path / "odd" / "cfg.json").read_text())
+    (tmp_path / "odd" / "cfg.json").write_text(json.dumps({**cfg, "architecture": "gated"}))
+    with pytest.raises(DataError, match="architecture: 'gated' is not supported"):
+        compare_experiment(spec, [tmp_path / "odd"], tmp_path / "c.json")
+    assert not (tmp_path / "c.json").exists()

@@ -23,6 +23,7 @@ app = typer.Typer(
         "  saeclt inspect specs/sae_L2.yaml     # statistics of the spec's source/target activations\n\n"
         "  saeclt import-acts acts.safetensors --id my_acts --experiment my_sae   # bring your own activations\n\n"
         "  saeclt convert specs/minilm_sae_L2.yaml --to saelens   # load it with SAELens (or --to sparsify)\n\n"
+        "  saeclt compare specs/minilm_sae_L2.yaml other_sae/    # beside a SAELens / sparsify dictionary\n\n"
         "  dvc repro                            # every experiment listed in params.yaml"
     ),
     no_args_is_help=True,
@@ -245,8 +246,10 @@ def compare(
     out: Path = typer.Option(None, help="JSON file to write; default runs/experiments/ID/compare.json."),
     max_rows: int = typer.Option(None, help="Stop after this many validation rows (default: all)."),
 ) -> None:
-    """Metrics of an experiment's dictionary beside dictionaries trained elsewhere, on the same
-    held-out rows with the same definitions as the evaluate stage (FVU, cosine, L0, dead, dense).
+    """Measure an experiment's dictionary beside SAELens / sparsify dictionaries on the same rows.
+
+    The same held-out rows and metric definitions as the evaluate stage (FVU, cosine, L0, dead
+    and dense fractions); the table is printed and written as JSON.
 
     External dictionaries must take the subject's raw activations at the experiment's source
     hook point (and write its target's): e.g. one trained with SAELens or sparsify on the same

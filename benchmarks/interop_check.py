@@ -115,9 +115,9 @@ def main() -> None:
             resolved, store, norm = _experiment(Path(spec_path))
             spec = resolved.experiment
             model = Dictionary.load(resolved.paths.dictionary_dir(spec.id))
-            loader = PairLoader(store, norm, spec.source, spec.target, "val", ROWS, seed=0, shuffle=False)
+            loader = PairLoader(store, norm, spec.source_key, spec.target_key, "val", ROWS, seed=0, shuffle=False)
             x, y = next(iter(loader.epoch(0)))
-            yield spec.id, model, norm.invert(spec.source, x), norm.invert(spec.target, y)
+            yield spec.id, model, norm.invert(spec.source_key, x), norm.invert(spec.target_key, y)
 
     with tempfile.TemporaryDirectory() as tmp:
         for name, model, x, y in cases():

@@ -233,8 +233,8 @@ def convert(
         folder = Path(result["folder"])
         shown = folder.relative_to(Path.cwd()) if folder.is_relative_to(Path.cwd()) else folder
         typer.echo(f"wrote {shown} ({', '.join(result['files'])}; {result['format']} architecture "
-                   f"{result['architecture']}); folded weights reproduce saeclt's reconstruction to a relative "
-                   f"{result['max_relative_error']:.1e} on sample rows")
+                   f"{result['architecture']}); the folded weights reproduce saeclt's reconstruction on sample rows "
+                   f"(float64, largest difference {result['max_error']:.1e} target scales)")
     except BaseException as exc:  # noqa: BLE001
         _fail(exc)
 

@@ -27,6 +27,8 @@ def compare_experiment(spec_path: Path, folders: list[Path], out_path: Path | No
     from .provenance import output_meta
     from .stages import _experiment
 
+    if max_rows is not None and max_rows < 1:
+        raise DataError(f"--max-rows: expected at least 1, got {max_rows}")
     resolved, store, norm = _experiment(Path(spec_path))
     spec = resolved.experiment
     source, target = spec.source_key, spec.target_key
@@ -37,13 +39,19 @@ def compare_experiment(spec_path: Path, folders: list[Path], out_path: Path | No
         own = Dictionary.load(own_dir)
         entries.append((f"saeclt:{spec.id}", own, False, {"format": "saeclt", "folder": str(own_dir), "architecture": own.cfg.architecture,
                                                            "activation": own.cfg.activation, "d_sae": own.cfg.d_sae, "k": own.cfg.k}))
-    names = set()
+    names, warnings = set(), []
     for folder in folders:
         model, description = load_external(Path(folder))
         if (description["d_in"], description["d_out"]) != (d_in, d_out):
             raise DataError(f"{folder}: reads {description['d_in']} and writes {description['d_out']} dims; experiment "
                             f"'{spec.id}' maps {source} ({d_in}) to {target} ({d_out})")
+        if description["kind"] == "sae" and source != target:
+            raise DataError(f"{folder}: an SAE (it reconstructs the point it reads); experiment '{spec.id}' is a transcoder "
+                            f"from {source} to {target}")
         name = f"{description['format']}:{Path(folder).name}"
+        named = description.get("hook_points")
+        if named and tuple(named) != (source, target):  # other tools name hook points their own way: say so, compare by width
+            warnings.append(f"{name}: its file names the hook points {named[0]} -> {named[1]}, the experiment {source} -> {target}")
         while name in names:
             name += "'"
         names.add(name)
@@ -57,8 +65,10 @@ def compare_experiment(spec_path: Path, folders: list[Path], out_path: Path | No
     rows = 0
     with torch.no_grad(), progress_bar(loader.steps_per_epoch(), desc=f"compare {spec.id}", unit="batch") as bar:
         for x, y in loader.epoch(0):
-            if max_rows is not None and rows >= max_rows:
-                break
+            if max_rows is not None:
+                if rows >= max_rows:
+                    break
+                x, y = x[:max_rows - rows], y[:max_rows - rows]
             x_raw, y_raw = norm.invert(source, x), norm.invert(target, y)
             for name, model, raw, _ in entries:
                 if raw:
@@ -74,7 +84,7 @@ def compare_experiment(spec_path: Path, folders: list[Path], out_path: Path | No
     results = {name: {**description, "reconstruction": recon[name].summary(),
                       "sparsity": sparsity[name].summary(spec.evaluate.dense_threshold)}
                for name, _, _, description in entries}
-    summary = {"experiment": spec.id, "source": source, "target": target, "rows": rows, "dictionaries": results,
+    summary = {"experiment": spec.id, "source": source, "target": target, "rows": rows, "dictionaries": results, "warnings": warnings,
                "meta": output_meta(spec, 0, ["dataset", "source", "target"])}
     write_json(out_path or own_dir.parent / "compare.json", summary)
     return summary
@@ -87,4 +97,5 @@ def comparison_table(summary: dict) -> str:
         rec, sp = r["reconstruction"], r["sparsity"]
         lines.append(f"{name:<40}{r['d_sae']:>7}{rec['fvu']:>9.4f}{rec['cosine']:>9.4f}{sp['l0']:>8.1f}"
                      f"{sp['dead_fraction']:>8.3f}{sp['dense_fraction']:>8.3f}")
+    lines += [f"note: {w}" for w in summary.get("warnings", [])]
     return "\n".join(lines)

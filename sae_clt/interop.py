@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,10 +44,11 @@ class RawWeights:
     threshold: torch.Tensor | None = None  # [d_sae], JumpReLU (and BatchTopK's inference form)
 
 
-def raw_weights(model: Dictionary, centered: bool) -> RawWeights:
-    """``model``'s weights with its normalisation folded in. ``centered`` asks for the form that
-    subtracts b_dec from the input (possible when source and target share one normalisation, as an
-    SAE's do); otherwise the encoder bias absorbs the centring."""
+def raw_weights(model: Dictionary, centered: bool, dtype: torch.dtype = torch.float32) -> RawWeights:
+    """``model``'s weights with its normalisation folded in (computed in float64, returned in
+    ``dtype``). ``centered`` asks for the form that subtracts b_dec from the input (possible when
+    source and target share one normalisation, as an SAE's do); otherwise the encoder bias absorbs
+    the centring."""
     cfg = model.cfg
     f64 = torch.float64
     s_src, m_src = model.source_scale.to(f64), model.source_mean.to(f64)
@@ -78,10 +78,10 @@ def raw_weights(model: Dictionary, centered: bool) -> RawWeights:
         threshold = model.log_threshold.detach().to(f64).exp()
     elif cfg.activation == "batchtopk":
         threshold = model.threshold.detach().to(f64).clamp_min(0)
-    f32 = torch.float32
-    return RawWeights(enc.to(f32).contiguous(), bias.to(f32).contiguous(), dec.to(f32).contiguous(), out_bias.to(f32).contiguous(),
-                      centered, None if skip is None else skip.to(f32).contiguous(),
-                      None if threshold is None else threshold.to(f32).contiguous())
+    def out(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(dtype).contiguous()
+
+    return RawWeights(out(enc), out(bias), out(dec), out(out_bias), centered, out(skip), out(threshold))
 
 
 def predict(w: RawWeights, x: torch.Tensor, activation: str, k: int) -> torch.Tensor:
@@ -133,15 +133,17 @@ def saelens_files(model: Dictionary, w: RawWeights, meta: dict) -> tuple[dict, d
     }
     if arch != "sae":
         config["d_out"] = cfg.d_out
-    if act == "topk":
-        config["k"] = cfg.k
+    if act == "topk":  # (written out: SAELens's training loader would default the rescaling to true)
+        config["k"], config["rescale_acts_by_decoder_norm"] = cfg.k, False
     return config, tensors
 
 
 def sparsify_files(model: Dictionary, w: RawWeights, meta: dict) -> tuple[dict, dict[str, torch.Tensor]]:
     """(cfg.json contents, tensors) as sparsify's ``SparseCoder.save_to_disk`` writes them, from ``w``."""
     cfg = model.cfg
-    if cfg.activation != "topk" or cfg.architecture == "clt":
+    if cfg.architecture == "clt":
+        raise _unsupported("sparsify", cfg, "sparsify's cross-layer coders are not written yet (one SparseCoder per hook point only)")
+    if cfg.activation != "topk":
         raise _unsupported("sparsify", cfg, "sparsify's SparseCoder is a TopK SAE or transcoder")
     if cfg.architecture != "sae" and cfg.d_in != cfg.d_out:
         raise _unsupported("sparsify", cfg, f"sparsify's transcoders write as many dims as they read (here {cfg.d_in} -> {cfg.d_out})")
@@ -152,7 +154,7 @@ def sparsify_files(model: Dictionary, w: RawWeights, meta: dict) -> tuple[dict, 
         "activation": "topk", "expansion_factor": max(1, cfg.d_sae // cfg.d_in), "num_latents": cfg.d_sae, "k": cfg.k,
         "normalize_decoder": False,  # the folded scale leaves the decoder rows off unit norm
         "multi_topk": False, "skip_connection": cfg.architecture == "skip_transcoder", "transcode": cfg.architecture != "sae",
-        "d_in": cfg.d_in, "saeclt": meta,  # (sparsify drops fields it does not know when loading)
+        "d_in": cfg.d_in,  # (saeclt's provenance goes in the weights file's metadata: sparsify reports unknown fields)
     }
     return config, tensors
 
@@ -167,33 +169,56 @@ def check_rows(model: Dictionary, n: int = 1024, seed: int = 0) -> torch.Tensor:
     return z * model.source_scale + model.source_mean
 
 
-def folding_error(model: Dictionary, w: RawWeights, x: torch.Tensor) -> float:
-    """Largest |ŷ_folded - ŷ_saeclt| over the rows, relative to the rows' largest |ŷ_saeclt|."""
-    cfg = model.cfg
-    expected = model.predict_raw(x)
-    got = predict(w, x, cfg.activation, cfg.k)
-    return float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+def folding_error(model: Dictionary, x: torch.Tensor) -> float:
+    """Largest |ŷ_folded - ŷ_saeclt| over the rows, both in float64 (a float32 comparison would
+    count pre-activations rounded across a JumpReLU threshold), in units of each target dim's
+    scale: a check of the algebra, not of float32 rounding."""
+    import copy
+
+    reference = copy.deepcopy(model).double()
+    x = x.double()
+    with torch.no_grad():
+        y_n, _ = reference((x - reference.source_mean) / reference.source_scale)
+        expected = y_n * reference.target_scale + reference.target_mean
+    w = raw_weights(model, centered=model.cfg.architecture == "sae", dtype=torch.float64)
+    got = predict(w, x, model.cfg.activation, model.cfg.k)
+    return float(((got - expected).abs() / reference.target_scale).max())
 
 
-def convert(model: Dictionary, fmt: str, out_dir: Path, meta: dict, tolerance: float = 1e-4) -> dict:
-    """Write ``model`` in format ``fmt`` into ``out_dir`` (replaced whole, through a temporary
-    folder beside it, so a failed write leaves the old one). Returns a summary with the folding
-    check's error on sample rows; raises if it exceeds ``tolerance``."""
+# What an output folder may hold for convert to replace it: a dictionary in one of the formats.
+REPLACEABLE = {"cfg.json", *WEIGHT_FILES.values(), "sparsity.safetensors"}
+
+
+def convert(model: Dictionary, fmt: str, out_dir: Path, meta: dict, tolerance: float = 1e-9) -> dict:
+    """Write ``model`` in format ``fmt`` into ``out_dir`` (through a staging folder beside it; an
+    existing ``out_dir`` is replaced only if it holds a dictionary and nothing else). Returns a
+    summary with the fold's error on sample rows (float64, in target scales); raises if it
+    exceeds ``tolerance``, writing nothing."""
+    import os
+    import uuid
+
     from safetensors.torch import save_file
 
     if fmt not in FORMATS:
         raise DataError(f"unknown format '{fmt}'; expected one of: {', '.join(FORMATS)}")
     w = raw_weights(model, centered=model.cfg.architecture == "sae")  # both tools subtract b_dec from an SAE's input
     config, tensors = (saelens_files if fmt == "saelens" else sparsify_files)(model, w, meta)
-    error = folding_error(model, w, check_rows(model))
+    error = folding_error(model, check_rows(model))
     if not error <= tolerance:
-        raise DataError(f"the folded weights do not reproduce saeclt's reconstruction (relative error {error:.2e} > {tolerance:g}); "
+        raise DataError(f"the folded weights do not reproduce saeclt's reconstruction (error {error:.2e} target scales > {tolerance:g}); "
                         "nothing was written")
     out_dir = Path(out_dir)
+    if out_dir.exists():
+        others = sorted(p.name for p in out_dir.iterdir() if p.name not in REPLACEABLE) if out_dir.is_dir() else [out_dir.name]
+        if others:
+            raise DataError(f"{out_dir}: exists and holds other things than a dictionary ({', '.join(others[:5])}); "
+                            "choose a new or empty folder (convert replaces the folder it writes)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:12]}"
+    os.mkdir(staging)  # (made with the umask's permissions; mkdtemp's 0700 would stay on the result)
     try:
-        save_file(tensors, str(staging / WEIGHT_FILES[fmt]), metadata={"format": fmt, "written_by": "saeclt"})
+        save_file(tensors, str(staging / WEIGHT_FILES[fmt]),
+                  metadata={"format": fmt, "written_by": "saeclt", "saeclt": json.dumps(meta, sort_keys=True)})
         (staging / "cfg.json").write_text(json.dumps(config, indent=2) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -203,7 +228,7 @@ def convert(model: Dictionary, fmt: str, out_dir: Path, meta: dict, tolerance: f
         raise
     return {"format": fmt, "folder": str(out_dir), "files": ["cfg.json", WEIGHT_FILES[fmt]],
             "architecture": config.get("architecture") or f"SparseCoder (transcode: {str(config['transcode']).lower()})",
-            "max_relative_error": error}
+            "max_error": error}
 
 
 def convert_experiment(spec_path: Path, fmt: str, out_dir: Path | None = None) -> dict:
@@ -269,7 +294,13 @@ def load_external(folder: Path) -> tuple[Dictionary, dict]:
     from .dictionary import DictionaryConfig
 
     fmt, config, tensors = _read_folder(folder)
+    hooks = None  # (source, target) as the file names them, where it does
     if fmt == "saelens":
+        version = config.get("sae_lens_version") or (config.get("metadata") or {}).get("sae_lens_version")
+        if not version or not str(version).split(".")[0].isdigit() or int(str(version).split(".")[0]) < 6:
+            raise DataError(f"{Path(folder) / 'cfg.json'}: written by SAELens {version or 'before 6'}, whose layout differs "
+                            "(activation in activation_fn_str, ...); load it with SAELens 6 and save it again "
+                            "(sae.save_inference_model(folder)) to compare it")
         arch = _field(folder, config, "architecture", (str,))
         if config.get("normalize_activations", "none") not in ("none", None):
             raise DataError(f"{Path(folder) / 'cfg.json'}: normalize_activations: '{config['normalize_activations']}' is not "
@@ -287,18 +318,37 @@ def load_external(folder: Path) -> tuple[Dictionary, dict]:
         k = _field(folder, config, "k") if activation == "topk" else 0
         w_enc, w_dec = _tensor(folder, tensors, "W_enc", (d_in, d_sae)), _tensor(folder, tensors, "W_dec", (d_sae, d_out))
         w_skip = _tensor(folder, tensors, "W_skip", (d_out, d_in)).t() if architecture == "skip_transcoder" else None
+        b_enc = _tensor(folder, tensors, "b_enc", (d_sae,))
+        if activation == "topk" and config.get("rescale_acts_by_decoder_norm"):
+            # TopK on pre·|W_dec row|, decoded as (acts / |row|) @ W_dec: the same map with the
+            # norms folded into the encoder (as SAELens's fold_W_dec_norm does)
+            norms = w_dec.norm(dim=1).clamp_min(1e-12)
+            w_enc, b_enc, w_dec = w_enc * norms, b_enc * norms, w_dec / norms[:, None]
+        threshold = None
+        if activation == "jumprelu":
+            threshold = (_tensor(folder, tensors, "threshold", (d_sae,)) if "threshold" in tensors or "log_threshold" not in tensors
+                         else _tensor(folder, tensors, "log_threshold", (d_sae,)).exp())
         meta = config.get("metadata") or {}
         source, target = meta.get("hook_name") or "in", meta.get("hook_name_out") or meta.get("hook_name") or "out"
+        if meta.get("hook_name"):
+            hooks = (meta["hook_name"], meta.get("hook_name_out") or meta["hook_name"])
+        file_kind = "sae" if architecture == "sae" else "transcoder"
     else:
-        if _field(folder, config, "activation", (str,)) != "topk":
+        if config.get("activation", "topk") != "topk":  # (older EleutherAI configs have no activation field: topk)
             raise DataError(f"{Path(folder) / 'cfg.json'}: activation: '{config['activation']}' is not supported (only topk)")
-        d_in, d_sae, k = _field(folder, config, "d_in"), _field(folder, config, "num_latents"), _field(folder, config, "k")
+        d_in, k = _field(folder, config, "d_in"), _field(folder, config, "k")
+        # num_latents 0 (sparsify's default) means d_in x expansion_factor (default 32)
+        d_sae = config.get("num_latents") or d_in * config.get("expansion_factor", 32)
+        if not isinstance(d_sae, int) or d_sae < 1:
+            raise DataError(f"{Path(folder) / 'cfg.json'}: num_latents / expansion_factor: expected a positive width, got {d_sae!r}")
         transcode, skip = bool(config.get("transcode")), bool(config.get("skip_connection"))
         architecture, activation, d_out, centered = ("skip_transcoder" if skip else "transcoder" if transcode else "sae"), "topk", d_in, not transcode
         w_enc = _tensor(folder, tensors, "encoder.weight", (d_sae, d_in)).t()
         w_dec = _tensor(folder, tensors, "W_dec", (d_sae, d_in))
         w_skip = _tensor(folder, tensors, "W_skip", (d_in, d_in)).t() if skip else None
+        b_enc, threshold = _tensor(folder, tensors, "encoder.bias", (d_sae,)), None
         source = target = "in"
+        file_kind = "transcoder" if transcode else "sae"
     if architecture == "sae" and not centered:
         architecture = "transcoder"  # an SAE that does not subtract b_dec from its input: the transcoder's form
     cfg = DictionaryConfig(architecture=architecture, d_in=d_in, d_out=d_out, d_sae=d_sae, activation=activation, k=k,
@@ -306,13 +356,13 @@ def load_external(folder: Path) -> tuple[Dictionary, dict]:
     model = Dictionary(cfg)
     with torch.no_grad():
         model.W_enc.copy_(w_enc)
-        model.b_enc.copy_(_tensor(folder, tensors, "b_enc" if fmt == "saelens" else "encoder.bias", (d_sae,)))
+        model.b_enc.copy_(b_enc)
         model.W_dec.copy_(w_dec)
         model.b_dec.copy_(_tensor(folder, tensors, "b_dec", (d_out,)))
         if w_skip is not None:
             model.W_skip.copy_(w_skip)
-        if activation == "jumprelu":  # θ ≥ 0; log of a tiny floor where it is 0 (then the same as ReLU)
-            model.log_threshold.copy_(_tensor(folder, tensors, "threshold", (d_sae,)).clamp_min(1e-30).log())
+        if threshold is not None:  # θ ≥ 0; log of a tiny floor where it is 0 (then the same as ReLU)
+            model.log_threshold.copy_(threshold.clamp_min(1e-30).log())
     description = {"format": fmt, "folder": str(folder), "architecture": architecture, "activation": activation,
-                   "d_in": d_in, "d_out": d_out, "d_sae": d_sae, "k": k}
+                   "d_in": d_in, "d_out": d_out, "d_sae": d_sae, "k": k, "kind": file_kind, "hook_points": hooks}
     return model.eval(), description

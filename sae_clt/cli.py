@@ -214,7 +214,7 @@ def import_acts(
 def convert(
     spec: Path = typer.Argument(..., help="Experiment spec whose trained dictionary to write (train it first: saeclt run SPEC)."),
     to: str = typer.Option(..., "--to", help="Format: saelens (SAE.load_from_disk) or sparsify (SparseCoder.load_from_disk)."),
-    out: Path = typer.Option(None, help="Folder to write (replaced whole); default runs/experiments/ID/FORMAT/."),
+    out: Path = typer.Option(None, help="Folder to write (a new one, or one holding only a dictionary, which is replaced); default runs/experiments/ID/FORMAT/."),
 ) -> None:
     """Write an experiment's trained dictionary in SAELens' or sparsify's format.
 

@@ -43,10 +43,17 @@ class RawWeights:
     W_skip: torch.Tensor | None = None  # [d_in, d_out]
     threshold: torch.Tensor | None = None  # [d_sae], JumpReLU (and BatchTopK's inference form)
 
+    def to(self, dtype: torch.dtype) -> "RawWeights":
+        def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(dtype).contiguous()
 
-def raw_weights(model: Dictionary, centered: bool, dtype: torch.dtype = torch.float32) -> RawWeights:
-    """``model``'s weights with its normalisation folded in (computed in float64, returned in
-    ``dtype``). ``centered`` asks for the form that subtracts b_dec from the input (possible when
+        return RawWeights(cast(self.W_enc), cast(self.b_enc), cast(self.W_dec), cast(self.b_dec), self.centered,
+                          cast(self.W_skip), cast(self.threshold))
+
+
+def raw_weights(model: Dictionary, centered: bool) -> RawWeights:
+    """``model``'s weights with its normalisation folded in, in float64 (``.to(torch.float32)``
+    for the files). ``centered`` asks for the form that subtracts b_dec from the input (possible when
     source and target share one normalisation, as an SAE's do); otherwise the encoder bias absorbs
     the centring."""
     cfg = model.cfg
@@ -78,10 +85,7 @@ def raw_weights(model: Dictionary, centered: bool, dtype: torch.dtype = torch.fl
         threshold = model.log_threshold.detach().to(f64).exp()
     elif cfg.activation == "batchtopk":
         threshold = model.threshold.detach().to(f64).clamp_min(0)
-    def out(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.to(dtype).contiguous()
-
-    return RawWeights(out(enc), out(bias), out(dec), out(out_bias), centered, out(skip), out(threshold))
+    return RawWeights(enc, bias, dec, out_bias, centered, skip, threshold)
 
 
 def predict(w: RawWeights, x: torch.Tensor, activation: str, k: int) -> torch.Tensor:
@@ -169,10 +173,10 @@ def check_rows(model: Dictionary, n: int = 1024, seed: int = 0) -> torch.Tensor:
     return z * model.source_scale + model.source_mean
 
 
-def folding_error(model: Dictionary, x: torch.Tensor) -> float:
-    """Largest |ŷ_folded - ŷ_saeclt| over the rows, both in float64 (a float32 comparison would
-    count pre-activations rounded across a JumpReLU threshold), in units of each target dim's
-    scale: a check of the algebra, not of float32 rounding."""
+def folding_error(model: Dictionary, w: RawWeights, x: torch.Tensor) -> float:
+    """Largest |ŷ_folded - ŷ_saeclt| over the rows, both in float64 (``w`` as raw_weights returns
+    it; a float32 comparison would count pre-activations rounded across a JumpReLU threshold), in
+    units of each target dim's scale: a check of the algebra, not of float32 rounding."""
     import copy
 
     reference = copy.deepcopy(model).double()
@@ -180,7 +184,6 @@ def folding_error(model: Dictionary, x: torch.Tensor) -> float:
     with torch.no_grad():
         y_n, _ = reference((x - reference.source_mean) / reference.source_scale)
         expected = y_n * reference.target_scale + reference.target_mean
-    w = raw_weights(model, centered=model.cfg.architecture == "sae", dtype=torch.float64)
     got = predict(w, x, model.cfg.activation, model.cfg.k)
     return float(((got - expected).abs() / reference.target_scale).max())
 
@@ -202,8 +205,8 @@ def convert(model: Dictionary, fmt: str, out_dir: Path, meta: dict, tolerance: f
     if fmt not in FORMATS:
         raise DataError(f"unknown format '{fmt}'; expected one of: {', '.join(FORMATS)}")
     w = raw_weights(model, centered=model.cfg.architecture == "sae")  # both tools subtract b_dec from an SAE's input
-    config, tensors = (saelens_files if fmt == "saelens" else sparsify_files)(model, w, meta)
-    error = folding_error(model, check_rows(model))
+    config, tensors = (saelens_files if fmt == "saelens" else sparsify_files)(model, w.to(torch.float32), meta)
+    error = folding_error(model, w, check_rows(model))
     if not error <= tolerance:
         raise DataError(f"the folded weights do not reproduce saeclt's reconstruction (error {error:.2e} target scales > {tolerance:g}); "
                         "nothing was written")

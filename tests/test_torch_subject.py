@@ -76,3 +76,30 @@ def test_torch_subject_bad_factory_names_the_module(tmp_path, monkeypatch):
     monkeypatch.chdir(root)
     with pytest.raises(SaecltError, match="cannot import module 'usermodels.nope'"):
         run_stage("subject", spec)
+
+
+def test_torch_subject_with_one_row_per_input_trains_and_evaluates(tmp_path, monkeypatch):
+    """Hook points giving [batch, d] (no sequence axis) store one row per input at position 0."""
+    from safetensors.torch import save_file
+
+    from sae_clt.store import ActivationStore
+
+    root = tmp_path / "proj"
+    root.mkdir()
+    write_torch_project(root)
+    save_file({"x": torch.randn(400, 6, generator=torch.Generator().manual_seed(3))}, str(root / "data/inputs.safetensors"))
+    spec = root / "specs/mlp_tc.yaml"
+    spec.write_text(spec.read_text().replace("batch_size: 256, epochs: 3", "batch_size: 64, epochs: 2"))
+    monkeypatch.chdir(root)
+    run_stage("subject", root / "specs/subjects/mlp.yaml")
+    run_stage("collect", root / "specs/datasets/mlp_acts.yaml")
+    store = ActivationStore.open(root / "runs/datasets/mlp_acts/store")
+    assert store.manifest["n_rows"] == 300
+    shard = store.read_shard(0, ["instance_id", "position"])
+    assert (shard["position"] == 0).all()
+    run_stage("normalize", root / "specs/datasets/mlp_acts.yaml")
+    for stage in ("train", "evaluate"):
+        run_stage(stage, spec)
+    metrics = json.loads((root / "metrics/mlp_tc/eval.json").read_text())
+    assert metrics["causal"]["output_cosine"]["values"]["clean"] == pytest.approx(1.0)
+    assert metrics["reconstruction"]["fvu"] < 0.5

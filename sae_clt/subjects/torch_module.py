@@ -4,7 +4,8 @@ The spec names ``package.module:callable`` (called with the spec's ``kwargs``) a
 (safetensors, or a torch checkpoint read with ``weights_only=True``, never a pickle of code).
 Inputs come from the dataset's tensor file: input ``i`` is row ``i`` of each named tensor, one
 tensor per positional argument of ``forward``. A hook point's activation of shape
-``[batch, ..., d]`` gives ``prod(...)`` rows per input (``position`` numbers them).
+``[batch, ..., d]`` gives ``prod(...)`` rows per input (``position`` numbers them); one of shape
+``[batch, d]`` gives one row per input, at position 0.
 Causal check: cosine between each held-out input's clean and patched output.
 """
 
@@ -161,9 +162,10 @@ class TorchSubject:
             raise DataError(f"{self._inputs_file}: {self._n_available()} inputs, collect.n_instances asks for {n_instances}")
         for start in range(0, n_instances, batch_size):
             stop = min(start + batch_size, n_instances)
-            # Provenance per input; collect expands it to one row per position once it sees the shapes.
-            yield tuple(t[start:stop].float() if t.is_floating_point() else t[start:stop] for t in self.inputs), \
-                {"instance_id": torch.arange(start, stop)}, None
+            # Provenance per input, complete for hook points giving one row per input ([batch, d]);
+            # collect expands it to one row per position when a hook point gives [batch, ..., d].
+            provenance = {"instance_id": torch.arange(start, stop), "position": torch.zeros(stop - start, dtype=torch.int32)}
+            yield tuple(t[start:stop].float() if t.is_floating_point() else t[start:stop] for t in self.inputs), provenance, None
 
     def forward(self, inputs: tuple) -> torch.Tensor:
         out = self.model(*inputs)

@@ -10,13 +10,14 @@ a dataset evaluate everything but the causal check.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, SpecError
 from ..io import write_json
 from ..provenance import output_meta
 from ..spec import FilesSubjectSpec
@@ -72,6 +73,37 @@ def scan_files(paths: list[Path]) -> dict[str, _Source]:
     return found
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or below it, spelled as given or with links followed."""
+    spellings = {Path(os.path.abspath(path)), path.resolve()}
+    folders = {Path(os.path.abspath(folder)), folder.resolve()}
+    return any(f == p or f in p.parents for p in spellings for f in folders)
+
+
+def check_outside_outputs(paths: list[Path], root: Path, dataset_ids: list[str], where: str, field: str) -> None:
+    """Refuse activation files inside saeclt's own outputs: ``runs/`` (stores, normalisation,
+    dictionaries) and the stores under $ACTIVATIONS_ROOT. Collect replaces those folders, so
+    it would delete the very file it is about to read. ``where`` and ``field`` name the spec
+    file (or command) and the field (or argument) listing the files."""
+    from ..project import Paths
+
+    guarded = [(root / "runs", "runs/, the project's outputs")]
+    for did in dataset_ids:
+        external = Paths(root).external_store_dir(did)
+        if external is not None:
+            guarded.append((external, f"$ACTIVATIONS_ROOT/{did}, the activation store of dataset '{did}'"))
+    for i, path in enumerate(paths):
+        for folder, what in guarded:
+            if _inside(path, folder):
+                raise SpecError(where, [f"{where}: {field}[{i}]: {path} lies inside {what}; collecting replaces that folder, "
+                                        "which would delete the file before it is read. Move or copy the file elsewhere "
+                                        "(e.g. data/) and list that path"])
+
+
+def _project_dataset_ids(root: Path) -> list[str]:
+    return sorted(p.stem for p in (root / "specs" / "datasets").glob("*.yaml"))
+
+
 def read_rows(src: _Source, start: int, stop: int) -> torch.Tensor:
     if src.path.suffix == ".npy":
         arr = np.load(src.path, mmap_mode="r", allow_pickle=False)
@@ -89,6 +121,8 @@ class FilesSubject:
     def __init__(self, spec: FilesSubjectSpec, root: Path):
         self.spec, self.root = spec, root
         self.paths = [Path(p) if Path(p).is_absolute() else root / p for p in spec.files]
+        self._spec_file = f"specs/subjects/{spec.id}.yaml"
+        check_outside_outputs(self.paths, root, _project_dataset_ids(root), self._spec_file, "files")
         self.sources = scan_files(self.paths)
 
     @classmethod
@@ -113,7 +147,7 @@ class FilesSubject:
         return h.hexdigest()[:16]
 
     def configure(self, dataset) -> None:
-        pass
+        check_outside_outputs(self.paths, self.root, [dataset.id], self._spec_file, "files")
 
     def prepare_task(self, dataset) -> None:
         pass

@@ -30,7 +30,8 @@ def test_imported_safetensors_train_evaluate_report_export(tiny_project):
     assert result.exit_code == 0, result.output
     assert "resid: 3,000 rows x 24" in result.output
     spec = tiny_project / "specs/ext_sae.yaml"
-    spec.write_text(spec.read_text().replace("seed: 0", "seed: 0\n  epochs: 3\n  batch_size: 256"))
+    assert "batch_size: 64" in spec.read_text()  # sized to the 2,700 training rows
+    spec.write_text(spec.read_text().replace("seed: 0", "seed: 0\n  epochs: 3"))
     run_stage("subject", tiny_project / "specs/subjects/ext.yaml")
     run_stage("collect", tiny_project / "specs/datasets/ext.yaml")
     manifest = json.loads((tiny_project / "runs/datasets/ext/store/manifest.json").read_text())

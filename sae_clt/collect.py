@@ -21,11 +21,13 @@ import torch
 
 from .errors import DataError
 from .hooks import StopForward, expand_hook_points, recording
+from .io import check_own_folder, remove_own_folder
 from .progress import progress_bar
 from .provenance import output_meta
 from .spec import DatasetSpec, spec_hash
-from .store import MANIFEST, PROGRESS, StoreWriter, read_progress
+from .store import MANIFEST, PROGRESS, StoreWriter, read_progress, store_owned
 
+STORE_ROLE = "an activation store"
 BYTES_PER_VALUE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -39,9 +41,25 @@ def check_free_disk(store_dir: Path, n_rows: int, dims: dict[str, int], dtype: s
     existing = next(p for p in [store_dir, *store_dir.parents] if p.exists())
     free = shutil.disk_usage(existing).free
     if need * 1.05 > free:
-        raise DataError(f"{store_dir}: the store needs about {need / 1e9:.2f} GB more ({n_rows} rows x {sum(dims.values())} values, {dtype}); "
+        raise DataError(f"{store_dir}: the rows still to collect need about {need / 1e9:.2f} GB ({n_rows} rows x {sum(dims.values())} values, {dtype}); "
                         f"only {free / 1e9:.2f} GB are free there. Free space, store fewer rows, use float16, "
                         "or point $ACTIVATIONS_ROOT at a larger disk")
+
+
+def check_activations_root(base: Path) -> None:
+    """$ACTIVATIONS_ROOT must be a folder saeclt can create files in (checked by creating one)."""
+    import tempfile
+
+    where = f"$ACTIVATIONS_ROOT ({base})"
+    if base.exists() and not base.is_dir():
+        raise DataError(f"{where}: is a file, not a folder; point ACTIVATIONS_ROOT at a folder on a disk with room for the store")
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=base, prefix=".saeclt-probe-"):
+            pass
+    except OSError as exc:
+        raise DataError(f"{where}: saeclt cannot create files there ({exc.strerror or exc}); point ACTIVATIONS_ROOT at a "
+                        "writable folder on a disk with room for the store, or unset it to keep the store in runs/") from None
 
 
 def within_norm_bound(acts: dict[str, torch.Tensor], keep: torch.Tensor, multiple: float) -> torch.Tensor:
@@ -121,12 +139,12 @@ def collect(dataset: DatasetSpec, subject, store_dir: Path, part: tuple[int, int
     if part is not None:
         key += f":part{part[0]}/{part[1]}"
         store_dir = part_dir(store_dir, part)
+    check_own_folder(store_dir, store_owned, STORE_ROLE)  # before anything is read or written there
     if (store_dir / PROGRESS).exists() and not (store_dir / MANIFEST).exists():
         resumable = True
     else:
         resumable = False
-        if store_dir.exists():
-            shutil.rmtree(store_dir)  # a fresh collection replaces an old one
+        remove_own_folder(store_dir, store_owned, STORE_ROLE)  # a fresh collection replaces an old one
     gen = torch.Generator().manual_seed(cfg.seed if part is None else cfg.seed + 1_000_003 * (part[0] + 1))
     writer: StoreWriter | None = None
     pending_acts: dict[str, list[torch.Tensor]] = {p: [] for p in points}
@@ -160,7 +178,7 @@ def collect(dataset: DatasetSpec, subject, store_dir: Path, part: tuple[int, int
             else:
                 writer = None
         if writer is None:
-            shutil.rmtree(store_dir)
+            remove_own_folder(store_dir, store_owned, STORE_ROLE)
 
     def flush() -> None:
         nonlocal pending_instances, pending_prov, instances_done
@@ -251,6 +269,7 @@ def merge_parts(store_dir: Path, n: int) -> dict:
     from .io import read_json
     from .store import RunningStats, StoreWriter
 
+    check_own_folder(store_dir, store_owned, STORE_ROLE)
     parts = [part_dir(store_dir, (i, n)) for i in range(n)]
     manifests = [read_json(p / MANIFEST) for p in parts]
     first = manifests[0]
@@ -267,5 +286,5 @@ def merge_parts(store_dir: Path, n: int) -> dict:
         writer.dropped_rows += m.get("dropped_nonfinite_rows", 0)
     manifest = writer.finish()
     for p in parts:
-        shutil.rmtree(p)
+        remove_own_folder(p, store_owned, STORE_ROLE)
     return manifest

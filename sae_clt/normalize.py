@@ -41,7 +41,6 @@ def split_instances(n_instances: int, val_fraction: float, seed: int) -> torch.T
 def fit_normalization(dataset: DatasetSpec, store: ActivationStore, out_dir: Path, metrics_path: Path) -> dict:
     """Verify the store, fit per-hook normalisation on the training split, write outputs."""
     cfg = dataset.normalize
-    store.verify()
     val_mask = split_instances(store.manifest["n_instances"], cfg.val_fraction, cfg.seed)
     hooks = list(store.hook_dims)
     stats = {h: RunningStats(d) for h, d in store.hook_dims.items()}
@@ -91,6 +90,7 @@ class Normalization:
     scale: dict[str, torch.Tensor]
     val_instances: torch.Tensor
     raw_mean: dict[str, torch.Tensor]  # training-split mean of the raw activations
+    digest: str = ""  # SHA-256 of the file it was loaded from: what a training checkpoint was trained under
 
     @classmethod
     def load(cls, norm_dir: Path) -> "Normalization":
@@ -99,12 +99,13 @@ class Normalization:
         path = Path(norm_dir) / NORM_FILE
         if not path.exists():
             raise DataError(f"{path}: missing; run the normalize stage first")
+        from .hook_groups import GroupDict
+        from .store import sha256_file
+
         t = load_file(path)
         hooks = [k[: -len(".scale")] for k in t if k.endswith(".scale")]
-        from .hook_groups import GroupDict
-
         return cls(GroupDict({h: t[f"{h}.mean"] for h in hooks}), GroupDict({h: t[f"{h}.scale"] for h in hooks}),
-                   t["val_instances"], GroupDict({h: t[f"{h}.raw_mean"] for h in hooks}))
+                   t["val_instances"], GroupDict({h: t[f"{h}.raw_mean"] for h in hooks}), sha256_file(path))
 
     def apply(self, hook: str, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean[hook]) / self.scale[hook]
@@ -221,7 +222,7 @@ class PairLoader:
     def _count_rows(self) -> int:
         total = 0
         for i in self.shards:
-            total += int(self._rows(self.store.read_shard(i, ["instance_id"])["instance_id"]).numel())
+            total += int(self._rows(self.store.read_shard(i, ["instance_id"], check=False)["instance_id"]).numel())
         return total
 
     def steps_per_epoch(self) -> int:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import platform
 from importlib import metadata
+from pathlib import Path
 
 from . import __version__
 
@@ -32,3 +35,14 @@ def output_meta(spec, seed: int, sections: list[str] | None = None) -> dict:
     from .spec import spec_hash
 
     return {"spec_id": spec.id, "spec_hash": spec_hash(spec, sections), "seed": seed, "versions": versions()}
+
+
+@functools.cache
+def code_digest() -> str:
+    """A hash of the package's own source files (Python, C++, templates): state saved by one
+    version of the code (a training checkpoint) is resumed only by the same code."""
+    h = hashlib.sha256(__version__.encode())
+    root = Path(__file__).parent
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".cpp", ".h", ".j2") and "__pycache__" not in p.parts):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]

@@ -45,11 +45,13 @@ def _dataset(spec_path: Path):
 
 
 def stage_collect(spec_path: Path, shard: tuple[int, int] | None = None) -> None:
-    from .collect import collect, complete_parts, merge_parts, part_status
+    from .collect import check_activations_root, collect, complete_parts, merge_parts, part_status
     from .subjects import load_subject
 
     paths, dataset, subject_spec = _dataset(spec_path)
     external = paths.external_store_dir(dataset.id)
+    if external is not None:
+        check_activations_root(external.parent)
     target = external or paths.store_dir(dataset.id)
     n_parts = complete_parts(target) if shard is None and target.exists() else None
     status = part_status(target) if shard is None and target.exists() else None

@@ -14,8 +14,10 @@ at a time through safetensors' memory map, so memory does not grow with the stor
 from __future__ import annotations
 
 import hashlib
+import re
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Literal
 
@@ -35,6 +37,17 @@ PROGRESS = "collect_progress.safetensors"  # present only while a collection is 
 RAW_STATS = "part_stats.safetensors"  # a worker part's running sums, for merging
 PROVENANCE_FIELDS = ("instance_id", "position")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_STORE_FILE = re.compile(rf"^(shard_\d{{5}}\.safetensors|{re.escape(MANIFEST)}|{re.escape(POINTER)}|{re.escape(PROGRESS)}|{re.escape(RAW_STATS)})$")
+_PART_DIR = re.compile(r"^part-\d+-of-\d+$")
+
+
+def store_owned(rel: Path) -> bool:
+    """Whether ``rel`` (relative to a store folder) is a file or folder saeclt writes in a store:
+    shards, the manifest, the progress and pointer files, worker parts and their files."""
+    parts = Path(rel).parts
+    if len(parts) == 1:
+        return bool(_STORE_FILE.match(parts[0]) or _PART_DIR.match(parts[0]))
+    return len(parts) == 2 and bool(_PART_DIR.match(parts[0]) and _STORE_FILE.match(parts[1]))
 
 
 def sha256_file(path: Path) -> str:
@@ -295,10 +308,9 @@ def read_progress(folder: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
 def write_pointer(local: Path, external: Path) -> None:
     """The local store folder of a store kept elsewhere: its location and a copy of its
     manifest, so DVC sees the store change (the manifest lists every shard's checksum)."""
-    import shutil
+    from .io import remove_own_folder
 
-    if local.exists():
-        shutil.rmtree(local)
+    remove_own_folder(local, store_owned, "an activation store (or its pointer)")
     local.mkdir(parents=True)
     write_json(local / POINTER, {"path": str(external)})
     (local / MANIFEST).write_bytes((external / MANIFEST).read_bytes())
@@ -324,8 +336,15 @@ class _Manifest(BaseModel):
 
 @dataclass
 class ActivationStore:
+    """A complete store, opened for reading. Its layout (every shard's tensors, shapes, dtypes
+    and instance ids) is checked against the manifest when it is opened; each shard's SHA-256 and
+    the finiteness of its values are checked the first time this process reads it, so a damaged
+    shard is reported (naming it) before a single row of it is trained or evaluated on."""
+
     folder: Path
     manifest: dict
+    checked: set[int] = field(default_factory=set)  # shards whose checksum and values were checked in this process
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def open(cls, folder: Path) -> "ActivationStore":
@@ -353,9 +372,71 @@ class ActivationStore:
             _Manifest.model_validate(manifest)
         except ValidationError as exc:
             err = exc.errors()[0]
-            field = ".".join(str(p) for p in err["loc"])
-            raise DataError(f"{path}: {field}: {err['msg']} (the manifest is damaged; recollect the store)") from None
-        return cls(folder, manifest)
+            field_name = ".".join(str(p) for p in err["loc"])
+            raise DataError(f"{path}: {field_name}: {err['msg']} (the manifest is damaged; recollect the store)") from None
+        store = cls(folder, manifest)
+        store.check_layout()
+        return store
+
+    def check_layout(self) -> None:
+        """Every shard holds each hook point as [rows, dim] in the manifest's dtype and the
+        provenance as [rows], with instance ids within [0, n_instances): read from the shards'
+        headers and their instance ids only (cheap), so a damaged store fails here, not steps
+        into training."""
+        from safetensors import SafetensorError, safe_open
+
+        m = self.manifest
+        want_dtype = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[m["dtype"]]
+        n_instances = m["n_instances"]
+        provenance = list(dict.fromkeys([*PROVENANCE_FIELDS, *m.get("provenance_fields", [])]))
+        for i, shard in enumerate(m["shards"]):
+            path, rows = self.folder / shard["file"], shard["rows"]
+            where = f"{path} (shard {i} of {self.folder / MANIFEST})"
+            if not path.is_file():
+                raise DataError(f"{where}: shard listed in the manifest is missing; recollect the store")
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    keys = set(f.keys())
+                    for name in [*m["hook_points"], *provenance]:
+                        if name not in keys:
+                            raise DataError(f"{where}: has no tensor '{name}' (the manifest lists it); recollect the store")
+                    for hook, dim in m["hook_points"].items():
+                        t = f.get_slice(hook)
+                        if list(t.get_shape()) != [rows, dim] or t.get_dtype() != want_dtype:
+                            raise DataError(f"{where}: tensor '{hook}' is {t.get_dtype()} {list(t.get_shape())}; the manifest says "
+                                            f"{want_dtype} [{rows}, {dim}] (hook_points.{hook}, shards[{i}].rows); recollect the store")
+                    for name in provenance:
+                        shape = list(f.get_slice(name).get_shape())
+                        if shape != [rows]:
+                            raise DataError(f"{where}: tensor '{name}' has shape {shape}; the manifest says [{rows}] "
+                                            f"(shards[{i}].rows); recollect the store")
+                    ids = f.get_tensor("instance_id")
+            except (SafetensorError, OSError, RuntimeError) as exc:
+                raise DataError(f"{where}: cannot read shard ({exc}); it may be truncated or corrupted; recollect the store") from None
+            if ids.is_floating_point() or (rows and (int(ids.min()) < 0 or int(ids.max()) >= n_instances)):
+                bad = ids.dtype if ids.is_floating_point() else f"from {int(ids.min())} to {int(ids.max())}"
+                raise DataError(f"{where}: instance_id runs {bad}; the manifest's n_instances is {n_instances}, so ids must be "
+                                f"integers in [0, {n_instances}); recollect the store")
+
+    def check_shard(self, index: int) -> None:
+        """The shard's SHA-256 against the manifest and its values finite; once per process."""
+        with self._lock:
+            if index in self.checked:
+                return
+        shard = self.manifest["shards"][index]
+        path = self.folder / shard["file"]
+        if not path.exists():
+            raise DataError(f"{path}: shard listed in the manifest is missing; recollect the store")
+        if sha256_file(path) != shard["sha256"]:
+            raise DataError(f"{path}: checksum does not match {self.folder / MANIFEST} (shards[{index}].sha256): the shard is "
+                            "truncated, corrupted or not the one collected there; recollect the store (saeclt run / dvc repro)")
+        tensors = self._read(index, list(self.manifest["hook_points"]), as_stored=True)
+        for hook, x in tensors.items():
+            if not bool(torch.isfinite(x).all()):
+                row = int((~torch.isfinite(x)).any(dim=1).nonzero()[0])
+                raise DataError(f"{path}: hook point '{hook}' has NaN or inf in row {row}; the store is damaged: recollect it")
+        with self._lock:
+            self.checked.add(index)
 
     @property
     def hook_dims(self) -> dict[str, int]:
@@ -391,16 +472,19 @@ class ActivationStore:
             raise DataError(f"{path}: {m['n_instances']} instances, {where} collect.n_instances says {n_instances}; recollect the store")
 
     def verify(self) -> None:
-        """Check every shard's size and checksum against the manifest."""
-        for shard in self.manifest["shards"]:
-            path = self.folder / shard["file"]
-            if not path.exists():
-                raise DataError(f"{path}: shard listed in the manifest is missing")
-            if sha256_file(path) != shard["sha256"]:
-                raise DataError(f"{path}: checksum does not match the manifest (truncated or corrupted shard); recollect")
+        """Check every shard's checksum and values (see ``check_shard``)."""
+        for index in range(self.n_shards):
+            self.check_shard(index)
 
-    def read_shard(self, index: int, names: list[str], as_stored: bool = False) -> dict[str, torch.Tensor]:
-        """Tensors of one shard (hook points as float32 unless ``as_stored``, provenance as stored)."""
+    def read_shard(self, index: int, names: list[str], as_stored: bool = False, check: bool = True) -> dict[str, torch.Tensor]:
+        """Tensors of one shard (hook points as float32 unless ``as_stored``, provenance as stored).
+        The shard is checked (``check_shard``) on its first read unless ``check`` is false (for
+        reads that only count rows: the rows themselves are checked before they are used)."""
+        if check:
+            self.check_shard(index)
+        return self._read(index, names, as_stored)
+
+    def _read(self, index: int, names: list[str], as_stored: bool) -> dict[str, torch.Tensor]:
         from safetensors import SafetensorError
         from safetensors.torch import safe_open
 

@@ -227,6 +227,19 @@ class CurveWriter:
             atomic_write_text(self.folder / f"{name}.tsv", "\n".join(lines) + "\n")
 
 
+def checkpoint_fingerprint(spec: ExperimentSpec, store: ActivationStore, norm: Normalization) -> str:
+    """What a checkpoint was trained under, all of which must be unchanged to resume it: the
+    experiment's training sections, the store (its manifest: shards and their checksums, the
+    dataset spec's subject and collect sections), the normalisation and split (the normalize
+    section's result) and the code."""
+    import hashlib
+
+    from .provenance import code_digest
+
+    store_digest = hashlib.sha256(json.dumps(store.manifest, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{spec_hash(spec, TRAIN_SECTIONS)}:store-{store_digest}:norm-{norm.digest[:16]}:code-{code_digest()}"
+
+
 class TrainState:
     """Everything a resumed run needs to continue exactly where a killed one stopped: weights,
     Adam moments, the dead-latent clock, the loader position and the curves so far."""
@@ -337,7 +350,7 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
     saved_refit: dict = {}  # decoder-refit sums of a resumed run
     saved_usage = None  # the running firing frequencies of a resumed run (usage KL)
     fast = None
-    state = TrainState(checkpoint_dir, spec_hash(spec, TRAIN_SECTIONS)) if checkpoint_dir and cfg.checkpoint_every else None
+    state = TrainState(checkpoint_dir, checkpoint_fingerprint(spec, store, norm)) if checkpoint_dir and cfg.checkpoint_every else None
     if world.active and state is not None:
         state.fingerprint += f":world{world.size}"  # a checkpoint resumes only with the same number of processes
     if state is not None:

@@ -139,7 +139,7 @@ def test_collection_refuses_to_start_without_enough_disk(tmp_path, monkeypatch):
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))
-    with pytest.raises(DataError, match="needs about 0.03 GB .* only 0.00 GB are free"):
+    with pytest.raises(DataError, match="need about 0.03 GB .* only 0.00 GB are free"):
         check_free_disk(tmp_path / "store", 100_000, {"a": 64, "b": 64}, "float16")
 
 

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .errors import SpecError
+from .errors import DataError, SpecError
 from .hook_names import HookPoint, expand_hook_points, is_pattern, matches, pattern_regex  # noqa: F401 - re-exported
 
 
@@ -41,7 +41,23 @@ class StopForward(Exception):
 
 
 def _first_tensor(value):
-    return value[0] if isinstance(value, (tuple, list)) else value
+    return value[0] if isinstance(value, (tuple, list)) and value else value
+
+
+def _activation(value, name: str) -> torch.Tensor:
+    """The recorded activation of hook point ``name``: a tensor ``[batch, ..., d]``."""
+    if isinstance(value, (tuple, list)) and not value:
+        raise DataError(f"hook point '{name}': the module was called with no positional argument (keywords only), "
+                        "so it has no input to record; choose the output of the module that computes it")
+    value = _first_tensor(value)
+    if not isinstance(value, torch.Tensor):
+        what = "received" if name.endswith(":input") else "returned"
+        raise DataError(f"hook point '{name}': the module {what} {type(value).__name__}, not a tensor; "
+                        "choose a hook point whose activation is a tensor [batch, ..., d]")
+    if value.dim() < 2:
+        raise DataError(f"hook point '{name}': activation of shape {list(value.shape)}, expected [batch, ..., d] "
+                        "(one row per input, or per input and position)")
+    return value.detach()
 
 
 @contextlib.contextmanager
@@ -64,12 +80,12 @@ def recording(model: nn.Module, points: list[str], available: list[str], stop_af
         module = resolve_module(model, point, available)
         if point.io == "output":
             def hook(mod, args, output, name=text):
-                store[name] = _first_tensor(output).detach()
+                store[name] = _activation(output, name)
                 done()
             handles.append(module.register_forward_hook(hook))
         else:
             def pre_hook(mod, args, name=text):
-                store[name] = _first_tensor(args).detach()
+                store[name] = _activation(args, name)
                 done()
             handles.append(module.register_forward_pre_hook(pre_hook))
     try:

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -164,3 +165,44 @@ def test_files_subject_linked_into_runs_is_refused(tiny_project):
     result = CliRunner().invoke(app, ["stage", "subject", str(spec)])
     assert result.exit_code == 2, result.output
     assert "linked.npy lies inside runs/" in result.output
+
+
+class _Scorer(torch.nn.Module):
+    """A model whose hook points give a [batch] score, a dict and a keywords-only input."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+        self.score = _Sum()
+        self.named = _Named()
+        self.kw = torch.nn.Identity()
+
+    def forward(self, x):
+        self.named(x)
+        self.kw(input=x)
+        return self.score(self.proj(x))
+
+
+class _Sum(torch.nn.Module):
+    def forward(self, x):
+        return x.sum(-1)
+
+
+class _Named(torch.nn.Module):
+    def forward(self, x):
+        return {"h": x}
+
+
+@pytest.mark.parametrize("point, message", [
+    ("score", r"hook point 'score': activation of shape \[3\], expected \[batch, ..., d\]"),
+    ("named", "hook point 'named': the module returned dict, not a tensor"),
+    ("kw:input", "hook point 'kw:input': the module was called with no positional argument"),
+])
+def test_hook_points_without_rows_are_named_as_data_errors(point, message):
+    from sae_clt.errors import DataError
+    from sae_clt.hooks import module_hook_points, recording
+
+    model = _Scorer()
+    with pytest.raises(DataError, match=message):
+        with recording(model, [point], module_hook_points(model)):
+            model(torch.randn(3, 4))

@@ -95,9 +95,9 @@ def check_outside_outputs(paths: list[Path], root: Path, dataset_ids: list[str],
     for i, path in enumerate(paths):
         for folder, what in guarded:
             if _inside(path, folder):
-                raise SpecError(where, [f"{where}: {field}[{i}]: {path} lies inside {what}; collecting replaces that folder, "
-                                        "which would delete the file before it is read. Move or copy the file elsewhere "
-                                        "(e.g. data/) and list that path"])
+                raise SpecError(where, [f"{where}: {field}[{i}]: {path} lies inside {what}; saeclt deletes and rewrites "
+                                        "what is there (a collection replaces its store), so the file could vanish before "
+                                        "it is read. Move or copy it elsewhere (e.g. data/) and list that path"])
 
 
 def _project_dataset_ids(root: Path) -> list[str]:

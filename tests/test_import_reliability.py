@@ -206,3 +206,10 @@ def test_hook_points_without_rows_are_named_as_data_errors(point, message):
     with pytest.raises(DataError, match=message):
         with recording(model, [point], module_hook_points(model)):
             model(torch.randn(3, 4))
+
+
+def test_import_of_a_folder_is_a_data_error_naming_it(tiny_project):
+    (tiny_project / "acts.npy").mkdir()
+    result = CliRunner().invoke(app, ["import-acts", "acts.npy", "--id", "acts"])
+    assert result.exit_code == 3, result.output
+    assert "acts.npy: not a file" in result.output

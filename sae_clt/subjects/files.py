@@ -37,11 +37,13 @@ def scan_files(paths: list[Path]) -> dict[str, _Source]:
     for path in paths:
         if not path.exists():
             raise DataError(f"{path}: activation file not found")
+        if not path.is_file():
+            raise DataError(f"{path}: not a file; name the activation files themselves")
         if path.suffix == ".npy":
             try:
                 arr = np.load(path, mmap_mode="r", allow_pickle=False)
-            except ValueError as exc:
-                raise DataError(f"{path}: not a plain numeric .npy array ({exc})") from None
+            except (ValueError, OSError) as exc:
+                raise DataError(f"{path}: not a plain numeric .npy array or not readable ({exc})") from None
             entries = {path.stem: _Source(path, path.stem, tuple(arr.shape))}
             if arr.dtype.kind != "f":
                 raise DataError(f"{path}: dtype {arr.dtype}, expected floating-point activations")

@@ -25,6 +25,7 @@ import torch
 
 from .dictionary import Dictionary
 from .errors import DataError
+from .io import check_own_folder, remove_own_folder
 
 FORMATS = ("saelens", "sparsify")
 SAELENS_FORMAT_VERSION = "6.0.0"  # the cfg.json layout written here: SAELens 6's (metadata block, architecture names)
@@ -192,6 +193,11 @@ def folding_error(model: Dictionary, w: RawWeights, x: torch.Tensor) -> float:
 REPLACEABLE = {"cfg.json", *WEIGHT_FILES.values(), "sparsity.safetensors"}
 
 
+def _converted_file(rel: Path) -> bool:
+    """A file convert writes (or SAELens / sparsify keep beside it): a folder of only these is replaceable."""
+    return len(rel.parts) == 1 and rel.name in REPLACEABLE
+
+
 def convert(model: Dictionary, fmt: str, out_dir: Path, meta: dict, tolerance: float = 1e-9) -> dict:
     """Write ``model`` in format ``fmt`` into ``out_dir`` (through a staging folder beside it; an
     existing ``out_dir`` is replaced only if it holds a dictionary and nothing else). Returns a
@@ -211,11 +217,7 @@ def convert(model: Dictionary, fmt: str, out_dir: Path, meta: dict, tolerance: f
         raise DataError(f"the folded weights do not reproduce saeclt's reconstruction (error {error:.2e} target scales > {tolerance:g}); "
                         "nothing was written")
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        others = sorted(p.name for p in out_dir.iterdir() if p.name not in REPLACEABLE) if out_dir.is_dir() else [out_dir.name]
-        if others:
-            raise DataError(f"{out_dir}: exists and holds other things than a dictionary ({', '.join(others[:5])}); "
-                            "choose a new or empty folder (convert replaces the folder it writes)")
+    check_own_folder(out_dir, _converted_file, "a converted dictionary", "or choose a new or empty folder (convert replaces the folder it writes)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:12]}"
     os.mkdir(staging)  # (made with the umask's permissions; mkdtemp's 0700 would stay on the result)
@@ -223,8 +225,7 @@ def convert(model: Dictionary, fmt: str, out_dir: Path, meta: dict, tolerance: f
         save_file(tensors, str(staging / WEIGHT_FILES[fmt]),
                   metadata={"format": fmt, "written_by": "saeclt", "saeclt": json.dumps(meta, sort_keys=True)})
         (staging / "cfg.json").write_text(json.dumps(config, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
+        remove_own_folder(out_dir, _converted_file, "a converted dictionary")
         staging.rename(out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

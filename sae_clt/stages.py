@@ -104,9 +104,10 @@ def _experiment(spec_path: Path):
 
 
 def stage_train(spec_path: Path) -> None:
-    from .train import train
+    from .train import check_fits_in_memory, train
 
     resolved, store, norm = _experiment(spec_path)
+    check_fits_in_memory(resolved.experiment, store, spec_path, resolved.experiment.train.batch_size, "train.batch_size")
     p, eid = resolved.paths, resolved.experiment.id
     train(resolved.experiment, store, norm, p.dictionary_dir(eid), p.curves_dir(eid), p.train_metrics(eid), log=_log,
           checkpoint_dir=p.checkpoint_dir(eid))
@@ -115,9 +116,11 @@ def stage_train(spec_path: Path) -> None:
 def stage_evaluate(spec_path: Path) -> None:
     from .evaluate import evaluate
     from .subjects import load_subject
+    from .train import check_fits_in_memory
 
     resolved, store, norm = _experiment(spec_path)
     p, exp = resolved.paths, resolved.experiment
+    check_fits_in_memory(exp, store, spec_path, exp.evaluate.batch_size, "evaluate.batch_size")
     # The subject runs the causal check and describes the top-activating rows.
     subject = load_subject(resolved.subject, p.subject_dir(resolved.subject.id), p.root)
     subject.prepare_task(resolved.dataset)

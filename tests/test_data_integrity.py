@@ -191,3 +191,14 @@ def test_a_checkpoint_is_not_resumed_after_the_dataset_split_changes(project, mo
     capsys.readouterr()
     run_stage("train", spec)
     assert "resuming" not in capsys.readouterr().err
+
+
+def test_a_dictionary_too_large_for_memory_is_refused_before_anything_is_allocated(project, monkeypatch):
+    import sae_clt.train as train_module
+    from sae_clt.errors import SpecError
+
+    spec = project / "specs" / "tiny_sae.yaml"
+    spec.write_text(spec.read_text().replace("d_sae: 64", "d_sae: 2000000"))
+    monkeypatch.setattr(train_module, "available_memory", lambda: 10**9)
+    with pytest.raises(SpecError, match=r"model.d_sae: 2000000 latents on 16 -> 16 dims with train.batch_size 256 need about [\d.]+ GB"):
+        run_stage("train", spec)

@@ -221,8 +221,12 @@ def test_convert_replaces_only_a_folder_that_holds_a_dictionary(tmp_path):
     model = _dictionary("sae", "topk")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("keep me")
-    with pytest.raises(DataError, match="holds other things than a dictionary"):
+    with pytest.raises(DataError, match=r"holds files saeclt did not write \(notes.txt\)"):
         convert(model, "saelens", tmp_path / "busy", meta={})
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
+    (tmp_path / "link").symlink_to(tmp_path / "busy", target_is_directory=True)
+    with pytest.raises(DataError, match="is a symbolic link"):
+        convert(model, "saelens", tmp_path / "link", meta={})
     assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
     convert(model, "saelens", tmp_path / "lens", meta={})
     convert(model, "sparsify", tmp_path / "lens", meta={})  # a dictionary folder is replaced whole

@@ -23,7 +23,7 @@ from .spec import SPEC_ID_PATTERN, load_spec
 # temporary file ``.<id>.yaml.XXXXXXXX.tmp`` beside them (19 bytes more than the id).
 ID_MAX_LENGTH = 200
 # The generated experiment's batch: at most 4096 rows, small enough for this many steps per epoch.
-MAX_BATCH, MIN_STEPS_PER_EPOCH = 4096, 32
+IMPORT_MAX_BATCH, MIN_STEPS_PER_EPOCH = 4096, 32
 
 
 def _quoted(value: str, limit: int = 60) -> str:
@@ -41,9 +41,9 @@ def check_id(option: str, value: str) -> None:
 
 
 def train_batch_size(train_rows: int) -> int:
-    """The largest power of two up to MAX_BATCH that leaves MIN_STEPS_PER_EPOCH steps per epoch."""
+    """The largest power of two up to IMPORT_MAX_BATCH that leaves MIN_STEPS_PER_EPOCH steps per epoch."""
     target = max(1, train_rows // MIN_STEPS_PER_EPOCH)
-    return min(MAX_BATCH, 1 << (target.bit_length() - 1))
+    return min(IMPORT_MAX_BATCH, 1 << (target.bit_length() - 1))
 
 
 def _relative_or_absolute(path: Path, root: Path) -> str:

@@ -100,6 +100,14 @@ def recorded_batches(subject, points: list[str], available: list[str], n_instanc
             raise DataError(f"hook points give different numbers of rows per input, so their rows cannot be aligned: {shapes}; "
                             "collect such points in separate datasets")
         n_rows = next(iter(rows.values()))
+        odd = [p for p in points if store[p].shape[0] != n_inputs]
+        if odd:
+            raise DataError(f"hook point '{odd[0]}' gives shape {list(store[odd[0]].shape)}: its first axis is not the batch of "
+                            f"{n_inputs} inputs; record a point whose activation is [batch, ..., d]")
+        if provenance["instance_id"].numel() not in (n_rows, n_inputs):
+            raise DataError(f"hook point '{points[0]}' gives {n_rows // n_inputs} row(s) per input (shape {list(store[points[0]].shape)}) "
+                            f"but the subject records {provenance['instance_id'].numel() // n_inputs} per input (tokens); "
+                            "collect token-level hook points, not pooled ones")
         if provenance["instance_id"].numel() != n_rows:  # per-input provenance: one row per position
             per = n_rows // n_inputs
             provenance = {"instance_id": provenance["instance_id"].repeat_interleave(per),

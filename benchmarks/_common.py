@@ -51,7 +51,7 @@ def load_experiment(argv: list[str], default: str = "specs/minilm_sae_L2.yaml"):
     if len(argv) > 1 and argv[1] in ("-h", "--help"):
         print((sys.modules["__main__"].__doc__ or "").strip())
         raise SystemExit(0)
-    from sae_clt.stages import _experiment
+    from sae_clt.stages.inputs import experiment_inputs as _experiment
 
     resolved, store, norm = _experiment(Path(argv[1] if len(argv) > 1 else default))
     spec = resolved.experiment

@@ -102,7 +102,7 @@ def main() -> None:
     from sae_clt.errors import DataError
     from sae_clt.interop import FORMATS, convert
     from sae_clt.normalize import PairLoader
-    from sae_clt.stages import _experiment
+    from sae_clt.stages.inputs import experiment_inputs as _experiment
 
     print(f"{'dictionary':<28}{'format':<10}{'loaded as':<34}{'max rel. diff':>14}{'FVU (library)':>15}{'FVU (saeclt)':>14}")
     def cases():

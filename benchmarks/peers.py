@@ -59,7 +59,7 @@ def export(args) -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from sae_clt.normalize import PairLoader
-    from sae_clt.stages import _experiment
+    from sae_clt.stages.inputs import experiment_inputs as _experiment
 
     resolved, store, norm = _experiment(Path(args.spec))
     spec = resolved.experiment
@@ -77,7 +77,7 @@ def run_saeclt(args) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from _common import fit_and_evaluate
 
-    from sae_clt.stages import _experiment
+    from sae_clt.stages.inputs import experiment_inputs as _experiment
 
     resolved, store, norm = _experiment(Path(args.spec))
     overrides = {"precision": args.precision} if args.precision else {}

@@ -140,7 +140,7 @@ def run(
 
 @app.command()
 def stage(
-    name: str = typer.Argument(..., help="subject | collect | normalize | train | evaluate | report | export"),
+    name: str = typer.Argument(..., help="subject | collect | normalize | train | evaluate | report | export (the stage table: sae_clt/stages/table.py)"),
     spec: Path = typer.Argument(..., help="The spec the stage reads (subject, dataset or experiment spec)."),
     shard: str = typer.Option(None, help="collect only: 'i/n' = worker i of n (0-based) collects its own run of inputs; "
                               "the plain collect stage merges the parts once all n are complete."),
@@ -156,7 +156,7 @@ def stage(
     torchrun --standalone --nproc_per_node N -m sae_clt stage train specs/sae_L2.yaml
     """
     try:
-        from .stages import run_stage
+        from .stages.table import run_stage
 
         part = None
         if shard is not None:
@@ -169,6 +169,36 @@ def stage(
                 raise SpecError(str(spec), [f"--shard {shard!r}: expected i/n with 0 <= i < n, e.g. 0/4"])
             part = (int(m.group(1)), int(m.group(2)))
         run_stage(name, spec, part)
+    except BaseException as exc:  # noqa: BLE001
+        _fail(exc)
+
+
+@app.command("dvc-yaml")
+def dvc_yaml(
+    check: bool = typer.Option(False, "--check", help="Write nothing; fail (exit 4) if dvc.yaml differs from the generated one."),
+) -> None:
+    """Write dvc.yaml from the stage table (sae_clt/stages/table.py): each stage's command, the spec
+    sections it reads, its data, and every source file its module imports as a dependency.
+
+    Example: saeclt dvc-yaml --check
+    """
+    try:
+        from .errors import PipelineError
+        from .io import atomic_write_text
+        from .project import find_root
+        from .stages.dvc_yaml import render
+
+        path = find_root() / "dvc.yaml"
+        text = render()
+        current = path.read_text() if path.exists() else ""
+        if check:
+            if current != text:
+                raise PipelineError(f"{path}: differs from the stage table; run `saeclt dvc-yaml` and commit it")
+            typer.echo(f"ok: {path.name} matches the stage table")
+            return
+        if current != text:
+            atomic_write_text(path, text)
+        typer.echo(f"wrote {path}" if current != text else f"{path.name} is up to date")
     except BaseException as exc:  # noqa: BLE001
         _fail(exc)
 

@@ -25,6 +25,7 @@ from .io import check_own_folder, remove_own_folder
 from .progress import progress_bar
 from .provenance import output_meta
 from .spec import DatasetSpec, spec_hash
+from .stages.table import stage
 from .store import MANIFEST, PROGRESS, StoreWriter, read_progress, store_owned
 
 STORE_ROLE = "an activation store"
@@ -117,7 +118,7 @@ def recorded_batches(subject, points: list[str], available: list[str], n_instanc
 
 def progress_key(dataset: DatasetSpec, subject, points: list[str]) -> str:
     """What a saved collection state must match to be resumed."""
-    return f"{spec_hash(dataset, ['subject', 'collect'])}:{subject.fingerprint()}:{','.join(points)}"
+    return f"{spec_hash(dataset, list(stage('collect').sections))}:{subject.fingerprint()}:{','.join(points)}"
 
 
 def part_range(n_instances: int, batch_size: int, part: tuple[int, int]) -> tuple[int, int]:
@@ -164,7 +165,7 @@ def collect(dataset: DatasetSpec, subject, store_dir: Path, part: tuple[int, int
         meta = {
             "subject": {"id": subject.spec.id, "kind": subject.kind, "fingerprint": subject.fingerprint()},
             "n_instances": cfg.n_instances,
-            "meta": output_meta(dataset, cfg.seed, ["subject", "collect"]),
+            "meta": output_meta(dataset, cfg.seed, list(stage("collect").sections)),
         }
         if getattr(subject, "input_fingerprint", None):
             meta["inputs"] = subject.input_fingerprint

@@ -25,11 +25,11 @@ def compare_experiment(spec_path: Path, folders: list[Path], out_path: Path | No
     from .normalize import PairLoader
     from .progress import progress_bar
     from .provenance import output_meta
-    from .stages import _experiment
+    from .stages.inputs import experiment_inputs
 
     if max_rows is not None and max_rows < 1:
         raise DataError(f"--max-rows: expected at least 1, got {max_rows}")
-    resolved, store, norm = _experiment(Path(spec_path))
+    resolved, store, norm = experiment_inputs(Path(spec_path))
     spec = resolved.experiment
     source, target = spec.source_key, spec.target_key
     d_in, d_out = store.hook_dims[source], store.hook_dims[target]

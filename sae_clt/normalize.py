@@ -23,6 +23,7 @@ from .kernels import gather_normalize, take_rows
 from .progress import progress_bar
 from .provenance import output_meta
 from .spec import DatasetSpec
+from .stages.table import stage
 from .store import ActivationStore, RunningStats
 
 NORM_FILE = "normalize.safetensors"
@@ -67,7 +68,7 @@ def fit_normalization(dataset: DatasetSpec, store: ActivationStore, out_dir: Pat
         tensors[f"{h}.raw_mean"] = s.mean.float()  # for mean-ablation, whatever `center` says
         tensors[f"{h}.scale"] = scale.float()
         per_hook[h] = s.summary()
-    meta = output_meta(dataset, cfg.seed, ["subject", "collect", "normalize"])
+    meta = output_meta(dataset, cfg.seed, [*stage("collect").sections, *stage("normalize").sections])  # all the store's inputs
     save_safetensors(out_dir / NORM_FILE, tensors)
     summary = {
         "n_instances": int(val_mask.numel()),

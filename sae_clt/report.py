@@ -16,6 +16,8 @@ import torch
 from .io import atomic_write_text, read_json
 from .spec import ExperimentSpec, dump_spec_yaml
 
+DATA_FILES = ("templates/report.md.j2", "templates/report.html.j2")  # read by the report stage (a DVC dependency)
+
 
 def _svg(fig) -> str:
     import matplotlib.pyplot as plt

@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import SpecError
+from .stages.table import tracked_sections
 
 SPEC_ID_PATTERN = r"^[A-Za-z0-9_-]+$"  # DVC stage names allow letters, digits, _ and -
 SPEC_ID_MAX_LENGTH = 200  # file names (with temporary-file affixes) stay under the usual 255-byte limit
@@ -372,13 +373,10 @@ class ExperimentSpec(StrictModel):
 
 SPEC_KINDS = {"subjects": TSPSubjectSpec, "datasets": DatasetSpec, "experiments": ExperimentSpec}
 
-# Top-level keys dvc.yaml tracks as stage parameters. DVC fails on a tracked key that is
-# absent from the file, so these must be written out (an empty mapping takes every default).
-TRACKED_SECTIONS = {
-    "subjects": [],  # the subject stage depends on the whole file
-    "datasets": ["subject", "collect", "normalize"],
-    "experiments": ["dataset", "source", "target", "model", "train", "evaluate", "export"],
-}
+# Top-level keys dvc.yaml tracks as stage parameters (from the stage table). DVC fails on a
+# tracked key that is absent from the file, so these must be written out (an empty mapping
+# takes every default).
+TRACKED_SECTIONS = {kind: tracked_sections(kind) for kind in SPEC_KINDS}
 AnySpec = Union[SubjectSpec, DatasetSpec, ExperimentSpec]
 
 

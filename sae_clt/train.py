@@ -26,42 +26,15 @@ from .normalize import Normalization, PairLoader
 from .progress import progress_bar
 from .provenance import output_meta
 from .spec import ExperimentSpec, spec_hash
+from .stages.table import stage
 from .store import ActivationStore
 from .tracking import WandbRun
 
-TRAIN_SECTIONS = ["dataset", "source", "target", "model", "train"]
+TRAIN_SECTIONS = list(stage("train").sections)  # what the dictionary depends on
 CURVES = ("loss", "mse", "aux_loss", "fvu", "l0", "dead_fraction", "lr")
 FIRING = "firing_frequency"  # per-latent firing frequency in a step's batch (a tensor, for the usage histogram)
 # Usage histogram bins: silent, then firing frequencies in decades.
 USAGE_BINS = ("silent", "below_1e-4", "1e-4_to_1e-3", "1e-3_to_1e-2", "1e-2_to_1e-1", "above_1e-1")
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux's MemAvailable), or None where unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def check_fits_in_memory(spec: ExperimentSpec, store: ActivationStore, spec_path: Path, batch_size: int, batch_field: str) -> None:
-    """Refuse, before anything is allocated, a dictionary and batch that cannot fit: weights, their
-    gradients and Adam's two moments (16 bytes a parameter) plus one batch's latents (pre-activations
-    and codes, float32)."""
-    from .errors import SpecError
-
-    d_sae = spec.model.d_sae * spec.n_layers
-    d_in, d_out = store.hook_dims[spec.source_key], store.hook_dims[spec.target_key]
-    need = 16 * d_sae * (d_in + d_out) + 8 * batch_size * d_sae
-    have = available_memory()
-    if have is not None and need > have:
-        raise SpecError(str(spec_path), [
-            f"{spec_path}: model.d_sae: {spec.model.d_sae} latents{' per layer' if spec.n_layers > 1 else ''} on {d_in} -> {d_out} dims "
-            f"with {batch_field} {batch_size} need about {need / 1e9:,.1f} GB of memory (weights, Adam state, one batch of "
-            f"latents); {have / 1e9:,.1f} GB are available: lower model.d_sae or {batch_field}"])
 
 
 def make_dictionary(spec: ExperimentSpec, store: ActivationStore, norm: Normalization) -> Dictionary:

@@ -77,7 +77,7 @@ def tiny_project(tmp_path, monkeypatch) -> Path:
 @pytest.fixture(scope="session")
 def built_project(tmp_path_factory) -> Path:
     """A tiny project with every stage run once (shared by read-only tests)."""
-    from sae_clt.stages import run_stage
+    from sae_clt.stages.table import run_stage
 
     root = write_project(tmp_path_factory.mktemp("built") / "proj")
     run_stage("subject", root / "specs/subjects/tiny.yaml")

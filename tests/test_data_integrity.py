@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from sae_clt.errors import DataError
 from sae_clt.project import Paths
-from sae_clt.stages import run_stage
+from sae_clt.stages.table import run_stage
 from sae_clt.store import ActivationStore, sha256_file
 
 DATASET = "specs/datasets/tiny_acts.yaml"
@@ -194,11 +194,11 @@ def test_a_checkpoint_is_not_resumed_after_the_dataset_split_changes(project, mo
 
 
 def test_a_dictionary_too_large_for_memory_is_refused_before_anything_is_allocated(project, monkeypatch):
-    import sae_clt.train as train_module
+    import sae_clt.stages.inputs as inputs
     from sae_clt.errors import SpecError
 
     spec = project / "specs" / "tiny_sae.yaml"
     spec.write_text(spec.read_text().replace("d_sae: 64", "d_sae: 2000000"))
-    monkeypatch.setattr(train_module, "available_memory", lambda: 10**9)
+    monkeypatch.setattr(inputs, "available_memory", lambda: 10**9)
     with pytest.raises(SpecError, match=r"model.d_sae: 2000000 latents on 16 -> 16 dims with train.batch_size 256 need about [\d.]+ GB"):
         run_stage("train", spec)

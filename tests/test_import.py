@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from sae_clt.cli import app
-from sae_clt.stages import run_stage
+from sae_clt.stages.table import run_stage
 
 
 def sparse_activations(n: int, d: int, seed: int = 0) -> torch.Tensor:

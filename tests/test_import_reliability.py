@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from sae_clt.cli import app
 from sae_clt.errors import SpecError
-from sae_clt.stages import run_stage
+from sae_clt.stages.table import run_stage
 
 
 def _acts(root, name="a.npy", rows=200, dim=8):

@@ -13,7 +13,7 @@ from sae_clt import kernels
 from sae_clt.dictionary import Dictionary
 from sae_clt.normalize import Normalization, PairLoader
 from sae_clt.project import Paths
-from sae_clt.stages import run_stage
+from sae_clt.stages.table import run_stage
 from sae_clt.store import ActivationStore
 
 

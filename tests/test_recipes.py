@@ -120,7 +120,7 @@ def test_group_lasso_needs_a_group_size_dividing_the_dictionary():
 def test_wandb_logging_runs_offline_and_records_its_run_id(built_project, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     from sae_clt.project import Paths
-    from sae_clt.stages import run_stage
+    from sae_clt.stages.table import run_stage
 
     root = tmp_path / "proj"
     shutil.copytree(built_project, root)

@@ -146,7 +146,7 @@ def test_collection_refuses_to_start_without_enough_disk(tmp_path, monkeypatch):
 def test_out_of_memory_gives_a_clear_message_not_a_traceback(monkeypatch):
     from typer.testing import CliRunner
 
-    import sae_clt.stages as stages
+    import sae_clt.stages.table as stages
     from sae_clt.cli import app
 
     def boom(*args):

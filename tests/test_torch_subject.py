@@ -9,7 +9,7 @@ import torch
 from torch_subject_helpers import write_torch_project
 
 from sae_clt.errors import SaecltError
-from sae_clt.stages import run_stage
+from sae_clt.stages.table import run_stage
 
 
 def test_torch_subject_from_import_path_runs_every_stage(tmp_path, monkeypatch):

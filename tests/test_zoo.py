@@ -11,7 +11,7 @@ import torch
 
 from sae_clt.dictionary import Dictionary, DictionaryConfig
 from sae_clt.normalize import Normalization, PairLoader
-from sae_clt.stages import run_stage
+from sae_clt.stages.table import run_stage
 from sae_clt.store import ActivationStore
 from sae_clt.train import geometric_median, resample_dead
 

@@ -1,0 +1,85 @@
+"""The stage table drives dvc.yaml, and each stage depends on every source file it runs.
+
+A code change that can alter a stage's output must make DVC rerun that stage: the committed
+dvc.yaml is the generated one, a stage's code dependencies include every module it imports
+(checked against what Python actually loads), and with the real DVC, touching the dictionary
+module reports train, evaluate and what follows as changed while touching an unrelated module
+reports nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sae_clt.stages.code_deps import code_deps
+from sae_clt.stages.dvc_yaml import render
+from sae_clt.stages.table import STAGES, run_targets, tracked_sections
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_committed_dvc_yaml_is_the_one_the_stage_table_generates():
+    assert (REPO / "dvc.yaml").read_text() == render(), "dvc.yaml is stale: run `saeclt dvc-yaml` and commit it"
+
+
+@pytest.mark.parametrize("stage", [s for s in STAGES if not s.always_changed], ids=lambda s: s.name)
+def test_a_stage_depends_on_every_module_python_loads_to_run_it(stage):
+    code = (f"import sys, {stage.module}; "
+            "print('\\n'.join(m.__file__ for n, m in list(sys.modules.items()) if n.startswith('sae_clt') and getattr(m, '__file__', None)))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    loaded = {str(Path(f).resolve().relative_to(REPO)) for f in done.stdout.split()}
+    assert loaded, "nothing of sae_clt was loaded"
+    missing = loaded - set(code_deps(stage.module))
+    assert not missing, f"{stage.name} runs {sorted(missing)} but does not depend on them"
+
+
+def test_compiled_kernel_sources_and_report_templates_are_dependencies_of_the_stages_that_use_them():
+    assert any(p.startswith("sae_clt/") and "kernel" in p for p in code_deps("sae_clt.stages.train"))
+    assert any("templates" in p for p in code_deps("sae_clt.stages.report"))
+
+
+def test_sections_a_spec_must_write_out_come_from_the_stages_that_read_them():
+    from sae_clt.spec import TRACKED_SECTIONS
+
+    assert TRACKED_SECTIONS["experiments"] == ["dataset", "source", "target", "model", "train", "evaluate", "export"]
+    assert TRACKED_SECTIONS["datasets"] == tracked_sections("datasets") == ["subject", "collect", "normalize"]
+    assert run_targets("x") == ["train@x", "evaluate@x", "report@x", "export@x"]
+
+
+def _status(root: Path) -> dict:
+    done = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root, capture_output=True, text=True,
+                          env=dict(os.environ, DVC_NO_ANALYTICS="1"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout or "{}")
+
+
+def _changed_deps(status: dict, stage: str) -> set[str]:
+    return {p for entry in status.get(stage, []) if isinstance(entry, dict) for p in entry.get("changed deps", {})}
+
+
+def test_touching_code_a_stage_runs_makes_dvc_rerun_it_and_unrelated_code_does_not(dvc_project):
+    root = dvc_project
+    done = subprocess.run([sys.executable, "-m", "sae_clt", "run", "specs/tiny_sae.yaml"], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _status(root) == {}
+
+    unrelated = root / "sae_clt" / "interop.py"  # convert's formats: no stage runs it
+    assert "sae_clt/interop.py" not in {p for s in STAGES if not s.always_changed for p in code_deps(s.module)}
+    unrelated.write_text(unrelated.read_text() + "\n# a comment\n")
+    assert _status(root) == {}
+
+    dictionary = root / "sae_clt" / "dictionary.py"
+    dictionary.write_text(dictionary.read_text() + "\n# a comment\n")
+    changed = {name for name, entries in _status(root).items() if any(isinstance(e, dict) for e in entries)}
+    assert {"train@tiny_sae", "evaluate@tiny_sae", "export@tiny_sae"} <= changed
+
+    evaluate_code = [p for p in code_deps("sae_clt.stages.evaluate")]
+    for rel in evaluate_code:  # every module the evaluate stage runs, each touched
+        path = root / rel
+        path.write_text(path.read_text() + ("\n# a comment\n" if path.suffix == ".py" else "\n"))
+    assert set(evaluate_code) <= _changed_deps(_status(root), "evaluate@tiny_sae")

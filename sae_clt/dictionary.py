@@ -5,10 +5,9 @@ writes another; sizes may differ) or a skip-transcoder (plus a linear path x @ W
     z    = σ(pre)                                    [B, d_sae]
     ŷ    = z @ W_dec + b_dec (+ x @ W_skip)          [B, d_out]
 
-σ (``activation``): topk (the k largest of ReLU(pre) per row); batchtopk (the k·B largest over
-the batch while training; saved with a calibrated threshold so inference is JumpReLU);
-jumprelu (pre where pre > θ_i, θ learned through a straight-through estimator); relu;
-relu_clipped (ReLU capped at a ceiling).
+σ (``activation``) comes from the registry in ``activations.py`` (topk, batchtopk, jumprelu,
+relu, relu_clipped, and any registered there or by the user), which also adds the parameters
+an activation needs (JumpReLU's thresholds, BatchTopK's calibrated one).
 
 W_dec rows are kept at unit norm. Weights live in the normalised space of the activation
 store; the normalisation (mean, scale per hook) is saved beside them so a saved dictionary maps
@@ -17,7 +16,6 @@ raw activations to raw activations on its own (``predict_raw``).
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,8 +23,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .activations import Activation, activation
 from .errors import DataError
 from .io import read_json, save_safetensors, write_json
+from .spec import ModelSection
 
 WEIGHTS = "dictionary.safetensors"
 CONFIG = "cfg.json"
@@ -38,14 +38,18 @@ class DictionaryConfig:
     d_in: int
     d_out: int
     d_sae: int
-    activation: str  # "topk" | "batchtopk" | "jumprelu" | "relu" | "relu_clipped"
+    activation: str  # a key of activations.ACTIVATIONS
     k: int
     source: str
     target: str
-    relu_ceiling: float = 6.0
-    jumprelu_bandwidth: float = 0.001
+    relu_ceiling: float = ModelSection.model_fields["relu_ceiling"].default  # defaults: the spec's, declared once
+    jumprelu_bandwidth: float = ModelSection.model_fields["jumprelu_bandwidth"].default
     tied: bool = False  # W_enc is W_decᵀ (no encoder parameter)
     n_layers: int = 1  # clt: source/target layers; d_in, d_out, d_sae are totals over the layers
+
+    @property
+    def act(self) -> Activation:
+        return activation(self.activation)
 
     @property
     def apply_b_dec_to_input(self) -> bool:
@@ -84,10 +88,7 @@ class Dictionary(nn.Module):
             self.register_buffer(name, torch.ones(dim))
         if cfg.architecture == "skip_transcoder":
             self.W_skip = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_out))
-        if cfg.activation == "jumprelu":  # learned, kept positive through the log
-            self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(0.001)))
-        if cfg.activation == "batchtopk":  # set by calibrate_threshold() after training
-            self.register_buffer("threshold", torch.zeros(cfg.d_sae))
+        cfg.act.add_parameters(self)
 
     # ------------------------------------------------------------------ cross-layer structure
 
@@ -148,22 +149,7 @@ class Dictionary(nn.Module):
 
     def activate(self, pre: torch.Tensor, training: bool = False) -> torch.Tensor:
         """Dense latent activations [B, d_sae] from pre-activations (differentiable)."""
-        act = self.cfg.activation
-        if act == "relu":
-            return F.relu(pre)
-        if act == "relu_clipped":
-            return pre.clamp(0, self.cfg.relu_ceiling)
-        if act == "topk":
-            values, indices = self.sparse_code(pre)
-            return torch.zeros_like(pre).scatter(-1, indices, values)
-        if act == "jumprelu":
-            return jumprelu(pre, self.log_threshold.exp(), self.cfg.jumprelu_bandwidth)
-        # batchtopk: the k·B largest over the batch while training, the calibrated threshold after
-        if training:
-            flat = F.relu(pre).reshape(-1)
-            values, indices = flat.topk(min(self.cfg.k * pre.shape[0], flat.numel()), sorted=False)
-            return torch.zeros_like(flat).scatter(0, indices, values).reshape(pre.shape)
-        return pre * (pre > self.threshold)
+        return self.cfg.act.activate(self, pre, training)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Dense latent activations [B, d_sae] (inference form)."""
@@ -182,16 +168,6 @@ class Dictionary(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.encode(x)
         return self.decode(z, x), z
-
-    @torch.no_grad()
-    def calibrate_threshold(self, batches) -> float:
-        """BatchTopK -> JumpReLU: one threshold such that, over the given batches of source rows,
-        as many pre-activations exceed it as BatchTopK keeps (k per row on average)."""
-        pres = torch.cat([self.pre_acts(x).reshape(-1) for x in batches])
-        n_keep = min(self.cfg.k * (pres.numel() // self.cfg.d_sae), pres.numel())
-        theta = float(pres.topk(n_keep, sorted=True).values[-1].clamp_min(0))
-        self.threshold.fill_(theta)
-        return theta
 
     @torch.no_grad()
     def predict_raw(self, x_raw: torch.Tensor) -> torch.Tensor:
@@ -271,48 +247,3 @@ class Dictionary(nn.Module):
             tensors["W_enc"], tensors["W_dec"] = w_enc, w_dec
         model.load_state_dict(tensors)
         return model.eval()
-
-
-class _JumpReLU(torch.autograd.Function):
-    """z = pre · H(pre - θ). Gradient to pre: H(pre - θ); to θ: the straight-through estimate
-    -(θ / ε) · K((pre - θ) / ε) with a rectangle kernel K of width 1 (Rajamanoharan et al.)."""
-
-    @staticmethod
-    def forward(ctx, pre, theta, bandwidth):
-        ctx.save_for_backward(pre, theta)
-        ctx.bandwidth = bandwidth
-        return pre * (pre > theta)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, theta = ctx.saved_tensors
-        eps = ctx.bandwidth
-        near = ((pre - theta).abs() < eps / 2).to(pre.dtype)
-        g_theta = (grad * -(theta / eps) * near).sum(0)
-        return grad * (pre > theta), g_theta, None
-
-
-class _Step(torch.autograd.Function):
-    """H(pre - θ), with the same straight-through gradient to θ (for the L0 penalty)."""
-
-    @staticmethod
-    def forward(ctx, pre, theta, bandwidth):
-        ctx.save_for_backward(pre, theta)
-        ctx.bandwidth = bandwidth
-        return (pre > theta).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, theta = ctx.saved_tensors
-        eps = ctx.bandwidth
-        near = ((pre - theta).abs() < eps / 2).to(pre.dtype)
-        return None, (grad * -(1.0 / eps) * near).sum(0), None
-
-
-def jumprelu(pre: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
-    return _JumpReLU.apply(pre, theta, bandwidth)
-
-
-def step_l0(pre: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
-    """Number of active latents per row, differentiable in θ (straight-through)."""
-    return _Step.apply(pre, theta, bandwidth).sum(-1)

@@ -232,8 +232,8 @@ def evaluate(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, 
     is_sae = spec.model.architecture == "sae"
     baseline_rank = None
     if is_sae:  # a dense code with as many numbers per row as the dictionary's L0
-        l0 = spec.model.k
-        if spec.model.activation != "topk":  # the measured L0 on the validation rows
+        l0 = model.cfg.k
+        if not model.cfg.act.exact_k:  # the measured L0 on the validation rows
             counts = [(model.encode(x) > 0).sum(-1).float() for x, _ in val_loader.epoch(0)]
             l0 = round(float(torch.cat(counts).mean())) if counts else 1
         baseline_rank = max(1, min(l0, store.hook_dims[source]))

@@ -130,7 +130,7 @@ class FastTopKStep:
     def __init__(self, model: Dictionary, opt: torch.optim.Optimizer, cfg, world=None):
         self.model, self.opt, self.cfg, self.world = model, opt, cfg, world
         self.bf16 = cfg.precision == "bf16"
-        self.batch_topk = model.cfg.activation == "batchtopk"
+        self.batch_topk = not model.cfg.act.exact_k  # BatchTopK: k·B over the batch, not k per row
         self._pre: torch.Tensor | None = None
         self.refit = None  # a refit.DecoderRefit collecting this step's codes, when set
         self.refit_weight = 1.0

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .activations import ACTIVATIONS
 from .dictionary import Dictionary
 from .errors import DataError
 from .io import check_own_folder, remove_own_folder
@@ -81,11 +82,7 @@ def raw_weights(model: Dictionary, centered: bool) -> RawWeights:
         bias = b_enc  # x - out_bias = s (x_n - b_dec): the shift is exactly the decoder bias
     else:
         bias = b_enc - shift @ W_enc
-    threshold = None
-    if cfg.activation == "jumprelu":
-        threshold = model.log_threshold.detach().to(f64).exp()
-    elif cfg.activation == "batchtopk":
-        threshold = model.threshold.detach().to(f64).clamp_min(0)
+    threshold = cfg.act.inference_threshold(model, f64)
     return RawWeights(enc, bias, dec, out_bias, centered, skip, threshold)
 
 
@@ -93,7 +90,7 @@ def predict(w: RawWeights, x: torch.Tensor, activation: str, k: int) -> torch.Te
     """The raw reconstruction of the folded weights, computed as the target tools compute it
     (top-k of the pre-activations then ReLU; JumpReLU as ReLU(pre)·[pre > θ])."""
     pre = (x - w.b_dec if w.centered else x) @ w.W_enc + w.b_enc
-    if activation == "topk":
+    if ACTIVATIONS[activation].exact_k:
         values, idx = pre.topk(k, dim=-1)
         z = torch.zeros_like(pre).scatter(-1, idx, values.relu())
     elif w.threshold is not None:
@@ -111,19 +108,19 @@ def _unsupported(fmt: str, cfg, why: str) -> DataError:
 def saelens_files(model: Dictionary, w: RawWeights, meta: dict) -> tuple[dict, dict[str, torch.Tensor]]:
     """(cfg.json contents, tensors) in SAELens 6's layout, from the folded weights ``w``."""
     cfg = model.cfg
-    act, arch = cfg.activation, cfg.architecture
+    act, arch = cfg.act, cfg.architecture
     if arch == "clt":
         raise _unsupported("saelens", cfg, "SAELens holds one dictionary per hook point (cross-layer transcoders: not yet)")
-    if act == "relu_clipped":
-        raise _unsupported("saelens", cfg, "SAELens has no clipped ReLU")
-    jump = act in ("jumprelu", "batchtopk")  # BatchTopK's inference form is a JumpReLU with its calibrated threshold
     if arch == "sae":
-        name = {"topk": "topk", "relu": "standard"}.get(act, "jumprelu")
-    elif act == "topk":
-        raise _unsupported("saelens", cfg, "SAELens has no TopK transcoder; write it for sparsify (--to sparsify), "
-                           "which has one, or train the transcoder with batchtopk or jumprelu")
+        if act.saelens_sae is None:
+            raise _unsupported("saelens", cfg, f"SAELens has no '{act.name}' activation")
+        name = act.saelens_sae
+    elif act.saelens_transcoder_prefix is None:
+        raise _unsupported("saelens", cfg, "SAELens has no transcoder with this activation" + (
+            "; write it for sparsify (--to sparsify), which has one, or train the transcoder with batchtopk or jumprelu"
+            if act.sparsify else ""))
     else:
-        name = ("jumprelu_" if jump else "") + ("skip_transcoder" if arch == "skip_transcoder" else "transcoder")
+        name = act.saelens_transcoder_prefix + ("skip_transcoder" if arch == "skip_transcoder" else "transcoder")
     tensors = {"W_enc": w.W_enc, "b_enc": w.b_enc, "W_dec": w.W_dec, "b_dec": w.b_dec}
     if w.threshold is not None:
         tensors["threshold"] = w.threshold
@@ -138,7 +135,7 @@ def saelens_files(model: Dictionary, w: RawWeights, meta: dict) -> tuple[dict, d
     }
     if arch != "sae":
         config["d_out"] = cfg.d_out
-    if act == "topk":  # (written out: SAELens's training loader would default the rescaling to true)
+    if act.exact_k:  # (written out: SAELens's training loader would default the rescaling to true)
         config["k"], config["rescale_acts_by_decoder_norm"] = cfg.k, False
     return config, tensors
 
@@ -148,7 +145,7 @@ def sparsify_files(model: Dictionary, w: RawWeights, meta: dict) -> tuple[dict, 
     cfg = model.cfg
     if cfg.architecture == "clt":
         raise _unsupported("sparsify", cfg, "sparsify's cross-layer coders are not written yet (one SparseCoder per hook point only)")
-    if cfg.activation != "topk":
+    if not cfg.act.sparsify:
         raise _unsupported("sparsify", cfg, "sparsify's SparseCoder is a TopK SAE or transcoder")
     if cfg.architecture != "sae" and cfg.d_in != cfg.d_out:
         raise _unsupported("sparsify", cfg, f"sparsify's transcoders write as many dims as they read (here {cfg.d_in} -> {cfg.d_out})")

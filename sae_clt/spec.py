@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal, Union, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .activations import ACTIVATIONS, activation
 from .errors import SpecError
 from .stages.table import tracked_sections
 
@@ -209,10 +210,8 @@ class ModelSection(StrictModel):
         "linear skip path W_skip (source -> target); clt: cross-layer transcoder, one encoder per source layer, each "
         "feature decoding to its own and every later target layer (source and target are lists).")
     d_sae: int = Field(4096, ge=1, le=MAX_WIDTH, description="Number of latents (dictionary size; clt: features per layer).")
-    activation: Literal["topk", "batchtopk", "jumprelu", "relu", "relu_clipped"] = Field(
-        "topk", description="topk: the k largest per row; batchtopk: the k·B largest over a batch (saved as JumpReLU with a "
-        "calibrated threshold); jumprelu: learned per-latent thresholds (straight-through); relu: ReLU + L1; "
-        "relu_clipped: ReLU capped at relu_ceiling + L1.")
+    activation: str = Field("topk", description="The sparse activation, a key of the registry in sae_clt/activations.py: "
+                            + "; ".join(f"{a.name}: {a.description}" for a in ACTIVATIONS.values()) + ".")
     k: int = Field(32, ge=1, le=MAX_WIDTH, description="Active latents per row (topk; batchtopk on average; clt topk: per layer; "
                    "jumprelu: the initial L0 when jumprelu_init_threshold is null).")
     relu_ceiling: float = Field(6.0, gt=0, description="Cap of relu_clipped.")
@@ -228,9 +227,15 @@ class ModelSection(StrictModel):
                                "source and target sizes). Pair it with train.unit_norm_decoder: false, so the shared rows "
                                "can scale.")
 
+    @field_validator("activation")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        activation(value)  # a ValueError naming the allowed ones (and the closest) otherwise
+        return value
+
     @model_validator(mode="after")
     def _sizes_fit(self):
-        if self.activation in ("topk", "batchtopk") and self.k > self.d_sae:
+        if activation(self.activation).uses_k and self.k > self.d_sae:
             raise ValueError(f"k ({self.k}) must be <= d_sae ({self.d_sae})")
         bad = [m for m in self.matryoshka_prefixes if not 0 < m < self.d_sae]
         if bad or self.matryoshka_prefixes != sorted(set(self.matryoshka_prefixes)):
@@ -365,8 +370,9 @@ class ExperimentSpec(StrictModel):
         t, m = self.train, self.model
         if t.group_lasso_coeff and (t.group_size is None or m.d_sae % t.group_size):
             raise ValueError(f"train.group_lasso_coeff needs train.group_size dividing model.d_sae ({m.d_sae}); got {t.group_size}")
-        if t.usage_kl_coeff and m.activation not in ("relu", "relu_clipped", "jumprelu"):
-            raise ValueError(f"train.usage_kl_coeff applies to relu, relu_clipped and jumprelu (their firing has a threshold); "
+        if t.usage_kl_coeff and not activation(m.activation).threshold_firing:
+            raise ValueError(f"train.usage_kl_coeff applies to {', '.join(n for n, a in ACTIVATIONS.items() if a.threshold_firing)} "
+                             "(their firing has a threshold); "
                              f"model.activation is {m.activation} (top-k kinds revive latents with AuxK)")
         return self
 
@@ -554,7 +560,7 @@ def _describe(err: dict, model: type[BaseModel]) -> str:
         if hint:
             msg += f" (did you mean '{hint[0]}'?)"
         return msg + (f"; allowed keys: {', '.join(allowed)}" if allowed else "")
-    msg = err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")  # our validators' messages stand on their own
     if err["type"] == "literal_error" and isinstance(given, str) and len(given) <= QUOTE_LIMIT:
         choices = re.findall(r"'([^']*)'", msg)
         hint = difflib.get_close_matches(given, choices, n=1)

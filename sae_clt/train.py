@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from .activations import activation
 from .dictionary import Dictionary, DictionaryConfig
 from .errors import PipelineError
 from .io import atomic_write_text, read_json, save_safetensors, write_json
@@ -60,9 +61,7 @@ def make_dictionary(spec: ExperimentSpec, store: ActivationStore, norm: Normaliz
         raise PipelineError(f"experiment {spec.id}: model.tied_decoder needs equal source and target sizes; "
                             f"{spec.source_key} has {cfg.d_in}, {spec.target_key} has {cfg.d_out}")
     model = Dictionary(cfg, seed=spec.train.seed)
-    if m.activation == "jumprelu" and m.jumprelu_init_threshold is not None:
-        with torch.no_grad():
-            model.log_threshold.fill_(math.log(m.jumprelu_init_threshold))
+    model.cfg.act.configure(model, m)
     src, tgt = spec.source_key, spec.target_key
     model.set_normalization(norm.mean[src], norm.scale[src], norm.mean[tgt], norm.scale[tgt])
     return model
@@ -82,16 +81,6 @@ def sample_rows(loader: PairLoader, n: int, seed: int) -> tuple[torch.Tensor, to
         idx = torch.arange(n) % x.shape[0]
         return x[idx], y[idx]
     return x[:n], y[:n]
-
-
-@torch.no_grad()
-def init_jumprelu_thresholds(model: Dictionary, x: torch.Tensor, l0: int) -> None:
-    """Each latent's threshold at the quantile of its pre-activations over the rows ``x`` that it
-    exceeds on l0 / d_sae of them: training starts at L0 ≈ l0 on the data's own scale."""
-    pre = model.pre_acts(x).float()
-    level = 1.0 - min(max(l0 / model.cfg.d_sae, 1.0 / pre.shape[0]), 1.0)
-    theta = torch.quantile(pre, level, dim=0).clamp_min(1e-6)
-    model.log_threshold.copy_(theta.log())
 
 
 def _skip_dynamo_import() -> None:
@@ -146,7 +135,7 @@ def make_optimizer(model: Dictionary, cfg) -> torch.optim.Optimizer:
 def uses_fast_step(spec: ExperimentSpec) -> bool:
     """The fast step covers TopK and BatchTopK SAEs and transcoders without L1 or Matryoshka terms."""
     m, t = spec.model, spec.train
-    return (t.step == "fast" and m.activation in ("topk", "batchtopk") and m.architecture in ("sae", "transcoder")
+    return (t.step == "fast" and activation(m.activation).fast_step and m.architecture in ("sae", "transcoder")
             and t.l1_coeff == 0 and not m.matryoshka_prefixes and not m.tied_decoder and t.unit_norm_decoder
             and t.decoder_l1_coeff == 0 and t.decoder_l2_coeff == 0 and t.group_lasso_coeff == 0)
 
@@ -169,7 +158,7 @@ class UsageKL:
         self.target, self.decay, self.temperature = target, decay, temperature
 
     def loss(self, model: Dictionary, pre: torch.Tensor) -> torch.Tensor:
-        theta = model.log_threshold.exp().detach() if model.cfg.activation == "jumprelu" else 0.0
+        theta = model.cfg.act.firing_threshold(model)
         soft = torch.sigmoid((pre - theta) / self.temperature).mean(0)
         p = (self.decay * self.frequency.to(soft.dtype) + (1 - self.decay) * soft).clamp(1e-6, 1 - 1e-6)
         t = self.target
@@ -330,8 +319,8 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
 
     # Model, optimiser and the state a checkpoint carries
     model = make_dictionary(spec, store, norm)
-    jumprelu_auto = spec.model.activation == "jumprelu" and spec.model.jumprelu_init_threshold is None
-    if cfg.init == "data" or cfg.b_dec_init != "zeros" or jumprelu_auto:  # one sample serves every data-based init
+    act_init = model.cfg.act.wants_data_init(spec.model)  # e.g. JumpReLU thresholds at the data's quantiles
+    if cfg.init == "data" or cfg.b_dec_init != "zeros" or act_init:  # one sample serves every data-based init
         x0, y0 = sample_rows(loader, model.cfg.d_sae, cfg.seed)
     if cfg.init == "data" or cfg.b_dec_init != "zeros":
         with torch.no_grad():
@@ -341,8 +330,8 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
                 model.b_dec.copy_(geometric_median(y0))
         if cfg.init == "data":
             model.init_from_data(x0, y0)
-    if jumprelu_auto:  # after any data init: the thresholds are quantiles of the initial encoder's outputs
-        init_jumprelu_thresholds(model, x0, spec.model.k)
+    if act_init:  # after any data init: it sees the initial encoder's outputs
+        model.cfg.act.init_from_data(model, x0, spec.model)
     world.broadcast_params(model)  # initialisation sampled rank-local rows: rank 0's wins
     opt = make_optimizer(model, cfg)
     rows_since_fired = torch.zeros(model.cfg.d_sae, dtype=torch.long)
@@ -443,10 +432,8 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
         world.sum_(refit.gram)
         world.sum_(refit.cross)
         refit.apply(model)
-    calibration = {}
-    if spec.model.activation == "batchtopk":  # saved as JumpReLU: one threshold keeping k per row on average
-        batches = [x for _, (x, _) in zip(range(8), loader.epoch(0))]
-        calibration = {"batchtopk_threshold": model.calibrate_threshold(batches)}
+    calibration = model.cfg.act.after_training(model, lambda: [x for _, (x, _) in zip(range(8), loader.epoch(0))])
+    if calibration:
         world.broadcast_params(model)
     if not world.is_main:
         world.close()
@@ -481,7 +468,7 @@ def train_step(model: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, y
     ``usage`` (with its scheduled ``usage_scale``) adds the usage KL."""
     for group in opt.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-    act = model.cfg.activation
+    act = model.cfg.act
 
     # Forward: encoder (optionally bf16), activation, decoder
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
@@ -489,7 +476,8 @@ def train_step(model: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, y
     pre = pre.to(model.W_dec.dtype)  # back from bf16 (fp32 master weights)
     skip = x @ model.W_skip if model.cfg.architecture == "skip_transcoder" else 0
     z = None
-    if act == "topk" and not prefixes:
+    indices = None
+    if act.exact_k and not prefixes:
         values, indices = model.sparse_code(pre)  # [B, k] each: no dense [B, d_sae] code
         y_hat = model.decode_sparse(values, indices) + skip
         counts = torch.bincount(indices[values > 0], minlength=rows_since_fired.numel())
@@ -510,21 +498,9 @@ def train_step(model: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, y
         y_m = z[:, :m] @ model.W_dec[:m] + model.b_dec + skip
         recon = recon + ((y_m - y) ** 2).sum(-1).mean()
     recon = recon / (1 + len(prefixes))
-    # Sparsity penalty: L1 (x decoder norms) for ReLU kinds, L0 (straight-through) for JumpReLU
-    if act == "jumprelu":
-        from .dictionary import step_l0
-
-        sparsity = step_l0(pre, model.log_threshold.exp(), model.cfg.jumprelu_bandwidth).mean()
-        penalty = cfg.l0_coeff * penalty_scale * sparsity
-    else:
-        if z is not None:
-            weighted = active * model.W_dec.norm(dim=1)
-        else:  # sparse top-k code: unit-norm rows need no weighting
-            weighted = active if cfg.unit_norm_decoder else active * model.W_dec.norm(dim=1)[indices]
-        if cfg.sparsity_penalty == "tanh":
-            weighted = torch.tanh(cfg.tanh_scale * weighted)
-        sparsity = weighted.sum(-1).mean()
-        penalty = cfg.l1_coeff * penalty_scale * sparsity
+    # Sparsity penalty: the activation's own (L1 x decoder norms by default, L0 for JumpReLU)
+    coeff, sparsity = act.penalty(model, pre, active, indices, cfg)
+    penalty = coeff * penalty_scale * sparsity
     if cfg.group_lasso_coeff:
         dense = z if z is not None else torch.zeros_like(pre).scatter(-1, indices, values)
         groups = dense.reshape(dense.shape[0], -1, cfg.group_size).norm(dim=-1).sum(-1).mean()
@@ -545,7 +521,7 @@ def train_step(model: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, y
     rows_since_fired += x.shape[0] * (world.size if world is not None else 1)
     rows_since_fired[fired] = 0
     dead = rows_since_fired >= cfg.dead_after_rows
-    use_aux = act in ("topk", "batchtopk") and cfg.aux_k
+    use_aux = act.aux_k and cfg.aux_k
     aux = aux_k_loss(model, pre, y - y_hat, dead, cfg.aux_k) if use_aux else pre.new_zeros(())
     loss = recon + penalty + cfg.aux_coeff * aux
     if not torch.isfinite(loss):

@@ -104,7 +104,7 @@ def test_sparsify_files_reproduce_saeclts_raw_reconstruction(tmp_path, architect
 
 @pytest.mark.parametrize("fmt,architecture,activation,d_out,message", [
     ("saelens", "transcoder", "topk", 12, "no TopK transcoder"),
-    ("saelens", "sae", "relu_clipped", 12, "no clipped ReLU"),
+    ("saelens", "sae", "relu_clipped", 12, "no 'relu_clipped' activation"),
     ("sparsify", "sae", "jumprelu", 12, "TopK"),
     ("sparsify", "transcoder", "topk", 9, "as many dims as they read"),
 ])

@@ -104,7 +104,7 @@ def test_usage_regularisation_makes_silent_latents_fire_again():
 
 
 def test_usage_kl_is_refused_for_topk_with_a_clear_message():
-    with pytest.raises(ValueError, match="usage_kl_coeff applies to relu"):
+    with pytest.raises(ValueError, match="usage_kl_coeff applies to jumprelu, relu, relu_clipped"):
         ExperimentSpec.model_validate({"id": "x", "dataset": "d", "source": "a", "target": "a",
                                        "model": {"architecture": "sae", "activation": "topk"},
                                        "train": {"usage_kl_coeff": 0.1}})
@@ -138,10 +138,10 @@ def test_wandb_logging_runs_offline_and_records_its_run_id(built_project, tmp_pa
 
 
 def test_jumprelu_thresholds_start_at_the_quantile_giving_l0_k():
-    from sae_clt.train import init_jumprelu_thresholds
+    from sae_clt.activations import init_thresholds_at_quantile
 
     model, x = _model("jumprelu", d=16, n=64), _data(n_rows=4000, d=16) * 3.0
-    init_jumprelu_thresholds(model, x[:2000], l0=8)
+    init_thresholds_at_quantile(model, x[:2000], l0=8)
     with torch.no_grad():
         held_out_l0 = (model.activate(model.pre_acts(x[2000:])) > 0).sum(-1).float().mean()
     assert abs(float(held_out_l0) - 8) < 8 * 0.15  # on unseen rows of the same distribution

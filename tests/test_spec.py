@@ -36,7 +36,7 @@ def test_bad_choice_lists_choices_and_suggests(tiny_project):
     path = tiny_project / "specs" / "tiny_sae.yaml"
     path.write_text(path.read_text().replace("activation: topk", "activation: topkk"))
     msg = _error(path)
-    assert "model.activation" in msg and "'topk', 'batchtopk', 'jumprelu', 'relu' or 'relu_clipped'" in msg and "did you mean 'topk'" in msg
+    assert "model.activation" in msg and "allowed: topk, batchtopk, jumprelu, relu, relu_clipped" in msg and "did you mean 'topk'" in msg
 
 
 def test_k_larger_than_dictionary_is_rejected(tiny_project):

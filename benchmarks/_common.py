@@ -29,7 +29,7 @@ def fit_and_evaluate(spec, store, norm, train_updates: dict | None = None, model
     """Train ``spec`` (with overrides; causal check off) on the store; returns (train summary,
     eval metrics, training rows read per second). Nothing is written to the project."""
     from sae_clt.evaluate import evaluate
-    from sae_clt.train import train
+    from sae_clt.training.loop import train
 
     spec = spec.model_copy(update={
         "train": spec.train.model_copy(update=train_updates or {}),

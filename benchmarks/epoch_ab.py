@@ -33,7 +33,7 @@ def child(spec_path: str, runs: int, precision: str) -> None:
     sys.path.insert(0, os.environ[CHILD_ROOT])
     import sae_clt
     from sae_clt.stages.inputs import experiment_inputs as _experiment
-    from sae_clt.train import train
+    from sae_clt.training.loop import train
 
     resolved, store, norm = _experiment(Path(spec_path))
     spec = resolved.experiment

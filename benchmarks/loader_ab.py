@@ -27,10 +27,10 @@ def main() -> None:
     import torch
 
     from sae_clt.dictionary import Dictionary, DictionaryConfig
-    from sae_clt.fast_step import FastTopKStep
     from sae_clt.normalize import Normalization, PairLoader
     from sae_clt.spec import TrainSection
     from sae_clt.store import ActivationStore
+    from sae_clt.training.fast_step import FastTopKStep
 
     store = ActivationStore.open(Path(args.store))
     hook, d = next(iter(store.hook_dims.items()))

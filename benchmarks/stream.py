@@ -80,10 +80,10 @@ def run_mode(mode: str, folder: Path, steps: int) -> dict:
     import torch
 
     from sae_clt.dictionary import Dictionary, DictionaryConfig
-    from sae_clt.fast_step import FastTopKStep
     from sae_clt.normalize import Normalization, PairLoader
     from sae_clt.spec import TrainSection
     from sae_clt.store import ActivationStore
+    from sae_clt.training.fast_step import FastTopKStep
 
     store = ActivationStore.open(folder)
     n = store.manifest["n_instances"]
@@ -123,10 +123,10 @@ def run_paired(folder: Path, steps: int) -> dict:
     import torch
 
     from sae_clt.dictionary import Dictionary, DictionaryConfig
-    from sae_clt.fast_step import FastTopKStep
     from sae_clt.normalize import Normalization, PairLoader
     from sae_clt.spec import TrainSection
     from sae_clt.store import ActivationStore
+    from sae_clt.training.fast_step import FastTopKStep
 
     store = ActivationStore.open(folder)
     n = store.manifest["n_instances"]

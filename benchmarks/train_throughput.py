@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import cpu_description  # noqa: E402
 
 from sae_clt.dictionary import Dictionary, DictionaryConfig  # noqa: E402
-from sae_clt.fast_step import FastTopKStep  # noqa: E402
 from sae_clt.kernels import kernel_available, topk_rows  # noqa: E402
 from sae_clt.spec import TrainSection  # noqa: E402
-from sae_clt.train import train_step  # noqa: E402
+from sae_clt.training.fast_step import FastTopKStep  # noqa: E402
+from sae_clt.training.step import train_step  # noqa: E402
 
 D_IN, D_SAE, K, BATCH = 384, 3072, 32, 4096
 

@@ -175,7 +175,7 @@ def test_instance_ids_out_of_range_fail_when_the_store_is_opened(project):
 def test_a_checkpoint_is_not_resumed_after_the_dataset_split_changes(project, monkeypatch, capsys):
     """normalize.seed 0 -> 5 moves instances between the splits: rows the checkpoint trained on
     are now validation rows, so it must not be resumed (while an unchanged one is)."""
-    import sae_clt.train as train_module
+    import sae_clt.training.checkpoint as train_module
 
     spec = project / "specs" / "tiny_sae.yaml"
     spec.write_text(spec.read_text().replace("epochs: 2,", "epochs: 2, checkpoint_every: 3,"))

@@ -31,8 +31,8 @@ def _batches():
 
 
 def _train(kind: str, world, rank: int, size: int):
-    from sae_clt.fast_step import FastTopKStep
-    from sae_clt.train import train_step
+    from sae_clt.training.fast_step import FastTopKStep
+    from sae_clt.training.step import train_step
 
     model = _model()
     cfg = TrainSection(aux_k=0, dead_after_rows=100)
@@ -52,7 +52,7 @@ def _train(kind: str, world, rank: int, size: int):
 def _worker(rank: int, size: int, kind: str, port: int, out: str):
     import torch.distributed as dist
 
-    from sae_clt.distributed import World
+    from sae_clt.training.distributed import World
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=size)

@@ -10,10 +10,10 @@ import torch
 
 from sae_clt import kernels
 from sae_clt.dictionary import Dictionary, DictionaryConfig
-from sae_clt.fast_step import FastTopKStep
 from sae_clt.kernels import topk_rows
 from sae_clt.spec import TrainSection
-from sae_clt.train import train_step
+from sae_clt.training.fast_step import FastTopKStep
+from sae_clt.training.step import train_step
 
 
 def _pair(architecture: str, d_in: int, d_out: int, activation: str = "topk"):
@@ -34,7 +34,7 @@ def _pair(architecture: str, d_in: int, d_out: int, activation: str = "topk"):
 def test_fast_step_matches_plain_autograd_step_in_float64(architecture, d_in, d_out, aux_k, activation, aux_path, monkeypatch):
     if aux_path == "dense" and not aux_k:
         pytest.skip("no AuxK")
-    from sae_clt import fast_step as fast_step_module
+    from sae_clt.training import fast_step as fast_step_module
 
     monkeypatch.setattr(fast_step_module, "DENSE_AUX_RATIO", 0.0 if aux_path == "sparse" else float("inf"))
     plain, fast = _pair(architecture, d_in, d_out, activation)
@@ -182,7 +182,7 @@ def test_bf16_copies_of_decoder_and_rows_give_the_float32_sums_of_the_rounded_va
 
 
 def test_decoder_refit_recovers_the_least_squares_decoder_and_keeps_the_codes():
-    from sae_clt.refit import DecoderRefit
+    from sae_clt.training.refit import DecoderRefit
 
     cfg = DictionaryConfig("sae", 12, 12, 40, "topk", 4, "a", "a")
     model = Dictionary(cfg, seed=0).double()
@@ -209,7 +209,7 @@ def test_decoder_refit_recovers_the_least_squares_decoder_and_keeps_the_codes():
 
 @pytest.mark.parametrize("use_kernel", [True, False])
 def test_refit_accumulates_the_exact_gram_and_cross_products_of_the_codes(use_kernel, monkeypatch):
-    from sae_clt.refit import DecoderRefit
+    from sae_clt.training.refit import DecoderRefit
 
     if use_kernel and not kernels.kernel_available():
         pytest.skip("no compiled kernels on this machine")
@@ -398,7 +398,7 @@ def test_dense_auxk_matches_the_sparse_auxk_kernels(precision, monkeypatch):
     """Where many dead latents are active per row, AuxK runs as four dense matmuls (bf16 ones in
     bf16): its loss and gradients match the gather/scatter kernels' (float32) to float32 / bf16
     precision, and the step takes the dense path only when it is the cheaper one."""
-    from sae_clt import fast_step
+    from sae_clt.training import fast_step
 
     gen = torch.Generator().manual_seed(3)
     n_rows, n_dead, d = 256, 24, 32
@@ -431,7 +431,7 @@ def test_sparse_auxk_on_the_rows_where_a_dead_latent_is_active_equals_the_whole_
     """Rows where no dead latent is active go round the AuxK kernels (their loss is the residual's
     squared norm, their gradients zero): loss and gradients equal the dense computation over every
     row, in float64."""
-    from sae_clt import fast_step
+    from sae_clt.training import fast_step
 
     gen = torch.Generator().manual_seed(5)
     n_rows, n_dead, d = 300, 12, 24

@@ -12,7 +12,10 @@ import torch
 
 from sae_clt.dictionary import Dictionary, DictionaryConfig
 from sae_clt.spec import ExperimentSpec, TrainSection
-from sae_clt.train import UsageKL, cosine_with_warmup, make_optimizer, train_step
+from sae_clt.training.losses import UsageKL
+from sae_clt.training.optim import make_optimizer
+from sae_clt.training.schedules import cosine_with_warmup
+from sae_clt.training.step import train_step
 
 
 def _model(activation="relu", d=8, n=32, seed=0):

@@ -82,7 +82,9 @@ def test_a_kill_between_the_checkpoint_s_two_files_resumes_from_the_tensors_own_
 
     from sae_clt.dictionary import Dictionary, DictionaryConfig
     from sae_clt.spec import TrainSection
-    from sae_clt.train import CurveWriter, TrainState, make_optimizer
+    from sae_clt.training.checkpoint import TrainState
+    from sae_clt.training.curves import CurveWriter
+    from sae_clt.training.optim import make_optimizer
 
     def fresh():
         model = Dictionary(DictionaryConfig("sae", 6, 6, 12, "topk", 2, "x", "x"), seed=0)

@@ -9,7 +9,8 @@ from sae_clt.metrics import ReconstructionMeter
 from sae_clt.normalize import Normalization, PairLoader, fit_normalization
 from sae_clt.spec import DatasetSpec, ExperimentSpec
 from sae_clt.store import ActivationStore, StoreWriter
-from sae_clt.train import aux_k_loss, train
+from sae_clt.training.loop import train
+from sae_clt.training.losses import aux_k_loss
 
 
 def _synthetic_store(folder, n_rows=12_000, dim=16, n_features=24, active=2, seed=0):
@@ -119,7 +120,7 @@ def test_building_and_checkpointing_the_optimizer_does_not_import_torch_dynamo()
     code = ("import sys, torch\n"
             "from sae_clt.dictionary import Dictionary, DictionaryConfig\n"
             "from sae_clt.spec import TrainSection\n"
-            "from sae_clt.train import make_optimizer\n"
+            "from sae_clt.training.optim import make_optimizer\n"
             "model = Dictionary(DictionaryConfig('sae', 8, 8, 16, 'topk', 2, 'x', 'x'), seed=0)\n"
             "opt = make_optimizer(model, TrainSection())\n"
             "opt.load_state_dict(opt.state_dict()); opt.zero_grad()\n"

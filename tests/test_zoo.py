@@ -13,7 +13,7 @@ from sae_clt.dictionary import Dictionary, DictionaryConfig
 from sae_clt.normalize import Normalization, PairLoader
 from sae_clt.stages.table import run_stage
 from sae_clt.store import ActivationStore
-from sae_clt.train import geometric_median, resample_dead
+from sae_clt.training.init import geometric_median, resample_dead
 
 SPEC = """\
 id: {id}

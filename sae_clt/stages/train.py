@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..train import train
+from ..training.loop import train
 from .common import log
 from .inputs import check_fits_in_memory, experiment_inputs
 

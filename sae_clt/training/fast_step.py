@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import torch
 
-from .dictionary import Dictionary
-from .kernels import adam_update, center_bf16, decode_backward, latent_grads, positive_entries, topk_rows
-from .train import FIRING
+from ..dictionary import Dictionary
+from ..kernels import adam_update, center_bf16, decode_backward, latent_grads, positive_entries, topk_rows
+from .curves import FIRING
 
 
 def _aux_k(w_dead: torch.Tensor, pre_dead: torch.Tensor, g_main: torch.Tensor, main_scale: float, x_in: torch.Tensor,

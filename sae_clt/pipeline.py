@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .errors import PipelineError
 from .project import Paths, read_index, resolve_experiment, write_index
+from .stages.table import refuse_linked_outputs, run_targets
 
 
 def dvc_env() -> dict:
@@ -495,7 +496,8 @@ def run_experiment(spec_path: Path) -> None:
         if added:
             print(f"params.yaml: indexed experiment '{eid}'", file=sys.stderr)
         try:
-            dvc(root, "repro", f"report@{eid}", f"export@{eid}")
+            refuse_linked_outputs(root, read_index(paths))
+            dvc(root, "repro", *run_targets(eid))
         except BaseException:
             if added:  # listed only once its chain has run through
                 unindex(paths, eid, before)

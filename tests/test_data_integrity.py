@@ -202,3 +202,22 @@ def test_a_dictionary_too_large_for_memory_is_refused_before_anything_is_allocat
     monkeypatch.setattr(inputs, "available_memory", lambda: 10**9)
     with pytest.raises(SpecError, match=r"model.d_sae: 2000000 latents on 16 -> 16 dims with train.batch_size 256 need about [\d.]+ GB"):
         run_stage("train", spec)
+
+
+def test_run_refuses_a_linked_stage_output_before_dvc_touches_what_it_points_to(dvc_project, tmp_path):
+    """DVC removes a stage's outputs before running it and, on a symbolic link, chmods the
+    folder the link points to (0777 on the folder outside the project): refused up front."""
+    import subprocess
+    import sys
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("mine")
+    elsewhere.chmod(0o750)
+    link = Paths(dvc_project).dictionary_dir("tiny_sae")
+    link.parent.mkdir(parents=True)
+    link.symlink_to(elsewhere, target_is_directory=True)
+    done = subprocess.run([sys.executable, "-m", "sae_clt", "run", "specs/tiny_sae.yaml"], cwd=dvc_project, capture_output=True, text=True)
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "dictionary: is a symbolic link" in done.stderr and "Traceback" not in done.stderr
+    assert stat.S_IMODE(elsewhere.stat().st_mode) == 0o750 and (elsewhere / "keep.txt").read_text() == "mine"

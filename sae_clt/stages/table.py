@@ -106,6 +106,36 @@ def run_targets(experiment_id: str) -> list[str]:
     return [f"{s.name}@{experiment_id}" for s in STAGES if s.spec_kind == "experiments"]
 
 
+def output_paths(index: dict) -> list[str]:
+    """Every stage output of the experiments, datasets and subjects in ``index`` (params.yaml's
+    groups), as project-relative paths."""
+    paths = []
+    for s in STAGES:
+        for key, item in (index.get(s.foreach) or {}).items():
+            for out in s.outs:
+                path = out.path.replace("${key}", key)
+                for field_name, value in (item or {}).items():
+                    path = path.replace("${item." + field_name + "}", str(value))
+                paths.append(path)
+    return list(dict.fromkeys(paths))
+
+
+def refuse_linked_outputs(root: Path, index: dict) -> None:
+    """A stage output that is a symbolic link is refused before DVC runs: DVC removes a stage's
+    outputs before running it, and on a link it changes the permissions of the folder the link
+    points to (outside saeclt's outputs). A linked parent folder (e.g. runs/) is fine."""
+    from ..errors import DataError
+
+    for rel in output_paths(index):
+        path = Path(root) / rel
+        if path.is_symlink():
+            import os
+
+            raise DataError(f"{path}: is a symbolic link (to {os.readlink(path)}); DVC would change the permissions of what it "
+                            "points to when it replaces this output. Replace the link with a folder, or link a parent folder "
+                            "(such as runs/) instead, then run again")
+
+
 def run_stage(name: str, spec_path: str | Path, shard: tuple[int, int] | None = None) -> None:
     """Run stage command ``name`` on a spec file (what dvc.yaml's commands call)."""
     from ..errors import SpecError

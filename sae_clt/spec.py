@@ -279,7 +279,7 @@ class TrainSection(StrictModel):
     b_dec_init: Literal["zeros", "mean", "geometric_median"] = Field(
         "zeros", description="Initial decoder bias: zeros, or the mean / geometric median of a sample of target rows.")
     decoder_refit_frac: float = Field(0.5, ge=0, le=1, description="topk/batchtopk (fast step): refit the decoder in closed form "
-                                      "from the codes of this last fraction of the training pass (0 = off); see sae_clt/refit.py.")
+                                      "from the codes of this last fraction of the training pass (0 = off); see sae_clt/training/refit.py.")
     resample_at: list[Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=list, description="Fractions of training (e.g. [0.25, 0.5]) at which "
                                      "dead latents are re-initialised towards badly reconstructed rows, their Adam moments reset.")
     aux_k: int = Field(512, ge=0, le=MAX_WIDTH, description="AuxK: dead latents used to model the residual (topk only; 0 = off).")

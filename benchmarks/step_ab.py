@@ -34,7 +34,8 @@ def load_commit(commit: str, folder: Path):
     # A kernel name of its own: under the working tree's name (unchanged between commits of one
     # kernel version) both would build into one folder and one process could end up running a
     # single build for both sides.
-    source = folder / "sae_clt_at_commit" / "_kernels_cpp.py"
+    source = next(folder / "sae_clt_at_commit" / f for f in ("kernels_build.py", "_kernels_cpp.py")
+                  if (folder / "sae_clt_at_commit" / f).exists())
     sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", commit], capture_output=True, text=True, check=True).stdout.strip()
     text = source.read_text()
     name = re.search(r'^NAME = "([^"]+)"', text, re.M)
@@ -42,8 +43,12 @@ def load_commit(commit: str, folder: Path):
         source.write_text(text.replace(name.group(0), f'NAME = "{name.group(1)}_at_{sha}"'))
     sys.path.insert(0, str(folder))
     import sae_clt_at_commit.dictionary as dictionary
-    import sae_clt_at_commit.fast_step as fast_step
     import sae_clt_at_commit.spec as spec
+
+    try:  # the fast step's module moved into training/
+        import sae_clt_at_commit.training.fast_step as fast_step
+    except ImportError:
+        import sae_clt_at_commit.fast_step as fast_step
 
     return fast_step, dictionary, spec
 

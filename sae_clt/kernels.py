@@ -16,7 +16,7 @@ kernels where they could be built, pure-torch reference implementations otherwis
 - ``store_rows``: a shard's rows shuffled and converted to the store's dtype, with the running
   statistics and the NaN/inf check in the same pass (the collection's writer).
 
-The kernels (C++ with OpenMP in ``_kernels_cpp.py``) are built on first use through torch's
+The kernels (C++ with OpenMP in ``cpp/kernels.cpp`` (built by ``kernels_build.py``)) are built on first use through torch's
 extension tooling when a C++ compiler and ninja are present (one build per source, flags, torch,
 Python and CPU features; later processes import it directly, its path recorded under
 ``~/.cache/saeclt/kernels/``); any failure to build falls back to the torch versions, which are
@@ -298,7 +298,7 @@ def _load_kernel():
         _KERNEL = False
         if "torch" not in (os.environ.get("SAECLT_KERNELS", "auto"), os.environ.get("SAECLT_TOPK", "auto")):
             try:
-                from ._kernels_cpp import build
+                from .kernels_build import build
 
                 _KERNEL = build()
             except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a build error: use the torch versions

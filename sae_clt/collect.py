@@ -133,6 +133,86 @@ def part_dir(store_dir: Path, part: tuple[int, int]) -> Path:
     return store_dir / f"part-{part[0]}-of-{part[1]}"
 
 
+class _Collection:
+    """One collection into one store folder: its writer, the batches waiting to fill a shard, the
+    generator that shuffles rows within shards, and the resumable state saved after each shard."""
+
+    def __init__(self, dataset: DatasetSpec, subject, store_dir: Path, key: str, lo: int, hi: int, part: tuple[int, int] | None):
+        cfg = dataset.collect
+        self.dataset, self.subject, self.folder, self.key, self.lo, self.hi, self.part = dataset, subject, store_dir, key, lo, hi, part
+        self.gen = torch.Generator().manual_seed(cfg.seed if part is None else cfg.seed + 1_000_003 * (part[0] + 1))
+        self.writer: StoreWriter | None = None
+        self.pending_acts: dict[str, list[torch.Tensor]] = {}
+        self.pending_prov: dict[str, list[torch.Tensor]] = {}
+        self.pending_instances = 0
+        self.done = lo  # inputs (absolute index) whose rows are in written shards
+
+    def make_writer(self, dims: dict[str, int]) -> StoreWriter:
+        cfg, subject = self.dataset.collect, self.subject
+        meta = {
+            "subject": {"id": subject.spec.id, "kind": subject.kind, "fingerprint": subject.fingerprint()},
+            "n_instances": cfg.n_instances,
+            "meta": output_meta(self.dataset, cfg.seed, list(stage("collect").sections)),
+        }
+        if getattr(subject, "input_fingerprint", None):
+            meta["inputs"] = subject.input_fingerprint
+        if self.part is not None:
+            meta["part"] = {"index": self.part[0], "of": self.part[1], "inputs": [self.lo, self.hi], "key": self.key}
+        return StoreWriter(self.folder, dims, cfg.dtype, meta, drop_nonfinite=cfg.drop_nonfinite)
+
+    def start(self) -> int:
+        """Resume an unfinished collection of the same key found in the folder (after its last
+        complete shard), or clear the folder (only saeclt's own files are ever deleted); returns
+        the first input still to collect."""
+        check_own_folder(self.folder, store_owned, STORE_ROLE)  # before anything is read or written there
+        if not ((self.folder / PROGRESS).exists() and not (self.folder / MANIFEST).exists()):
+            remove_own_folder(self.folder, store_owned, STORE_ROLE)  # a fresh collection replaces an old one
+            return self.lo
+        saved = read_progress(self.folder)
+        if saved is not None and saved[0]["caller"].get("key") == self.key:
+            state, tensors = saved
+            writer = self.make_writer(state["caller"]["dims"])
+            if writer.restore_progress(state, tensors):
+                self.writer = writer
+                self.gen.set_state(tensors["rng_state"])
+                self.done = state["caller"]["instances_done"]
+                print(f"[collect] {self.dataset.id}: resuming after {len(writer.shards)} complete shard(s), "
+                      f"{self.done - self.lo} of {self.hi - self.lo} inputs done", flush=True)
+                return self.done
+        remove_own_folder(self.folder, store_owned, STORE_ROLE)
+        return self.lo
+
+    def add(self, acts: dict[str, torch.Tensor], provenance: dict[str, torch.Tensor], keep: torch.Tensor, n_inputs: int,
+            first: int) -> None:
+        """Queue a batch's kept rows; a shard is written once enough inputs are queued."""
+        cfg = self.dataset.collect
+        if self.writer is None:
+            dims = {p: int(x.shape[-1]) for p, x in acts.items()}
+            check_free_disk(self.folder, (self.hi - first) * next(iter(acts.values())).shape[0] // n_inputs, dims, cfg.dtype)
+            self.writer = self.make_writer(dims)
+        for p, x in acts.items():
+            self.pending_acts.setdefault(p, []).append(x[keep])
+        for k, v in provenance.items():
+            self.pending_prov.setdefault(k, []).append(v[keep])
+        self.pending_instances += n_inputs
+        if self.pending_instances >= cfg.instances_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the queued rows, shuffled, as the next shard, then the state to resume after it."""
+        if not self.pending_instances:
+            return
+        prov = {k: torch.cat(v) for k, v in self.pending_prov.items()}
+        perm = torch.randperm(next(iter(prov.values())).shape[0], generator=self.gen)
+        self.writer.write_shard({p: list(xs) for p, xs in self.pending_acts.items()}, prov, perm)  # the batches, not concatenated
+        self.done += self.pending_instances
+        self.writer.save_progress({"key": self.key, "dims": self.writer.hook_dims, "instances_done": self.done},
+                                  {"rng_state": self.gen.get_state()})
+        for xs in self.pending_acts.values():
+            xs.clear()
+        self.pending_prov, self.pending_instances = {}, 0
+
+
 def collect(dataset: DatasetSpec, subject, store_dir: Path, part: tuple[int, int] | None = None) -> dict:
     """Write ``dataset``'s activation store from a loaded ``subject``; returns the manifest.
     Resumes an unfinished collection of the same spec and subject found in ``store_dir``.
@@ -148,59 +228,8 @@ def collect(dataset: DatasetSpec, subject, store_dir: Path, part: tuple[int, int
     if part is not None:
         key += f":part{part[0]}/{part[1]}"
         store_dir = part_dir(store_dir, part)
-    check_own_folder(store_dir, store_owned, STORE_ROLE)  # before anything is read or written there
-    if (store_dir / PROGRESS).exists() and not (store_dir / MANIFEST).exists():
-        resumable = True
-    else:
-        resumable = False
-        remove_own_folder(store_dir, store_owned, STORE_ROLE)  # a fresh collection replaces an old one
-    gen = torch.Generator().manual_seed(cfg.seed if part is None else cfg.seed + 1_000_003 * (part[0] + 1))
-    writer: StoreWriter | None = None
-    pending_acts: dict[str, list[torch.Tensor]] = {p: [] for p in points}
-    pending_prov: dict[str, list[torch.Tensor]] = {}
-    pending_instances = 0
-    instances_done = lo  # inputs (absolute index) whose rows are in written shards
-
-    def make_writer(dims: dict[str, int]) -> StoreWriter:
-        meta = {
-            "subject": {"id": subject.spec.id, "kind": subject.kind, "fingerprint": subject.fingerprint()},
-            "n_instances": cfg.n_instances,
-            "meta": output_meta(dataset, cfg.seed, list(stage("collect").sections)),
-        }
-        if getattr(subject, "input_fingerprint", None):
-            meta["inputs"] = subject.input_fingerprint
-        if part is not None:
-            meta["part"] = {"index": part[0], "of": part[1], "inputs": [lo, hi], "key": key}
-        return StoreWriter(store_dir, dims, cfg.dtype, meta, drop_nonfinite=cfg.drop_nonfinite)
-
-    skip = lo
-    if resumable:
-        saved = read_progress(store_dir)
-        if saved is not None and saved[0]["caller"].get("key") == key:
-            state, tensors = saved
-            writer = make_writer(state["caller"]["dims"])
-            if writer.restore_progress(state, tensors):
-                gen.set_state(tensors["rng_state"])
-                skip = instances_done = state["caller"]["instances_done"]
-                print(f"[collect] {dataset.id}: resuming after {len(writer.shards)} complete shard(s), "
-                      f"{instances_done - lo} of {hi - lo} inputs done", flush=True)
-            else:
-                writer = None
-        if writer is None:
-            remove_own_folder(store_dir, store_owned, STORE_ROLE)
-
-    def flush() -> None:
-        nonlocal pending_instances, pending_prov, instances_done
-        prov = {k: torch.cat(v) for k, v in pending_prov.items()}
-        perm = torch.randperm(next(iter(prov.values())).shape[0], generator=gen)
-        writer.write_shard({p: list(xs) for p, xs in pending_acts.items()}, prov, perm)  # the batches, not concatenated
-        instances_done += pending_instances
-        writer.save_progress({"key": key, "dims": writer.hook_dims, "instances_done": instances_done},
-                             {"rng_state": gen.get_state()})
-        for xs in pending_acts.values():
-            xs.clear()
-        pending_prov, pending_instances = {}, 0
-
+    run = _Collection(dataset, subject, store_dir, key, lo, hi, part)
+    skip = run.start()
     if hasattr(subject, "activation_batches"):
         batches = subject.activation_batches(points, cfg.n_instances, cfg.seed, cfg.batch_size, skip=skip, stop=hi)
     else:
@@ -209,32 +238,20 @@ def collect(dataset: DatasetSpec, subject, store_dir: Path, part: tuple[int, int
     tokens, started = 0, time.perf_counter()
     with torch.no_grad(), progress_bar(total=hi - lo, desc=f"collect {dataset.id}", unit="inst", initial=skip - lo) as bar:
         for acts, provenance, keep, n_inputs in batches:
-            if instances_done + pending_instances >= hi:
+            if run.done + run.pending_instances >= hi:
                 break  # this worker's run of inputs is done
             rows = next(iter(acts.values())).shape[0]
             keep = torch.ones(rows, dtype=torch.bool) if keep is None else keep.clone()
             if text is not None and text.outlier_norm_multiple is not None:
                 keep &= within_norm_bound(acts, keep, text.outlier_norm_multiple)
-            if writer is None:
-                dims = {p: int(x.shape[-1]) for p, x in acts.items()}
-                check_free_disk(store_dir, (hi - skip) * rows // n_inputs, dims, cfg.dtype)
-                writer = make_writer(dims)
-            for p in points:
-                pending_acts[p].append(acts[p][keep])
-            for k, v in provenance.items():
-                pending_prov.setdefault(k, []).append(v[keep])
-            pending_instances += n_inputs
+            run.add({p: acts[p] for p in points}, provenance, keep, n_inputs, skip)
             tokens += int(keep.sum())
             bar.update(n_inputs)
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(rows_per_s=f"{tokens / elapsed:,.0f}")
-            if pending_instances >= cfg.instances_per_shard:
-                flush()
-        if pending_instances:
-            flush()
-    if writer is None:
+            bar.set_postfix(rows_per_s=f"{tokens / max(time.perf_counter() - started, 1e-9):,.0f}")
+        run.flush()
+    if run.writer is None:
         raise DataError(f"dataset '{dataset.id}': no inputs were collected (collect.n_instances = {cfg.n_instances}, inputs {lo}-{hi})")
-    return writer.finish(keep_raw_stats=part is not None)
+    return run.writer.finish(keep_raw_stats=part is not None)
 
 
 def part_status(store_dir: Path) -> tuple[int, int] | None:

@@ -207,25 +207,23 @@ class FastTopKStep:
         acts = torch.where(acts >= threshold, acts, torch.zeros_like(acts)) if threshold > 0 else acts
         return idx, acts
 
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, rows_since_fired: torch.Tensor, lr: float) -> dict[str, float]:
+    def _encode(self, x: torch.Tensor, rows_since_fired: torch.Tensor):
+        """The encoder matmul (into a reused buffer: no page faults on a fresh output), then top-k.
+        In bf16 the input is centred straight into a bf16 buffer (one pass) and the bias is added
+        inside the top-k kernel, in fp32. Returns (pre, the encoder's input as the weight-gradient
+        scatters read it, latents [B, k], activations [B, k], AuxK's candidates and their
+        pre-activations)."""
         model, cfg = self.model, self.cfg
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        W_enc, b_enc, W_dec, b_dec = model.W_enc, model.b_enc, model.W_dec, model.b_dec
+        W_enc, b_enc, b_dec = model.W_enc, model.b_enc, model.b_dec
         n_rows, k, n_latents = x.shape[0], model.cfg.k, model.cfg.d_sae
         sae = model.cfg.apply_b_dec_to_input
-
-        # Forward: the encoder matmul (into a reused buffer: no page faults on a fresh output),
-        # then top-k. In bf16 the input is centred straight into a bf16 buffer (one pass) and the
-        # bias is added inside the top-k kernel, in fp32.
         dtype = torch.bfloat16 if self.bf16 else W_enc.dtype
         if self._pre is None or self._pre.shape != (n_rows, n_latents) or self._pre.dtype != dtype:
             self._pre = torch.empty(n_rows, n_latents, dtype=dtype)
             self._x_low = torch.empty(n_rows, x.shape[1], dtype=dtype)
         per_row = min(n_latents, 4 * k) if self.batch_topk else k  # batchtopk: a row may keep more than k
         # AuxK's candidates: the latents that will count as dead unless they fire in this batch (a
-        # superset of the dead set found below); the top-k kernel copies their pre-activations out
+        # superset of the dead set found later); the top-k kernel copies their pre-activations out
         # while it has each row in cache, instead of a second pass over the [B, d_sae] buffer.
         batch_rows = n_rows * (self.world.size if self.world is not None else 1)
         candidates = (rows_since_fired >= cfg.dead_after_rows - batch_rows).nonzero().squeeze(1) if cfg.aux_k else None
@@ -233,9 +231,8 @@ class FastTopKStep:
             candidates = None
         fused_bias = self.bf16 or W_enc.dtype == torch.float32  # b_enc added inside the top-k kernel
         if self.bf16:
-            x_low = center_bf16(x, b_dec, self._x_low) if sae else x.to(dtype)
-            pre = torch.mm(x_low, self._bf16("W_enc", W_enc), out=self._pre)
-            x_in = x_low  # what the weight-gradient scatters read
+            x_in = center_bf16(x, b_dec, self._x_low) if sae else x.to(dtype)
+            pre = torch.mm(x_in, self._bf16("W_enc", W_enc), out=self._pre)
         else:
             x_in = torch.sub(x, b_dec, out=self._x_low) if sae else x
             # float32: the bias goes into the top-k too (addmm would first write it into all B x
@@ -245,59 +242,38 @@ class FastTopKStep:
         acts = torch.relu(values.to(x.dtype))
         if self.batch_topk:
             idx, acts = self._batch_topk(pre, b_enc if fused_bias else None, idx, acts, k)
+        return pre, x_in, idx, acts, candidates, pre_candidates
 
-        # The decoder as a gather of k rows, and the backward of the reconstruction loss through
-        # the active entries only. (bf16: the gathers and scatters read bf16 copies of W_dec, x
-        # and g, half the bytes of these memory-bound passes; sums, errors and gradients stay
-        # float32.) The scatter also counts how often each latent fired.
-        scale = 2.0 / n_rows
-        # last step's gradients (already applied by Adam) are this step's output buffers
-        reuse = (W_enc.grad, W_dec.grad) if W_enc.grad is not None and W_dec.grad is not None else None
-        if self.bf16:
-            _, g_yhat, g_pre, sq_err, g_low = decode_backward(idx, acts, self._bf16("W_dec", W_dec), b_dec, y, scale, low_g=True)
-            g_W_enc, g_W_dec, g_b_enc, counts = latent_grads(idx, g_pre, x_low, acts, g_low, n_latents, out=reuse)
-        else:
-            _, g_yhat, g_pre, sq_err = decode_backward(idx, acts, W_dec, b_dec, y, scale)
-            g_W_enc, g_W_dec, g_b_enc, counts = latent_grads(idx, g_pre, x_in, acts, g_yhat, n_latents, out=reuse)
-        mse = sq_err.sum() / n_rows
-        g_b_dec = g_yhat.sum(0)
-
-        if self.refit is not None:
-            self.refit.add(idx, acts, y, self.refit_weight)
-
-        # Bookkeeping of dead latents (as the plain step)
-        fired = counts > 0
-        if self.world is not None:  # data-parallel: combine across ranks
-            fired = self.world.any(fired)
-        rows_since_fired += n_rows * (self.world.size if self.world is not None else 1)
-        rows_since_fired[fired] = 0
-        dead = rows_since_fired >= cfg.dead_after_rows
-
-        # AuxK: the dead latents model the residual
-        aux = x.new_zeros(())
+    def _add_aux_k(self, grads, x: torch.Tensor, x_in: torch.Tensor, dead: torch.Tensor, candidates, pre_candidates,
+                   g_yhat: torch.Tensor, sq_err: torch.Tensor, mse: torch.Tensor, scale: float) -> torch.Tensor:
+        """AuxK: the dead latents model the residual; their gradients are added to ``grads``
+        (g_W_enc, g_b_enc, g_W_dec). Returns the AuxK loss."""
+        cfg, W_dec = self.cfg, self.model.W_dec
+        g_W_enc, g_b_enc, g_W_dec, g_b_dec = grads
         dead_idx = dead.nonzero().squeeze(1)
-        if cfg.aux_k and dead_idx.numel():
-            pre_dead = pre_candidates[0].to(x.dtype)
-            if pre_dead.shape[1] != dead_idx.numel():  # some candidates fired in this batch: not dead
-                pre_dead = pre_dead.index_select(1, dead[candidates].nonzero().squeeze(1))
-            # the residual's variance from what is at hand: mean |e|² - |mean e|², e = ŷ - y = g_ŷ / scale
-            mean_error = g_b_dec / (scale * n_rows)
-            variance = float(mse) - float(mean_error @ mean_error)
-            # (bf16: rows of W_dec's bf16 copy, as the main loss reads)
-            w_dead = (self._bf16("W_dec", W_dec) if self.bf16 else W_dec).index_select(0, dead_idx)
-            aux, g_enc_dead, g_bias_dead, g_dec_dead = _aux_k(w_dead, pre_dead, g_yhat, scale, x_in, cfg.aux_k, variance,
-                                                                   row_sq_err=sq_err)
-            g_W_enc.index_add_(1, dead_idx, g_enc_dead, alpha=cfg.aux_coeff)
-            g_b_enc.index_add_(0, dead_idx, g_bias_dead, alpha=cfg.aux_coeff)
-            g_W_dec.index_add_(0, dead_idx, g_dec_dead, alpha=cfg.aux_coeff)
-        if sae:  # b_dec is also subtracted from the input: its gradient there is -W_enc · Σ_rows ∂L/∂pre
-            g_b_dec -= W_enc @ g_b_enc
-        loss = mse + cfg.aux_coeff * aux
-        if not torch.isfinite(loss):
-            return {"loss": float(loss)}
+        if not (cfg.aux_k and dead_idx.numel()):
+            return x.new_zeros(())
+        n_rows = x.shape[0]
+        pre_dead = pre_candidates[0].to(x.dtype)
+        if pre_dead.shape[1] != dead_idx.numel():  # some candidates fired in this batch: not dead
+            pre_dead = pre_dead.index_select(1, dead[candidates].nonzero().squeeze(1))
+        # the residual's variance from what is at hand: mean |e|² - |mean e|², e = ŷ - y = g_ŷ / scale
+        mean_error = g_b_dec / (scale * n_rows)
+        variance = float(mse) - float(mean_error @ mean_error)
+        # (bf16: rows of W_dec's bf16 copy, as the main loss reads)
+        w_dead = (self._bf16("W_dec", W_dec) if self.bf16 else W_dec).index_select(0, dead_idx)
+        aux, g_enc_dead, g_bias_dead, g_dec_dead = _aux_k(w_dead, pre_dead, g_yhat, scale, x_in, cfg.aux_k, variance,
+                                                          row_sq_err=sq_err)
+        g_W_enc.index_add_(1, dead_idx, g_enc_dead, alpha=cfg.aux_coeff)
+        g_b_enc.index_add_(0, dead_idx, g_bias_dead, alpha=cfg.aux_coeff)
+        g_W_dec.index_add_(0, dead_idx, g_dec_dead, alpha=cfg.aux_coeff)
+        return aux
 
-        # Update: as the plain step
-        W_enc.grad, b_enc.grad, W_dec.grad, b_dec.grad = g_W_enc, g_b_enc, g_W_dec, g_b_dec
+    def _apply(self, grads) -> None:
+        """The update, as the plain step's: Adam (fused with the decoder's projection and
+        renormalisation where it can be), after averaging across ranks."""
+        model, cfg = self.model, self.cfg
+        model.W_enc.grad, model.b_enc.grad, model.W_dec.grad, model.b_dec.grad = grads
         if self.world is not None:
             self.world.average_grads(model.parameters())
         if self._adam_group is not None:
@@ -309,6 +285,49 @@ class FastTopKStep:
             self.opt.step()
             model.normalize_decoder()
             self._low.clear()  # (torch's fused Adam writes the weights without bumping their version)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, rows_since_fired: torch.Tensor, lr: float) -> dict[str, float]:
+        model, cfg = self.model, self.cfg
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        W_enc, W_dec, b_dec = model.W_enc, model.W_dec, model.b_dec
+        n_rows, n_latents = x.shape[0], model.cfg.d_sae
+        pre, x_in, idx, acts, candidates, pre_candidates = self._encode(x, rows_since_fired)
+
+        # The decoder as a gather of k rows, and the backward of the reconstruction loss through
+        # the active entries only. (bf16: the gathers and scatters read bf16 copies of W_dec, x
+        # and g, half the bytes of these memory-bound passes; sums, errors and gradients stay
+        # float32.) The scatter also counts how often each latent fired.
+        scale = 2.0 / n_rows
+        # last step's gradients (already applied by Adam) are this step's output buffers
+        reuse = (W_enc.grad, W_dec.grad) if W_enc.grad is not None and W_dec.grad is not None else None
+        if self.bf16:
+            _, g_yhat, g_pre, sq_err, g_low = decode_backward(idx, acts, self._bf16("W_dec", W_dec), b_dec, y, scale, low_g=True)
+            g_W_enc, g_W_dec, g_b_enc, counts = latent_grads(idx, g_pre, x_in, acts, g_low, n_latents, out=reuse)
+        else:
+            _, g_yhat, g_pre, sq_err = decode_backward(idx, acts, W_dec, b_dec, y, scale)
+            g_W_enc, g_W_dec, g_b_enc, counts = latent_grads(idx, g_pre, x_in, acts, g_yhat, n_latents, out=reuse)
+        mse = sq_err.sum() / n_rows
+        g_b_dec = g_yhat.sum(0)
+        if self.refit is not None:
+            self.refit.add(idx, acts, y, self.refit_weight)
+
+        # Bookkeeping of dead latents (as the plain step), then AuxK on them
+        fired = counts > 0
+        if self.world is not None:  # data-parallel: combine across ranks
+            fired = self.world.any(fired)
+        rows_since_fired += n_rows * (self.world.size if self.world is not None else 1)
+        rows_since_fired[fired] = 0
+        dead = rows_since_fired >= cfg.dead_after_rows
+        grads = (g_W_enc, g_b_enc, g_W_dec, g_b_dec)
+        aux = self._add_aux_k(grads, x, x_in, dead, candidates, pre_candidates, g_yhat, sq_err, mse, scale)
+        if model.cfg.apply_b_dec_to_input:  # b_dec is also subtracted from the input: its gradient there is -W_enc · Σ_rows ∂L/∂pre
+            g_b_dec -= W_enc @ g_b_enc
+        loss = mse + cfg.aux_coeff * aux
+        if not torch.isfinite(loss):
+            return {"loss": float(loss)}
+        self._apply(grads)
         if not self.want_metrics:  # steps that are not logged skip the metrics' extra passes
             return {"loss": float(loss)}
         return {"loss": float(loss), "mse": float(mse), "aux_loss": float(aux),

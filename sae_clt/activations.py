@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, ClassVar
 if TYPE_CHECKING:  # torch is imported where it is used: the spec reads this registry without it
     import torch
 
-    from .dictionary import Dictionary
+    Dictionary = torch.nn.Module  # a sae_clt.dictionary.Dictionary (not imported: that module imports this one)
 
 
 class Activation:

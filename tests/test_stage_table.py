@@ -83,3 +83,41 @@ def test_touching_code_a_stage_runs_makes_dvc_rerun_it_and_unrelated_code_does_n
         path = root / rel
         path.write_text(path.read_text() + ("\n# a comment\n" if path.suffix == ".py" else "\n"))
     assert set(evaluate_code) <= _changed_deps(_status(root), "evaluate@tiny_sae")
+
+
+def _import_graph() -> dict[str, set[str]]:
+    from sae_clt.stages.code_deps import PACKAGE_DIR, _imported, module_name
+
+    return {module_name(p): _imported(p, PACKAGE_DIR)[0] for p in PACKAGE_DIR.rglob("*.py")}
+
+
+def test_the_package_has_no_import_cycle_even_through_function_local_imports():
+    graph = _import_graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for dep in graph.get(name, ()):
+            if dep not in graph or dep == name:
+                continue
+            assert state.get(dep) != 1, f"import cycle: {' -> '.join(path[path.index(dep):] + [name, dep]) if dep in path else name + ' -> ' + dep}"
+            if dep not in state:
+                visit(dep, path + [name])
+        state[name] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+
+
+def test_no_function_in_the_package_is_longer_than_80_lines():
+    import ast
+
+    from sae_clt.stages.code_deps import PACKAGE_DIR
+
+    long = []
+    for path in PACKAGE_DIR.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
+                long.append(f"{path.relative_to(PACKAGE_DIR)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long

@@ -73,7 +73,7 @@ def _check_spec(data: dict, kind: str, path: Path) -> None:
 
     from .spec import SPEC_KINDS, SUBJECT_KINDS
 
-    model = SUBJECT_KINDS[data["kind"]] if kind == "subjects" else SPEC_KINDS[kind]
+    model = SUBJECT_KINDS[data["kind"]].spec if kind == "subjects" else SPEC_KINDS[kind]
     try:
         model.model_validate(data)
     except ValidationError as exc:

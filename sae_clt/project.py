@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from .errors import SpecError
-from .spec import DatasetSpec, ExperimentSpec, SubjectSpec, load_spec
+from .spec import SUBJECT_KINDS, DatasetSpec, ExperimentSpec, SubjectSpec, load_spec
 
 
 def find_root(start: Path | None = None) -> Path:
@@ -149,7 +149,6 @@ def resolve_experiment(spec_path: str | Path) -> Resolved:
 
 
 INDEX_GROUPS = ("subjects", "loaded_subjects", "datasets", "experiments")
-TRAINED_SUBJECT_KINDS = ("tsp",)
 
 
 def _warn(message: str) -> None:
@@ -184,7 +183,7 @@ def build_index(paths: Paths, experiment_ids: list[str], previous: dict | None =
         index["datasets"][dataset.id] = {"subject": subject.id}
         # Trained subjects run when their spec changes; loaded ones (models, files) are
         # fingerprinted on every run so swapped weights or files are noticed.
-        group = "subjects" if subject.kind in TRAINED_SUBJECT_KINDS else "loaded_subjects"
+        group = "subjects" if SUBJECT_KINDS[subject.kind].trained else "loaded_subjects"
         index[group][subject.id] = {"kind": subject.kind}
     return index
 

@@ -18,6 +18,7 @@ import difflib
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
@@ -139,7 +140,27 @@ class FilesSubjectSpec(StrictModel):
                                    "train/validation split), e.g. the context length for token activations.")
 
 
-SUBJECT_KINDS = {"tsp": TSPSubjectSpec, "hf": HFSubjectSpec, "torch": TorchSubjectSpec, "files": FilesSubjectSpec}
+@dataclass(frozen=True)
+class SubjectKind:
+    """A kind of subject: its spec model, and the module that implements it, which offers
+    ``load(spec, subject_dir, root)`` (the subject for collection and evaluation),
+    ``architecture(spec, root)`` (enough to list hook points) and ``prepare(spec, root, out_dir,
+    metrics_path, log)`` (the subject stage). ``trained``: saeclt trains it (its stage reruns when
+    its spec changes); otherwise it is loaded and fingerprinted on every run."""
+
+    name: str
+    spec: type[BaseModel]
+    module: str
+    trained: bool = False
+
+
+# The one table of subject kinds, read by the spec loader, validation, the index and the stages.
+SUBJECT_KINDS: dict[str, SubjectKind] = {k.name: k for k in (
+    SubjectKind("tsp", TSPSubjectSpec, "sae_clt.subjects.tsp", trained=True),
+    SubjectKind("hf", HFSubjectSpec, "sae_clt.subjects.hf"),
+    SubjectKind("torch", TorchSubjectSpec, "sae_clt.subjects.torch_module"),
+    SubjectKind("files", FilesSubjectSpec, "sae_clt.subjects.files"),
+)}
 SubjectSpec = Union[TSPSubjectSpec, HFSubjectSpec, TorchSubjectSpec, FilesSubjectSpec]
 
 
@@ -631,7 +652,7 @@ def load_spec(path: str | Path, kind: str | None = None) -> AnySpec:
             hint = difflib.get_close_matches(str(subject_kind)[:QUOTE_LIMIT], list(SUBJECT_KINDS), n=1)
             raise SpecError(str(path), [f"{path}:{lines.get(('kind',), 1)}: kind: unknown subject kind {quote(subject_kind)}"
                                         + (f" (did you mean '{hint[0]}'?)" if hint else "") + f"; allowed: {', '.join(SUBJECT_KINDS)}"])
-        model = SUBJECT_KINDS[subject_kind]
+        model = SUBJECT_KINDS[subject_kind].spec
     try:
         spec = model.model_validate(data)
     except ValidationError as exc:

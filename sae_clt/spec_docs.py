@@ -226,9 +226,9 @@ def _spec_block(title: str, slug: str, model: type[BaseModel], where: str, track
 def render_spec_docs() -> str:
     """The whole of docs/specs.md."""
     _anchors.clear()
-    kinds = getattr(spec_module, "SPEC_KINDS", {})
-    subjects = getattr(spec_module, "SUBJECT_KINDS", {})
-    tracked = getattr(spec_module, "TRACKED_SECTIONS", {})
+    kinds = spec_module.SPEC_KINDS
+    subjects = {name: kind.spec for name, kind in spec_module.SUBJECT_KINDS.items()}
+    tracked = spec_module.TRACKED_SECTIONS
     blocks: list[tuple[str, str, type[BaseModel], str, list[str]]] = []
     configs = [model.model_config for model in [*kinds.values(), *subjects.values()]]
     finite = ", and every number must be finite" if configs and all(c.get("allow_inf_nan") is False for c in configs) else ""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import DataError, SpecError
 from .project import Paths, find_root, index_problems, resolve_dataset, resolve_experiment
-from .spec import QUOTE_LIMIT, _spec_kind, load_spec, quote, read_yaml
+from .spec import QUOTE_LIMIT, SUBJECT_KINDS, _spec_kind, load_spec, quote, read_yaml
 
 _HOOK_POINTS: dict[tuple, list[str]] = {}  # (root, subject spec) -> hook points: load each model once
 
@@ -64,8 +64,8 @@ def _architecture_key(subject_spec, root: Path) -> str | None:
     from . import __version__
 
     h = hashlib.sha256(subject_spec.model_dump_json().encode() + __version__.encode())
-    source = {"tsp": "tsp.py", "hf": "hf.py", "torch": "torch_module.py", "files": "files.py"}[subject_spec.kind]
-    h.update((Path(__file__).parent / "subjects" / source).read_bytes())
+    module = SUBJECT_KINDS[subject_spec.kind].module  # sae_clt.subjects.<name>
+    h.update((Path(__file__).parent.joinpath(*module.split(".")[1:]).with_suffix(".py")).read_bytes())
     try:
         if subject_spec.kind == "hf":
             h.update(metadata.version("transformers").encode())

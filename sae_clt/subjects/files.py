@@ -188,3 +188,18 @@ def prepare_subject(spec: FilesSubjectSpec, root: Path, out_dir: Path, metrics_p
     write_json(metrics_path, {"rows": subject.n_rows, "meta": meta})
     log(f"[subject] {spec.id}: {subject.n_rows:,} imported rows, hook points {', '.join(subject.sources)}")
     return info
+
+
+# The subject-kind interface (spec.SUBJECT_KINDS)
+
+
+def load(spec: FilesSubjectSpec, subject_dir: Path, root: Path) -> FilesSubject:
+    return FilesSubject.load(spec, root)
+
+
+def architecture(spec: FilesSubjectSpec, root: Path) -> FilesSubject:
+    return FilesSubject.load(spec, root)
+
+
+def prepare(spec: FilesSubjectSpec, root: Path, out_dir: Path, metrics_path: Path, log=print) -> dict:
+    return prepare_subject(spec, root, out_dir, metrics_path, log=log)

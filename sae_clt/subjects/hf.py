@@ -181,3 +181,18 @@ def prepare_subject(spec: HFSubjectSpec, root: Path, out_dir: Path, metrics_path
     """Stage `subject` for an hf model: load it offline, record what was loaded."""
     subject = HFSubject.load(spec, root)
     return record_loaded_model(spec, subject, {"kind": "hf", "model_folder_name": subject.folder.name}, out_dir, metrics_path, log)
+
+
+# The subject-kind interface (spec.SUBJECT_KINDS)
+
+
+def load(spec: HFSubjectSpec, subject_dir: Path, root: Path) -> HFSubject:
+    return HFSubject.load(spec, root)
+
+
+def architecture(spec: HFSubjectSpec, root: Path) -> HFSubject:
+    return HFSubject.load(spec, root)
+
+
+def prepare(spec: HFSubjectSpec, root: Path, out_dir: Path, metrics_path: Path, log=print) -> dict:
+    return prepare_subject(spec, root, out_dir, metrics_path, log=log)

@@ -202,3 +202,18 @@ def prepare_subject(spec: TorchSubjectSpec, root: Path, out_dir: Path, metrics_p
     """Stage `subject` for a torch module: build it, load its weights, record what was loaded."""
     subject = TorchSubject.load(spec, root)
     return record_loaded_model(spec, subject, {"kind": "torch", "factory": spec.factory}, out_dir, metrics_path, log)
+
+
+# The subject-kind interface (spec.SUBJECT_KINDS)
+
+
+def load(spec: TorchSubjectSpec, subject_dir: Path, root: Path) -> TorchSubject:
+    return TorchSubject.load(spec, root)
+
+
+def architecture(spec: TorchSubjectSpec, root: Path) -> TorchSubject:
+    return TorchSubject.load(spec, root, with_weights=False)
+
+
+def prepare(spec: TorchSubjectSpec, root: Path, out_dir: Path, metrics_path: Path, log=print) -> dict:
+    return prepare_subject(spec, root, out_dir, metrics_path, log=log)

@@ -156,3 +156,18 @@ class TSPSubject:
 
     def prepare_task(self, dataset) -> None:
         """The causal check uses the subject's own held-out instances."""
+
+
+# The subject-kind interface (spec.SUBJECT_KINDS)
+
+
+def load(spec: TSPSubjectSpec, subject_dir: Path, root: Path) -> TSPSubject:
+    return TSPSubject.load(spec, subject_dir)
+
+
+def architecture(spec: TSPSubjectSpec, root: Path) -> TSPSubject:
+    return TSPSubject.architecture_only(spec)
+
+
+def prepare(spec: TSPSubjectSpec, root: Path, out_dir: Path, metrics_path: Path, log=print) -> dict:
+    return train_subject(spec, out_dir, metrics_path, log=log)

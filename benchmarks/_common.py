@@ -28,7 +28,7 @@ def cpu_description() -> str:
 def fit_and_evaluate(spec, store, norm, train_updates: dict | None = None, model_updates: dict | None = None):
     """Train ``spec`` (with overrides; causal check off) on the store; returns (train summary,
     eval metrics, training rows read per second). Nothing is written to the project."""
-    from sae_clt.evaluate import evaluate
+    from sae_clt.evaluation.evaluate import evaluate
     from sae_clt.training.loop import train
 
     spec = spec.model_copy(update={

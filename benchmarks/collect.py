@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from sae_clt.collect import collect  # noqa: E402
-from sae_clt.hooks import StopForward, expand_hook_points, recording  # noqa: E402
-from sae_clt.project import Paths, find_root, resolve_dataset  # noqa: E402
+from sae_clt.data.collect import collect  # noqa: E402
+from sae_clt.data.hooks import StopForward, expand_hook_points, recording  # noqa: E402
+from sae_clt.spec.project import Paths, find_root, resolve_dataset  # noqa: E402
 from sae_clt.subjects import load_subject  # noqa: E402
 
 

@@ -62,7 +62,7 @@ def synthetic_dictionary(architecture: str, activation: str, d: int = 64, seed: 
     """Random weights and normalisation (per-dim means and scales far from 0 and 1)."""
     import torch
 
-    from sae_clt.dictionary import Dictionary, DictionaryConfig
+    from sae_clt.dictionaries.dictionary import Dictionary, DictionaryConfig
 
     cfg = DictionaryConfig(architecture=architecture, d_in=d, d_out=d, d_sae=4 * d, activation=activation, k=8,
                            source="in", target="in" if architecture == "sae" else "out")
@@ -98,10 +98,10 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from safetensors.torch import save_file
 
-    from sae_clt.dictionary import Dictionary
+    from sae_clt.data.normalize import PairLoader
+    from sae_clt.dictionaries.dictionary import Dictionary
     from sae_clt.errors import DataError
-    from sae_clt.interop import FORMATS, convert
-    from sae_clt.normalize import PairLoader
+    from sae_clt.interop.formats import FORMATS, convert
     from sae_clt.stages.inputs import experiment_inputs as _experiment
 
     print(f"{'dictionary':<28}{'format':<10}{'loaded as':<34}{'max rel. diff':>14}{'FVU (library)':>15}{'FVU (saeclt)':>14}")

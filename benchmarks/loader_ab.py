@@ -26,10 +26,10 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from sae_clt.dictionary import Dictionary, DictionaryConfig
-    from sae_clt.normalize import Normalization, PairLoader
-    from sae_clt.spec import TrainSection
-    from sae_clt.store import ActivationStore
+    from sae_clt.data.normalize import Normalization, PairLoader
+    from sae_clt.data.store import ActivationStore
+    from sae_clt.dictionaries.dictionary import Dictionary, DictionaryConfig
+    from sae_clt.spec.models import TrainSection
     from sae_clt.training.fast_step import FastTopKStep
 
     store = ActivationStore.open(Path(args.store))

@@ -34,7 +34,7 @@ def load_commit(commit: str, folder: Path):
     # A kernel name of its own: under the working tree's name (unchanged between commits of one
     # kernel version) both would build into one folder and one process could end up running a
     # single build for both sides.
-    source = next(folder / "sae_clt_at_commit" / f for f in ("kernels_build.py", "_kernels_cpp.py")
+    source = next(folder / "sae_clt_at_commit" / f for f in ("kernels/build.py", "kernels_build.py", "_kernels_cpp.py")
                   if (folder / "sae_clt_at_commit" / f).exists())
     sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", commit], capture_output=True, text=True, check=True).stdout.strip()
     text = source.read_text()
@@ -42,13 +42,19 @@ def load_commit(commit: str, folder: Path):
     if name:
         source.write_text(text.replace(name.group(0), f'NAME = "{name.group(1)}_at_{sha}"'))
     sys.path.insert(0, str(folder))
-    import sae_clt_at_commit.dictionary as dictionary
-    import sae_clt_at_commit.spec as spec
+    import importlib
 
-    try:  # the fast step's module moved into training/
-        import sae_clt_at_commit.training.fast_step as fast_step
-    except ImportError:
-        import sae_clt_at_commit.fast_step as fast_step
+    def first(*names):  # modules moved between layouts: the commit's own
+        for name in names:
+            try:
+                return importlib.import_module(f"sae_clt_at_commit.{name}")
+            except ImportError:
+                continue
+        raise ImportError(names)
+
+    dictionary = first("dictionaries.dictionary", "dictionary")
+    spec = first("spec.models", "spec")
+    fast_step = first("training.fast_step", "fast_step")
 
     return fast_step, dictionary, spec
 
@@ -74,7 +80,9 @@ def main() -> None:
     parser.add_argument("--store", default="runs/datasets/minilm_docstrings/store")
     parser.add_argument("--hook", default="encoder.layer.2")
     args = parser.parse_args()
-    from sae_clt import dictionary, fast_step, spec
+    from sae_clt.dictionaries import dictionary
+    from sae_clt.spec import models as spec
+    from sae_clt.training import fast_step
 
     data = tt.rows(argparse.Namespace(store=args.store if Path(args.store).exists() else None, hook=args.hook), tt.BATCH * 4)
     n_dead = int(0.05 * tt.D_SAE)

@@ -33,7 +33,7 @@ HOOK = "resid"
 def build_store(folder: Path, gigabytes: float) -> None:
     import torch
 
-    from sae_clt.store import MANIFEST, StoreWriter
+    from sae_clt.data.store import MANIFEST, StoreWriter
 
     if (folder / MANIFEST).exists():
         return
@@ -82,10 +82,10 @@ def evict(folder: Path) -> None:
 def run_mode(mode: str, folder: Path, steps: int) -> dict:
     import torch
 
-    from sae_clt.dictionary import Dictionary, DictionaryConfig
-    from sae_clt.normalize import Normalization, PairLoader
-    from sae_clt.spec import TrainSection
-    from sae_clt.store import ActivationStore
+    from sae_clt.data.normalize import Normalization, PairLoader
+    from sae_clt.data.store import ActivationStore
+    from sae_clt.dictionaries.dictionary import Dictionary, DictionaryConfig
+    from sae_clt.spec.models import TrainSection
     from sae_clt.training.fast_step import FastTopKStep
 
     store = ActivationStore.open(folder)
@@ -125,10 +125,10 @@ def run_paired(folder: Path, steps: int) -> dict:
 
     import torch
 
-    from sae_clt.dictionary import Dictionary, DictionaryConfig
-    from sae_clt.normalize import Normalization, PairLoader
-    from sae_clt.spec import TrainSection
-    from sae_clt.store import ActivationStore
+    from sae_clt.data.normalize import Normalization, PairLoader
+    from sae_clt.data.store import ActivationStore
+    from sae_clt.dictionaries.dictionary import Dictionary, DictionaryConfig
+    from sae_clt.spec.models import TrainSection
     from sae_clt.training.fast_step import FastTopKStep
 
     store = ActivationStore.open(folder)

@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import cpu_description  # noqa: E402
 
-from sae_clt.dictionary import Dictionary, DictionaryConfig  # noqa: E402
-from sae_clt.kernels import kernel_available, topk_rows  # noqa: E402
-from sae_clt.spec import TrainSection  # noqa: E402
+from sae_clt.dictionaries.dictionary import Dictionary, DictionaryConfig  # noqa: E402
+from sae_clt.kernels.ops import kernel_available, topk_rows  # noqa: E402
+from sae_clt.spec.models import TrainSection  # noqa: E402
 from sae_clt.training.fast_step import FastTopKStep  # noqa: E402
 from sae_clt.training.step import train_step  # noqa: E402
 
@@ -42,7 +42,7 @@ D_IN, D_SAE, K, BATCH = 384, 3072, 32, 4096
 
 def rows(args, n: int) -> torch.Tensor:
     if args.store:
-        from sae_clt.store import ActivationStore
+        from sae_clt.data.store import ActivationStore
 
         store = ActivationStore.open(Path(args.store))
         parts, got = [], 0

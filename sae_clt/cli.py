@@ -45,7 +45,7 @@ MAX_LINES = 200  # lines of one message printed
 
 def _capped(text: str) -> str:
     """A message bounded in size: long lines cut, and at most MAX_LINES lines."""
-    from .spec import cap
+    from .spec.models import cap
 
     lines = text.splitlines() or [""]
     shown = [cap(line, MAX_LINE) for line in lines[:MAX_LINES]]
@@ -80,7 +80,7 @@ def _fail(exc: BaseException) -> None:
 def _spec_files(specs: List[Path]) -> List[Path]:
     if specs:
         return specs
-    from .project import find_root
+    from .spec.project import find_root
 
     root = find_root()
     return sorted((root / "specs").glob("*.yaml")) + sorted((root / "specs" / "datasets").glob("*.yaml")) + sorted(
@@ -104,7 +104,7 @@ def validate(
     """
     notes: list[str] = []
     try:
-        from .validation import validate_files
+        from .spec.validation import validate_files
 
         files = _spec_files(specs)
         problems = validate_files(files, import_subjects=import_subjects, notes=notes)
@@ -131,7 +131,7 @@ def run(
     Example: saeclt run specs/clt_L0_L2.yaml
     """
     try:
-        from .pipeline import run_experiment
+        from .stages.run import run_experiment
 
         run_experiment(spec)
     except BaseException as exc:  # noqa: BLE001
@@ -185,7 +185,7 @@ def dvc_yaml(
     try:
         from .errors import PipelineError
         from .io import atomic_write_text
-        from .project import find_root
+        from .spec.project import find_root
         from .stages.dvc_yaml import render
 
         path = find_root() / "dvc.yaml"
@@ -214,7 +214,7 @@ def inspect(
     Example: saeclt inspect specs/clt_L0_L2.yaml
     """
     try:
-        from .inspect_data import inspect_experiment
+        from .data.inspect import inspect_experiment
 
         typer.echo(inspect_experiment(spec, max_rows))
     except BaseException as exc:  # noqa: BLE001
@@ -229,7 +229,7 @@ def index(specs: List[Path] = typer.Argument(None, help="Experiment specs to lis
     Example: saeclt index specs/sae_L2.yaml specs/clt_L0_L2.yaml
     """
     try:
-        from .project import Paths, find_root, read_index, write_index
+        from .spec.project import Paths, find_root, read_index, write_index
 
         paths = Paths(find_root())
         absent = [str(s) for s in specs or [] if not Path(s).is_file()]
@@ -261,8 +261,8 @@ def import_acts(
     Example: saeclt import-acts acts.safetensors --id my_acts --experiment my_sae && saeclt run specs/my_sae.yaml
     """
     try:
-        from .importing import describe_import, import_activations
-        from .project import find_root
+        from .data.importing import describe_import, import_activations
+        from .spec.project import find_root
 
         root = find_root()
         written = import_activations(files, id, root, rows_per_instance, val_fraction, experiment, force)
@@ -292,7 +292,7 @@ def convert(
     then, in Python: sae_lens.SAE.load_from_disk("runs/experiments/minilm_sae_L2/saelens")
     """
     try:
-        from .interop import convert_experiment
+        from .interop.formats import convert_experiment
 
         result = convert_experiment(spec, to, out)
         folder = Path(result["folder"])
@@ -323,7 +323,7 @@ def compare(
     Example: saeclt compare specs/minilm_sae_L2.yaml path/to/saelens_sae path/to/sparsify/layer2
     """
     try:
-        from .compare import compare_experiment, comparison_table
+        from .interop.compare import compare_experiment, comparison_table
 
         typer.echo(comparison_table(compare_experiment(spec, list(folders or []), out, max_rows)))
     except BaseException as exc:  # noqa: BLE001

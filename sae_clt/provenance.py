@@ -32,7 +32,7 @@ def _version(package: str) -> str:
 
 def output_meta(spec, seed: int, sections: list[str] | None = None) -> dict:
     """The `meta` block of a metrics or config JSON file."""
-    from .spec import spec_hash
+    from .spec.models import spec_hash
 
     return {"spec_id": spec.id, "spec_hash": spec_hash(spec, sections), "seed": seed, "versions": versions()}
 

@@ -7,9 +7,9 @@ import shutil
 
 import torch
 
-from sae_clt.activations import ACTIVATIONS, Activation, register
-from sae_clt.dictionary import Dictionary
-from sae_clt.project import Paths
+from sae_clt.dictionaries.activations import ACTIVATIONS, Activation, register
+from sae_clt.dictionaries.dictionary import Dictionary
+from sae_clt.spec.project import Paths
 from sae_clt.stages.table import run_stage
 
 

@@ -122,7 +122,7 @@ def test_sharded_collection_merges_into_one_complete_store(tmp_path, reference):
     for hook, stats in ref["stats"].items():
         for name, value in stats.items():
             assert manifest["stats"][hook][name] == pytest.approx(value, rel=1e-9)
-    from sae_clt.store import ActivationStore
+    from sae_clt.data.store import ActivationStore
 
     ActivationStore.open(store).verify()
     seen = []

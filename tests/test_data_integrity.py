@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
+from sae_clt.data.store import ActivationStore, sha256_file
 from sae_clt.errors import DataError
-from sae_clt.project import Paths
+from sae_clt.spec.project import Paths
 from sae_clt.stages.table import run_stage
-from sae_clt.store import ActivationStore, sha256_file
 
 DATASET = "specs/datasets/tiny_acts.yaml"
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from sae_clt.dictionary import Dictionary, DictionaryConfig
-from sae_clt.spec import TrainSection
+from sae_clt.dictionaries.dictionary import Dictionary, DictionaryConfig
+from sae_clt.spec.models import TrainSection
 
 STEPS, BATCH = 5, 64
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sae_clt.spec_docs import COMMAND, render_spec_docs
+from sae_clt.spec.docs import COMMAND, render_spec_docs
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = sorted((ROOT / "docs").glob("*.md"))
@@ -32,7 +32,7 @@ def test_spec_reference_is_current():
 
 
 def test_spec_reference_is_deterministic_and_complete():
-    from sae_clt.spec import SPEC_KINDS, SUBJECT_KINDS
+    from sae_clt.spec.models import SPEC_KINDS, SUBJECT_KINDS
 
     text = render_spec_docs()
     assert text == render_spec_docs()

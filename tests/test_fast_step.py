@@ -8,10 +8,10 @@ import copy
 import pytest
 import torch
 
-from sae_clt import kernels
-from sae_clt.dictionary import Dictionary, DictionaryConfig
-from sae_clt.kernels import topk_rows
-from sae_clt.spec import TrainSection
+from sae_clt.dictionaries.dictionary import Dictionary, DictionaryConfig
+from sae_clt.kernels import ops as kernels
+from sae_clt.kernels.ops import topk_rows
+from sae_clt.spec.models import TrainSection
 from sae_clt.training.fast_step import FastTopKStep
 from sae_clt.training.step import train_step
 
@@ -457,7 +457,7 @@ def test_a_later_process_loads_the_built_kernels_without_torch_s_build_tooling()
     if not kernels.kernel_available():  # builds them in this process if need be
         pytest.skip("no compiled kernels on this machine")
     code = ("import sys, torch\n"
-            "from sae_clt import kernels\n"
+            "from sae_clt.kernels import ops as kernels\n"
             "assert kernels.kernel_available()\n"
             "print('torch.utils.cpp_extension' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

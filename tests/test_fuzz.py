@@ -8,9 +8,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sae_clt.data.store import ActivationStore, StoreWriter
 from sae_clt.errors import DataError, SpecError
-from sae_clt.spec import load_spec
-from sae_clt.store import ActivationStore, StoreWriter
+from sae_clt.spec.models import load_spec
 
 yaml_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=12))
 yaml_values = st.recursive(yaml_scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),

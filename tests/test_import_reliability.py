@@ -57,8 +57,8 @@ def test_import_after_a_refused_long_experiment_id_succeeds_on_retry(tiny_projec
 
 
 def test_import_accepts_the_longest_id_it_allows(tiny_project):
-    from sae_clt.spec import SPEC_ID_MAX_LENGTH as ID_MAX_LENGTH
-    from sae_clt.spec import load_spec
+    from sae_clt.spec.models import SPEC_ID_MAX_LENGTH as ID_MAX_LENGTH
+    from sae_clt.spec.models import load_spec
 
     _acts(tiny_project)
     long_id = "x" * ID_MAX_LENGTH
@@ -98,7 +98,7 @@ def test_import_does_not_overwrite_one_existing_spec_and_writes_none(tiny_projec
 
 @pytest.mark.parametrize("rows, per, batch", [(200, 1, 4), (3000, 10, 64), (200_000, 1, 4096)])
 def test_imported_experiment_batch_fits_the_training_rows(tiny_project, rows, per, batch):
-    from sae_clt.importing import import_activations
+    from sae_clt.data.importing import import_activations
 
     _acts(tiny_project, rows=rows, dim=4)
     import_activations([tiny_project / "a.npy"], "acts", tiny_project, rows_per_instance=per, experiment_id="acts_sae")
@@ -140,7 +140,7 @@ def test_import_refuses_files_inside_the_store_under_activations_root(tiny_proje
 
 def test_files_subject_inside_its_own_store_is_refused_before_collect_deletes_it(tiny_project, tmp_path, monkeypatch):
     """A hand-written files subject naming a file in the store its dataset collects into."""
-    from sae_clt.importing import import_activations
+    from sae_clt.data.importing import import_activations
 
     _acts(tiny_project)
     import_activations([tiny_project / "a.npy"], "acts", tiny_project)
@@ -154,7 +154,7 @@ def test_files_subject_inside_its_own_store_is_refused_before_collect_deletes_it
 
 
 def test_files_subject_linked_into_runs_is_refused(tiny_project):
-    from sae_clt.importing import import_activations
+    from sae_clt.data.importing import import_activations
 
     _acts(tiny_project)
     import_activations([tiny_project / "a.npy"], "acts", tiny_project)
@@ -199,8 +199,8 @@ class _Named(torch.nn.Module):
     ("kw:input", "hook point 'kw:input': the module was called with no positional argument"),
 ])
 def test_hook_points_without_rows_are_named_as_data_errors(point, message):
+    from sae_clt.data.hooks import module_hook_points, recording
     from sae_clt.errors import DataError
-    from sae_clt.hooks import module_hook_points, recording
 
     model = _Scorer()
     with pytest.raises(DataError, match=message):

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sae_clt.dictionary import Dictionary, DictionaryConfig
+from sae_clt.dictionaries.dictionary import Dictionary, DictionaryConfig
 from sae_clt.errors import DataError
-from sae_clt.interop import convert, convert_experiment
+from sae_clt.interop.formats import convert, convert_experiment
 
 
 def _dictionary(architecture: str, activation: str, d_in: int = 12, d_out: int = 12, seed: int = 0) -> Dictionary:
@@ -103,7 +103,7 @@ def test_sparsify_files_reproduce_saeclts_raw_reconstruction(tmp_path, architect
 
 
 @pytest.mark.parametrize("fmt,architecture,activation,d_out,message", [
-    ("saelens", "transcoder", "topk", 12, "no TopK transcoder"),
+    ("saelens", "transcoder", "topk", 12, "no 'topk' transcoder"),
     ("saelens", "sae", "relu_clipped", 12, "no 'relu_clipped' activation"),
     ("sparsify", "sae", "jumprelu", 12, "TopK"),
     ("sparsify", "transcoder", "topk", 9, "as many dims as they read"),
@@ -159,7 +159,7 @@ def test_convert_cli_reports_what_it_wrote_and_names_bad_input(built_project, tm
 @pytest.mark.parametrize("fmt,architecture,activation", [(f, a, act) for a, act, _ in SAELENS_CASES for f in ["saelens"]]
                          + [("sparsify", a, "topk") for a in ("sae", "transcoder", "skip_transcoder")])
 def test_written_dictionaries_read_back_give_the_same_reconstruction(tmp_path, fmt, architecture, activation):
-    from sae_clt.interop import load_external
+    from sae_clt.interop.formats import load_external
 
     d_out = 9 if fmt == "saelens" and architecture != "sae" else 12
     model = _dictionary(architecture, activation, d_out=d_out)
@@ -171,7 +171,7 @@ def test_written_dictionaries_read_back_give_the_same_reconstruction(tmp_path, f
 
 
 def test_compare_reports_the_evaluate_stages_metrics_for_every_copy_of_a_dictionary(built_project, tmp_path):
-    from sae_clt.compare import compare_experiment, comparison_table
+    from sae_clt.interop.compare import compare_experiment, comparison_table
 
     spec = built_project / "specs/tiny_sae.yaml"
     convert_experiment(spec, "saelens", tmp_path / "lens")
@@ -187,7 +187,7 @@ def test_compare_reports_the_evaluate_stages_metrics_for_every_copy_of_a_diction
 
 
 def test_compare_refuses_folders_that_do_not_fit_naming_what_is_wrong(built_project, tmp_path):
-    from sae_clt.compare import compare_experiment
+    from sae_clt.interop.compare import compare_experiment
 
     spec = built_project / "specs/tiny_sae.yaml"
     with pytest.raises(DataError, match="no cfg.json"):
@@ -237,7 +237,7 @@ def test_convert_replaces_only_a_folder_that_holds_a_dictionary(tmp_path):
 def test_reading_sparsify_default_width_and_saelens_decoder_norm_rescaling(tmp_path):
     from safetensors.torch import save_file
 
-    from sae_clt.interop import load_external
+    from sae_clt.interop.formats import load_external
 
     gen = torch.Generator().manual_seed(5)
     d, n, k = 8, 32, 3
@@ -272,7 +272,7 @@ def test_reading_sparsify_default_width_and_saelens_decoder_norm_rescaling(tmp_p
 
 
 def test_compare_trims_to_max_rows_and_checks_the_dictionary_kind(built_project, tmp_path):
-    from sae_clt.compare import compare_experiment
+    from sae_clt.interop.compare import compare_experiment
 
     sae_spec, tc_spec = built_project / "specs/tiny_sae.yaml", built_project / "specs/tiny_tc.yaml"
     assert compare_experiment(sae_spec, [], tmp_path / "c.json", max_rows=7)["rows"] == 7

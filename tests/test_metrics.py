@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_clt.metrics import ReconstructionMeter, SparsityMeter, decoder_redundancy
+from sae_clt.evaluation.metrics import ReconstructionMeter, SparsityMeter, decoder_redundancy
 
 
 def test_fvu_of_predicting_the_mean_is_exactly_one():
@@ -59,7 +59,7 @@ def test_decoder_redundancy_counts_near_duplicate_directions():
 
 
 def test_layered_linear_baseline_predicts_each_target_layer_from_its_own_and_earlier_sources_only():
-    from sae_clt.evaluate import apply_linear, fit_linear_baseline
+    from sae_clt.evaluation.evaluate import apply_linear, fit_linear_baseline
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2000, 6, generator=gen)  # two source layers of 3

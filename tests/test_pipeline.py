@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sae_clt import kernels
-from sae_clt.dictionary import Dictionary
-from sae_clt.normalize import Normalization, PairLoader
-from sae_clt.project import Paths
+from sae_clt.data.normalize import Normalization, PairLoader
+from sae_clt.data.store import ActivationStore
+from sae_clt.dictionaries.dictionary import Dictionary
+from sae_clt.kernels import ops as kernels
+from sae_clt.spec.project import Paths
 from sae_clt.stages.table import run_stage
-from sae_clt.store import ActivationStore
 
 
 def _store(root):
@@ -123,8 +123,8 @@ def test_top_activating_rows_name_instance_and_city(built_project):
 
 
 def test_identity_patch_leaves_the_task_unchanged(built_project):
-    from sae_clt.hooks import patching
-    from sae_clt.project import resolve_experiment
+    from sae_clt.data.hooks import patching
+    from sae_clt.spec.project import resolve_experiment
     from sae_clt.subjects import load_subject
 
     r = resolve_experiment(built_project / "specs" / "tiny_sae.yaml")

@@ -10,8 +10,8 @@ import shutil
 import pytest
 import torch
 
-from sae_clt.dictionary import Dictionary, DictionaryConfig
-from sae_clt.spec import ExperimentSpec, TrainSection
+from sae_clt.dictionaries.dictionary import Dictionary, DictionaryConfig
+from sae_clt.spec.models import ExperimentSpec, TrainSection
 from sae_clt.training.losses import UsageKL
 from sae_clt.training.optim import make_optimizer
 from sae_clt.training.schedules import cosine_with_warmup
@@ -122,7 +122,7 @@ def test_group_lasso_needs_a_group_size_dividing_the_dictionary():
 
 def test_wandb_logging_runs_offline_and_records_its_run_id(built_project, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
-    from sae_clt.project import Paths
+    from sae_clt.spec.project import Paths
     from sae_clt.stages.table import run_stage
 
     root = tmp_path / "proj"
@@ -141,7 +141,7 @@ def test_wandb_logging_runs_offline_and_records_its_run_id(built_project, tmp_pa
 
 
 def test_jumprelu_thresholds_start_at_the_quantile_giving_l0_k():
-    from sae_clt.activations import init_thresholds_at_quantile
+    from sae_clt.dictionaries.activations import init_thresholds_at_quantile
 
     model, x = _model("jumprelu", d=16, n=64), _data(n_rows=4000, d=16) * 3.0
     init_thresholds_at_quantile(model, x[:2000], l0=8)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from sae_clt.project import Paths
+from sae_clt.spec.project import Paths
 
 
 def _prepare(built_project, dest, recipe: str = ""):
@@ -80,8 +80,8 @@ def test_a_kill_between_the_checkpoint_s_two_files_resumes_from_the_tensors_own_
     with the old step replayed steps the weights already had: a flaky mismatch in the test above)."""
     import torch
 
-    from sae_clt.dictionary import Dictionary, DictionaryConfig
-    from sae_clt.spec import TrainSection
+    from sae_clt.dictionaries.dictionary import Dictionary, DictionaryConfig
+    from sae_clt.spec.models import TrainSection
     from sae_clt.training.checkpoint import TrainState
     from sae_clt.training.curves import CurveWriter
     from sae_clt.training.optim import make_optimizer

@@ -152,7 +152,7 @@ def test_empty_or_truncated_dvc_lock_is_restored_at_the_next_run(project):
 
 
 def test_recovery_takes_back_only_lost_entries_of_stages_that_still_exist(tmp_path):
-    from sae_clt.pipeline import recover_dvc_lock, save_good_dvc_lock
+    from sae_clt.stages.run import recover_dvc_lock, save_good_dvc_lock
 
     root = tmp_path
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
@@ -209,7 +209,7 @@ def test_a_broken_spec_listed_in_the_index_does_not_stop_other_runs(project):
 
 def test_stage_exit_codes_map_to_the_documented_ones():
     from sae_clt.errors import DataError, PipelineError, SpecError
-    from sae_clt.pipeline import _stage_failure
+    from sae_clt.stages.run import _stage_failure
 
     def failed(code):
         return _stage_failure(f"ERROR: failed to reproduce 'train@x': failed to run: saeclt stage train specs/x.yaml, exited with {code}\n")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from sae_clt.errors import SpecError
-from sae_clt.project import resolve_experiment
-from sae_clt.spec import load_spec
-from sae_clt.validation import validate_files
+from sae_clt.spec.models import load_spec
+from sae_clt.spec.project import resolve_experiment
+from sae_clt.spec.validation import validate_files
 
 
 def _error(path) -> str:
@@ -92,7 +92,7 @@ def test_missing_tracked_section_says_how_to_take_defaults(tiny_project):
 
 
 def test_hook_point_patterns_take_one_path_component():
-    from sae_clt.hooks import expand_hook_points, matches
+    from sae_clt.data.hooks import expand_hook_points, matches
 
     available = ["encoder.layer.0", "encoder.layer.0:input", "encoder.layer.0.attention", "encoder.layer.1", "encoder.layer.1:input"]
     assert expand_hook_points(["encoder.layer.*"], available) == ["encoder.layer.0", "encoder.layer.1"]

@@ -11,11 +11,11 @@ import pytest
 from torch_subject_helpers import write_torch_project
 from typer.testing import CliRunner
 
-from sae_clt import validation
 from sae_clt.cli import app
 from sae_clt.errors import SpecError
-from sae_clt.spec import load_spec, read_yaml
-from sae_clt.validation import find_module_file, validate_files
+from sae_clt.spec import validation
+from sae_clt.spec.models import load_spec, read_yaml
+from sae_clt.spec.validation import find_module_file, validate_files
 
 EVIL_SUBJECT = """\
 id: evil
@@ -217,7 +217,7 @@ def test_cli_caps_long_message_lines_and_line_count(tiny_project):
 
 
 def test_spec_file_larger_than_the_limit_is_refused(tiny_project, monkeypatch):
-    from sae_clt import spec as spec_module
+    from sae_clt.spec import models as spec_module
 
     monkeypatch.setattr(spec_module, "MAX_SPEC_BYTES", 1000)
     path = tiny_project / "specs" / "tiny_sae.yaml"
@@ -305,7 +305,7 @@ def test_unreadable_scalar_is_a_spec_error_naming_the_line(tiny_project):
 
 def test_a_spec_id_longer_than_file_names_allow_is_a_spec_error(tmp_path):
     from sae_clt.errors import SpecError
-    from sae_clt.spec import load_spec
+    from sae_clt.spec.models import load_spec
 
     long_id = "x" * 230
     path = tmp_path / "specs" / "subjects" / f"{long_id}.yaml"

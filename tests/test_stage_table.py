@@ -44,7 +44,7 @@ def test_compiled_kernel_sources_and_report_templates_are_dependencies_of_the_st
 
 
 def test_sections_a_spec_must_write_out_come_from_the_stages_that_read_them():
-    from sae_clt.spec import TRACKED_SECTIONS
+    from sae_clt.spec.models import TRACKED_SECTIONS
 
     assert TRACKED_SECTIONS["experiments"] == ["dataset", "source", "target", "model", "train", "evaluate", "export"]
     assert TRACKED_SECTIONS["datasets"] == tracked_sections("datasets") == ["subject", "collect", "normalize"]
@@ -68,8 +68,8 @@ def test_touching_code_a_stage_runs_makes_dvc_rerun_it_and_unrelated_code_does_n
     assert done.returncode == 0, done.stderr[-3000:]
     assert _status(root) == {}
 
-    unrelated = root / "sae_clt" / "interop.py"  # convert's formats: no stage runs it
-    assert "sae_clt/interop.py" not in {p for s in STAGES if not s.always_changed for p in code_deps(s.module)}
+    unrelated = root / "sae_clt" / "interop" / "formats.py"  # convert's formats: no stage runs it
+    assert "sae_clt/interop/formats.py" not in {p for s in STAGES if not s.always_changed for p in code_deps(s.module)}
     unrelated.write_text(unrelated.read_text() + "\n# a comment\n")
     assert _status(root) == {}
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from sae_clt.data.store import ActivationStore, StoreWriter
 from sae_clt.errors import DataError
-from sae_clt.store import ActivationStore, StoreWriter
 
 
 def _write(folder, dtype="float32", rows=50):
@@ -49,7 +49,7 @@ def test_manifest_statistics_are_those_of_the_rows_written_across_shards(tmp_pat
 
 
 def test_a_shard_that_cannot_be_written_is_reported_and_no_progress_is_recorded_after_it(tmp_path, monkeypatch):
-    import sae_clt.store as store_module
+    import sae_clt.data.store as store_module
 
     writer = StoreWriter(tmp_path, {"h": 4}, "float32", {"n_instances": 20})
     prov = {"instance_id": torch.arange(10), "position": torch.zeros(10, dtype=torch.int32)}
@@ -135,7 +135,7 @@ def test_collection_refuses_to_start_without_enough_disk(tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple
 
-    from sae_clt.collect import check_free_disk
+    from sae_clt.data.collect import check_free_disk
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))

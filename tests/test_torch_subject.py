@@ -35,7 +35,7 @@ def test_torch_subject_from_import_path_runs_every_stage(tmp_path, monkeypatch):
 
 
 def test_torch_subject_unknown_hook_point_lists_module_paths(tmp_path, monkeypatch):
-    from sae_clt.validation import validate_files
+    from sae_clt.spec.validation import validate_files
 
     root = tmp_path / "proj"
     root.mkdir()
@@ -82,7 +82,7 @@ def test_torch_subject_with_one_row_per_input_trains_and_evaluates(tmp_path, mon
     """Hook points giving [batch, d] (no sequence axis) store one row per input at position 0."""
     from safetensors.torch import save_file
 
-    from sae_clt.store import ActivationStore
+    from sae_clt.data.store import ActivationStore
 
     root = tmp_path / "proj"
     root.mkdir()

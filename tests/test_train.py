@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from sae_clt.dictionary import Dictionary
-from sae_clt.metrics import ReconstructionMeter
-from sae_clt.normalize import Normalization, PairLoader, fit_normalization
-from sae_clt.spec import DatasetSpec, ExperimentSpec
-from sae_clt.store import ActivationStore, StoreWriter
+from sae_clt.data.normalize import Normalization, PairLoader, fit_normalization
+from sae_clt.data.store import ActivationStore, StoreWriter
+from sae_clt.dictionaries.dictionary import Dictionary
+from sae_clt.evaluation.metrics import ReconstructionMeter
+from sae_clt.spec.models import DatasetSpec, ExperimentSpec
 from sae_clt.training.loop import train
 from sae_clt.training.losses import aux_k_loss
 
@@ -76,7 +76,7 @@ def test_training_curves_are_tsv_per_metric(tmp_path):
 
 
 def test_aux_k_gives_gradient_to_dead_latents_only():
-    from sae_clt.dictionary import DictionaryConfig
+    from sae_clt.dictionaries.dictionary import DictionaryConfig
 
     model = Dictionary(DictionaryConfig("sae", 8, 8, 16, "topk", 2, "a", "a"))
     x = torch.randn(32, 8)
@@ -118,8 +118,8 @@ def test_building_and_checkpointing_the_optimizer_does_not_import_torch_dynamo()
     import sys
 
     code = ("import sys, torch\n"
-            "from sae_clt.dictionary import Dictionary, DictionaryConfig\n"
-            "from sae_clt.spec import TrainSection\n"
+            "from sae_clt.dictionaries.dictionary import Dictionary, DictionaryConfig\n"
+            "from sae_clt.spec.models import TrainSection\n"
             "from sae_clt.training.optim import make_optimizer\n"
             "model = Dictionary(DictionaryConfig('sae', 8, 8, 16, 'topk', 2, 'x', 'x'), seed=0)\n"
             "opt = make_optimizer(model, TrainSection())\n"

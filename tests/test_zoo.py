@@ -9,10 +9,10 @@ import shutil
 import pytest
 import torch
 
-from sae_clt.dictionary import Dictionary, DictionaryConfig
-from sae_clt.normalize import Normalization, PairLoader
+from sae_clt.data.normalize import Normalization, PairLoader
+from sae_clt.data.store import ActivationStore
+from sae_clt.dictionaries.dictionary import Dictionary, DictionaryConfig
 from sae_clt.stages.table import run_stage
-from sae_clt.store import ActivationStore
 from sae_clt.training.init import geometric_median, resample_dead
 
 SPEC = """\

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..collect import check_activations_root, collect, complete_parts, merge_parts, part_status
+from ..data.collect import check_activations_root, collect, complete_parts, merge_parts, part_status
+from ..data.store import write_pointer
 from ..errors import DataError
-from ..store import write_pointer
 from ..subjects import load_subject
 from .common import dataset_specs, log
 

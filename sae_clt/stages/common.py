@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..project import Paths, find_root, resolve_dataset
+from ..spec.project import Paths, find_root, resolve_dataset
 
 
 def log(message: str) -> None:

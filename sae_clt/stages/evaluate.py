@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..evaluate import evaluate
+from ..evaluation.evaluate import evaluate
 from ..subjects import load_subject
 from .common import log
 from .inputs import check_fits_in_memory, experiment_inputs

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from ..export import export_edges
-from ..project import resolve_experiment
+from ..interop.edges import export_edges
+from ..spec.project import resolve_experiment
 from .common import log
 
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..data.normalize import Normalization
+from ..data.store import ActivationStore
 from ..errors import SpecError
-from ..normalize import Normalization
-from ..project import resolve_experiment
-from ..spec import ExperimentSpec
-from ..store import ActivationStore
+from ..spec.models import ExperimentSpec
+from ..spec.project import resolve_experiment
 
 
 def experiment_inputs(spec_path: Path):

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..normalize import fit_normalization
-from ..store import ActivationStore
+from ..data.normalize import fit_normalization
+from ..data.store import ActivationStore
 from .common import dataset_specs, log
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..project import resolve_experiment
-from ..report import render_report
+from ..report.render import render_report
+from ..spec.project import resolve_experiment
 from .common import log
 
 

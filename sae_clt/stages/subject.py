@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..project import Paths, find_root
-from ..spec import load_spec
+from ..spec.models import load_spec
+from ..spec.project import Paths, find_root
 from ..subjects import train_subject
 from .common import log
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from ..spec import SUBJECT_KINDS
+from ..spec.models import SUBJECT_KINDS
 
 
 def _module(spec):

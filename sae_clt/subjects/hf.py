@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DataError, SpecError
-from ..spec import HFSubjectSpec
+from ..spec.models import HFSubjectSpec
 from .loaded import record_loaded_model
 
 
@@ -65,7 +65,7 @@ class HFSubject:
     # ------------------------------------------------------------------ interface
 
     def hook_points(self) -> list[str]:
-        from ..hooks import module_hook_points
+        from ..data.hooks import module_hook_points
 
         return module_hook_points(self.model)
 
@@ -100,11 +100,11 @@ class HFSubject:
         return self._windows
 
     def _build_windows(self, n_windows: int):
-        from ..corpus import read_documents, token_stream
+        from ..data.corpus import read_documents, token_stream
 
         prefix, suffix = self._special_template()
         content = self.text.context_length - len(prefix) - len(suffix)
-        from ..corpus import corpus_hash
+        from ..data.corpus import corpus_hash
 
         docs = read_documents(self.text.corpus, self.root, self.text.jsonl_field)
         self.input_fingerprint = {"corpus": self.text.corpus, "corpus_sha256": corpus_hash(docs), "documents": len(docs)}

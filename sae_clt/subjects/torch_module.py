@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DataError, SpecError
-from ..spec import TorchSubjectSpec
+from ..spec.models import TorchSubjectSpec
 from .loaded import record_loaded_model
 
 
@@ -135,7 +135,7 @@ class TorchSubject:
         return cls(spec, model.float(), root)
 
     def hook_points(self) -> list[str]:
-        from ..hooks import module_hook_points
+        from ..data.hooks import module_hook_points
 
         return module_hook_points(self.model)
 

@@ -14,7 +14,7 @@ import torch
 
 from ..io import read_json, save_safetensors, write_json
 from ..provenance import output_meta
-from ..spec import TSPSubjectSpec
+from ..spec.models import TSPSubjectSpec
 from .tsp_policy import PolicyConfig, TSPPolicy
 from .tsp_problem import (
     best_nn_two_opt_tours,

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from ..dictionary import Dictionary
+from ..data.normalize import Normalization
+from ..data.store import ActivationStore
+from ..dictionaries.dictionary import Dictionary
 from ..io import read_json, save_safetensors, write_json
-from ..normalize import Normalization
-from ..spec import ExperimentSpec, spec_hash
+from ..spec.models import ExperimentSpec, spec_hash
 from ..stages.table import stage
-from ..store import ActivationStore
 from .curves import CurveWriter
 
 TRAIN_SECTIONS = list(stage("train").sections)  # what the dictionary depends on

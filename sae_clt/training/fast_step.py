@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import torch
 
-from ..dictionary import Dictionary
-from ..kernels import adam_update, center_bf16, decode_backward, latent_grads, positive_entries, topk_rows
+from ..dictionaries.dictionary import Dictionary
+from ..kernels.ops import adam_update, center_bf16, decode_backward, latent_grads, positive_entries, topk_rows
 from .curves import FIRING
 
 

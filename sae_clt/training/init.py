@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from ..dictionary import Dictionary, DictionaryConfig
+from ..data.normalize import Normalization, PairLoader
+from ..data.store import ActivationStore
+from ..dictionaries.dictionary import Dictionary, DictionaryConfig
 from ..errors import PipelineError
-from ..normalize import Normalization, PairLoader
-from ..spec import ExperimentSpec
-from ..store import ActivationStore
+from ..spec.models import ExperimentSpec
 
 
 def make_dictionary(spec: ExperimentSpec, store: ActivationStore, norm: Normalization) -> Dictionary:

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
+from ..data.normalize import Normalization, PairLoader
+from ..data.store import ActivationStore
 from ..errors import PipelineError
 from ..io import read_json, write_json
-from ..normalize import Normalization, PairLoader
 from ..progress import progress_bar
 from ..provenance import output_meta
-from ..spec import ExperimentSpec
-from ..store import ActivationStore
+from ..spec.models import ExperimentSpec
 from .checkpoint import TRAIN_SECTIONS, TrainState, checkpoint_fingerprint
 from .curves import CURVES, FIRING, CurveWriter
 from .distributed import World

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dictionary import Dictionary
+from ..dictionaries.dictionary import Dictionary
 
 
 class UsageKL:

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from ..dictionary import Dictionary
+from ..dictionaries.dictionary import Dictionary
 from ..errors import PipelineError
 
 

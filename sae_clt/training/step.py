@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..activations import activation
-from ..dictionary import Dictionary
-from ..metrics import fvu_batch
-from ..spec import ExperimentSpec
+from ..dictionaries.activations import activation
+from ..dictionaries.dictionary import Dictionary
+from ..evaluation.metrics import fvu_batch
+from ..spec.models import ExperimentSpec
 from .curves import FIRING
 from .losses import UsageKL, aux_k_loss
 from .schedules import cosine_with_warmup, ramp

@@ -1,6 +1,6 @@
 """``saeclt compare``: an experiment's trained dictionary beside dictionaries trained elsewhere
 (SAELens or sparsify folders), on the same held-out rows, with the same metric definitions as the
-evaluate stage (sae_clt/metrics.py): FVU, MSE, cosine, L0, dead and dense fractions.
+evaluate stage (sae_clt/evaluation/metrics.py): FVU, MSE, cosine, L0, dead and dense fractions.
 
 The external dictionaries take raw activations (as those tools train them); saeclt's own takes
 the store's normalised rows. Every dictionary sees the same validation rows, read once.
@@ -12,20 +12,20 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError
+from ..errors import DataError
 
 
 def compare_experiment(spec_path: Path, folders: list[Path], out_path: Path | None = None, max_rows: int | None = None) -> dict:
     """Metrics of the experiment's dictionary (if trained) and of each external folder on the
     experiment's validation rows; written to ``out_path`` (default runs/experiments/<id>/compare.json)."""
-    from .dictionary import Dictionary
-    from .interop import load_external
-    from .io import write_json
-    from .metrics import ReconstructionMeter, SparsityMeter
-    from .normalize import PairLoader
-    from .progress import progress_bar
-    from .provenance import output_meta
-    from .stages.inputs import experiment_inputs
+    from ..data.normalize import PairLoader
+    from ..dictionaries.dictionary import Dictionary
+    from ..evaluation.metrics import ReconstructionMeter, SparsityMeter
+    from ..io import write_json
+    from ..progress import progress_bar
+    from ..provenance import output_meta
+    from ..stages.inputs import experiment_inputs
+    from .formats import load_external
 
     if max_rows is not None and max_rows < 1:
         raise DataError(f"--max-rows: expected at least 1, got {max_rows}")

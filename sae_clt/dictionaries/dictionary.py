@@ -23,10 +23,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..errors import DataError
+from ..io import read_json, save_safetensors, write_json
+from ..spec.models import ModelSection
 from .activations import Activation, activation
-from .errors import DataError
-from .io import read_json, save_safetensors, write_json
-from .spec import ModelSection
 
 WEIGHTS = "dictionary.safetensors"
 CONFIG = "cfg.json"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .io import atomic_write_text, read_json
-from .spec import ExperimentSpec, dump_spec_yaml
+from ..io import atomic_write_text, read_json
+from ..spec.models import ExperimentSpec, dump_spec_yaml
 
 DATA_FILES = ("templates/report.md.j2", "templates/report.html.j2")  # read by the report stage (a DVC dependency)
 
@@ -130,7 +130,7 @@ def render_report(spec: ExperimentSpec, eval_metrics_path: Path, train_metrics_p
         written.append(path)
     for fmt in ("md", "html"):
         env = Environment(
-            loader=PackageLoader("sae_clt", "templates"),
+            loader=PackageLoader("sae_clt.report", "templates"),
             undefined=StrictUndefined,
             autoescape=select_autoescape(enabled_extensions=("html", "html.j2"), default_for_string=False),
             keep_trailing_newline=True,

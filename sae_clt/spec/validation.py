@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import DataError, SpecError
+from ..errors import DataError, SpecError
+from .models import QUOTE_LIMIT, SUBJECT_KINDS, _spec_kind, load_spec, quote, read_yaml
 from .project import Paths, find_root, index_problems, resolve_dataset, resolve_experiment
-from .spec import QUOTE_LIMIT, SUBJECT_KINDS, _spec_kind, load_spec, quote, read_yaml
 
 _HOOK_POINTS: dict[tuple, list[str]] = {}  # (root, subject spec) -> hook points: load each model once
 
@@ -61,11 +61,11 @@ def _architecture_key(subject_spec, root: Path) -> str | None:
     import hashlib
     from importlib import metadata
 
-    from . import __version__
+    from .. import __version__
 
     h = hashlib.sha256(subject_spec.model_dump_json().encode() + __version__.encode())
     module = SUBJECT_KINDS[subject_spec.kind].module  # sae_clt.subjects.<name>
-    h.update((Path(__file__).parent.joinpath(*module.split(".")[1:]).with_suffix(".py")).read_bytes())
+    h.update((Path(__file__).parents[1].joinpath(*module.split(".")[1:]).with_suffix(".py")).read_bytes())
     try:
         if subject_spec.kind == "hf":
             h.update(metadata.version("transformers").encode())
@@ -97,8 +97,8 @@ def _hf_hook_points_from_config(subject_spec, folder: Path) -> list[str]:
     except ImportError:
         raise SpecError(subject_spec.id, [f"subject '{subject_spec.id}' is a Hugging Face model: install the hf extra "
                                           "(pip install -e '.[hf]' or pip install 'sae_clt[hf]')"]) from None
-    from .hooks import module_hook_points
-    from .spec import cap
+    from ..data.hooks import module_hook_points
+    from .models import cap
 
     hf_logging.disable_progress_bar()
     if not (folder / "config.json").is_file():
@@ -122,7 +122,7 @@ def _subject_hook_points(subject_spec, root: Path, import_subjects: bool = True)
     user code, so only with ``import_subjects``; otherwise HookPointsUnchecked is raised."""
     import json
 
-    from .io import write_json
+    from ..io import write_json
 
     key = (str(root), subject_spec.model_dump_json())
     if key in _HOOK_POINTS:
@@ -147,7 +147,7 @@ def _subject_hook_points(subject_spec, root: Path, import_subjects: bool = True)
             f"listing its module paths means importing {quote(module)}" + (f" and calling {quote(factory)}" if factory else "")
             + " (code the spec names), which validate does not do")
     else:
-        from .subjects import subject_architecture
+        from ..subjects import subject_architecture
 
         if subject_spec.kind == "hf":
             from transformers.utils import logging as hf_logging
@@ -177,7 +177,7 @@ def _check_dataset_hooks(path: Path, paths: Paths, import_subjects: bool = True,
         return []
     _, lines = read_yaml(path)
     problems = []
-    from .hook_names import is_pattern, matches
+    from ..data.hook_names import is_pattern, matches
 
     for i, point in enumerate(dataset.collect.hook_points):
         if is_pattern(point) and any(matches(a, point) for a in available):

@@ -25,9 +25,9 @@ from typing import Annotated, Any, Literal, Union, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .activations import ACTIVATIONS, activation
-from .errors import SpecError
-from .stages.table import tracked_sections
+from ..dictionaries.activations import ACTIVATIONS, activation
+from ..errors import SpecError
+from ..stages.table import tracked_sections
 
 SPEC_ID_PATTERN = r"^[A-Za-z0-9_-]+$"  # DVC stage names allow letters, digits, _ and -
 SPEC_ID_MAX_LENGTH = 200  # file names (with temporary-file affixes) stay under the usual 255-byte limit
@@ -231,7 +231,7 @@ class ModelSection(StrictModel):
         "linear skip path W_skip (source -> target); clt: cross-layer transcoder, one encoder per source layer, each "
         "feature decoding to its own and every later target layer (source and target are lists).")
     d_sae: int = Field(4096, ge=1, le=MAX_WIDTH, description="Number of latents (dictionary size; clt: features per layer).")
-    activation: str = Field("topk", description="The sparse activation, a key of the registry in sae_clt/activations.py: "
+    activation: str = Field("topk", description="The sparse activation, a key of the registry in sae_clt/dictionaries/activations.py: "
                             + "; ".join(f"{a.name}: {a.description}" for a in ACTIVATIONS.values()) + ".")
     k: int = Field(32, ge=1, le=MAX_WIDTH, description="Active latents per row (topk; batchtopk on average; clt topk: per layer; "
                    "jumprelu: the initial L0 when jumprelu_init_threshold is null).")
@@ -359,13 +359,13 @@ class ExperimentSpec(StrictModel):
     @property
     def source_key(self) -> str:
         """The source as one (possibly grouped, ``a+b``) hook-point name."""
-        from .hook_groups import join
+        from ..data.hook_groups import join
 
         return join(self.source)
 
     @property
     def target_key(self) -> str:
-        from .hook_groups import join
+        from ..data.hook_groups import join
 
         return join(self.target)
 

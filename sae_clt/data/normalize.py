@@ -16,14 +16,14 @@ from typing import Iterator
 
 import torch
 
-from .errors import DataError
+from ..errors import DataError
+from ..io import read_json, save_safetensors, write_json
+from ..kernels.ops import gather_normalize, take_rows
+from ..progress import progress_bar
+from ..provenance import output_meta
+from ..spec.models import DatasetSpec
+from ..stages.table import stage
 from .hook_groups import is_group, members
-from .io import read_json, save_safetensors, write_json
-from .kernels import gather_normalize, take_rows
-from .progress import progress_bar
-from .provenance import output_meta
-from .spec import DatasetSpec
-from .stages.table import stage
 from .store import ActivationStore, RunningStats
 
 NORM_FILE = "normalize.safetensors"
@@ -341,7 +341,7 @@ def prefetched(items: Iterator, depth: int = 1) -> Iterator:
     import queue
     import threading
 
-    from .threads import use_one_torch_thread
+    from ..threads import use_one_torch_thread
 
     ready: queue.Queue = queue.Queue()
     permits = threading.Semaphore(depth)  # released when the consumer takes an item

@@ -298,7 +298,7 @@ def _load_kernel():
         _KERNEL = False
         if "torch" not in (os.environ.get("SAECLT_KERNELS", "auto"), os.environ.get("SAECLT_TOPK", "auto")):
             try:
-                from .kernels_build import build
+                from .build import build
 
                 _KERNEL = build()
             except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a build error: use the torch versions

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
+from ..spec.project import resolve_experiment
 from .normalize import Normalization, PairLoader, summary_of
-from .project import resolve_experiment
 from .store import ActivationStore
 
 

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Callable, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import DataError
-from .io import read_json, save_safetensors, write_json
+from ..errors import DataError
+from ..io import read_json, save_safetensors, write_json
 
 if TYPE_CHECKING:
-    from .kernels import StoredRows
+    from ..kernels.ops import StoredRows
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -70,7 +70,7 @@ class RunningStats:
 
     def update(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         """Add the rows ``rows`` of ``x`` (all of them when None)."""
-        from .kernels import store_rows
+        from ..kernels.ops import store_rows
 
         self.add(store_rows([x.float().contiguous()], rows, None), x.shape[0] if rows is None else rows.numel())
 
@@ -184,7 +184,7 @@ class StoreWriter:
                     perm: torch.Tensor) -> None:
         """Write rows ``perm`` of each hook's activations (a tensor, or a list of parts to be read
         as their row-wise concatenation) and of the provenance as the next shard."""
-        from .kernels import store_rows
+        from ..kernels.ops import store_rows
 
         self.wait()  # the previous shard is on disk (and listed) before this one is numbered
         index = len(self.shards)
@@ -312,7 +312,7 @@ def read_progress(folder: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
 def write_pointer(local: Path, external: Path) -> None:
     """The local store folder of a store kept elsewhere: its location and a copy of its
     manifest, so DVC sees the store change (the manifest lists every shard's checksum)."""
-    from .io import remove_own_folder
+    from ..io import remove_own_folder
 
     remove_own_folder(local, store_owned, "an activation store (or its pointer)")
     local.mkdir(parents=True)

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import torch
 
-from .dictionary import Dictionary
-from .hook_groups import members
-from .hooks import patching
-from .io import save_safetensors, write_json
+from ..data.hook_groups import members
+from ..data.hooks import patching
+from ..data.normalize import Normalization, PairLoader
+from ..data.store import ActivationStore
+from ..dictionaries.dictionary import Dictionary
+from ..io import save_safetensors, write_json
+from ..progress import progress_bar
+from ..provenance import output_meta
+from ..spec.models import ExperimentSpec
 from .metrics import ReconstructionMeter, SparsityMeter, decoder_redundancy
-from .normalize import Normalization, PairLoader
-from .progress import progress_bar
-from .provenance import output_meta
-from .spec import ExperimentSpec
-from .store import ActivationStore
 
 EVAL_SECTIONS = ["dataset", "source", "target", "model", "train", "evaluate"]
 EVAL_TENSORS = "eval.safetensors"

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from .dictionary import Dictionary
-from .hook_groups import dim_label, members
-from .io import atomic_write_text, write_json
-from .provenance import output_meta
-from .spec import ExperimentSpec
+from ..data.hook_groups import dim_label, members
+from ..dictionaries.dictionary import Dictionary
+from ..io import atomic_write_text, write_json
+from ..provenance import output_meta
+from ..spec.models import ExperimentSpec
 
 EXPORT_SECTIONS = ["dataset", "source", "target", "model", "train", "export"]
 

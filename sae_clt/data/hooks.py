@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .errors import DataError, SpecError
+from ..errors import DataError, SpecError
 from .hook_names import HookPoint, expand_hook_points, is_pattern, matches, pattern_regex  # noqa: F401 - re-exported
 
 

@@ -15,9 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import PipelineError
-from .project import Paths, read_index, resolve_experiment, write_index
-from .stages.table import refuse_linked_outputs, run_targets
+from ..errors import PipelineError
+from ..spec.project import Paths, read_index, resolve_experiment, write_index
+from .table import refuse_linked_outputs, run_targets
 
 
 def dvc_env() -> dict:
@@ -119,7 +119,7 @@ _STAGE_FAILED = re.compile(r"failed to run: (?P<cmd>.*?), exited with (?P<code>-
 
 def _stage_failure(output: str) -> Exception | None:
     """The error a failed stage command maps to: its own exit code (2 spec, 3 data) passes through."""
-    from .errors import DataError, SpecError
+    from ..errors import DataError, SpecError
 
     found = list(_STAGE_FAILED.finditer(output))
     if not found:
@@ -229,7 +229,7 @@ def unindex(paths: Paths, experiment_id: str, before: str | None) -> None:
         else:
             write_index(paths, remaining, previous=current)
     except Exception:  # noqa: BLE001 - fall back to the exact previous text
-        from .io import atomic_write_text
+        from ..io import atomic_write_text
 
         if before is None:
             path.unlink(missing_ok=True)
@@ -286,7 +286,7 @@ def clear_stale_dvc_locks(root: Path) -> int:
     Returns how many entries were dropped."""
     import json
 
-    from .io import atomic_write_text
+    from ..io import atomic_write_text
 
     path = root / ".dvc" / "tmp" / "rwlock"
     try:
@@ -386,7 +386,7 @@ def _committed_lock(root: Path) -> tuple[dict | None, str]:
 def _write_lock(root: Path, stages: dict) -> None:
     from dvc.utils.serialize import dumps_yaml
 
-    from .io import atomic_write_text
+    from ..io import atomic_write_text
 
     atomic_write_text(root / "dvc.lock", dumps_yaml({"schema": "2.0", "stages": stages}))
 
@@ -456,7 +456,7 @@ def recover_dvc_lock(root: Path) -> str | None:
 
 def save_good_dvc_lock(root: Path) -> None:
     """Keep a copy of dvc.lock when DVC accepts it whole: what recover_dvc_lock restores from."""
-    from .io import atomic_write_text
+    from ..io import atomic_write_text
 
     try:
         import dvc.schema  # noqa: F401
@@ -471,8 +471,8 @@ def save_good_dvc_lock(root: Path) -> None:
 
 
 def run_experiment(spec_path: Path) -> None:
-    from .errors import SpecError
-    from .validation import validate_files
+    from ..errors import SpecError
+    from ..spec.validation import validate_files
 
     problems = validate_files([spec_path], check_index=False)  # fail fast, before DVC starts
     if problems:

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from .activations import ACTIVATIONS
-from .dictionary import Dictionary
-from .errors import DataError
-from .io import check_own_folder, remove_own_folder
+from ..dictionaries.activations import ACTIVATIONS
+from ..dictionaries.dictionary import Dictionary
+from ..errors import DataError
+from ..io import check_own_folder, remove_own_folder
 
 FORMATS = ("saelens", "sparsify")
 SAELENS_FORMAT_VERSION = "6.0.0"  # the cfg.json layout written here: SAELens 6's (metadata block, architecture names)
@@ -116,7 +116,7 @@ def saelens_files(model: Dictionary, w: RawWeights, meta: dict) -> tuple[dict, d
             raise _unsupported("saelens", cfg, f"SAELens has no '{act.name}' activation")
         name = act.saelens_sae
     elif act.saelens_transcoder_prefix is None:
-        raise _unsupported("saelens", cfg, "SAELens has no transcoder with this activation" + (
+        raise _unsupported("saelens", cfg, f"SAELens has no {act.name!r} transcoder" + (
             "; write it for sparsify (--to sparsify), which has one, or train the transcoder with batchtopk or jumprelu"
             if act.sparsify else ""))
     else:
@@ -235,9 +235,9 @@ def convert(model: Dictionary, fmt: str, out_dir: Path, meta: dict, tolerance: f
 def convert_experiment(spec_path: Path, fmt: str, out_dir: Path | None = None) -> dict:
     """``saeclt convert``: an experiment's trained dictionary written as ``fmt`` (default folder
     ``runs/experiments/<id>/<fmt>/``), with where it came from in the written config."""
-    from .io import read_json
-    from .project import resolve_experiment
-    from .provenance import versions
+    from ..io import read_json
+    from ..provenance import versions
+    from ..spec.project import resolve_experiment
 
     if fmt not in FORMATS:
         raise DataError(f"--to: unknown format '{fmt}'; expected one of: {', '.join(FORMATS)}")
@@ -292,7 +292,7 @@ def load_external(folder: Path) -> tuple[Dictionary, dict]:
     """A dictionary saved by SAELens or sparsify as a saeclt ``Dictionary`` acting on raw
     activations (identity normalisation: ``predict_raw`` and ``encode`` take raw rows), and a
     description (format, architecture, width, k). Kinds saeclt has no counterpart for are refused."""
-    from .dictionary import DictionaryConfig
+    from ..dictionaries.dictionary import DictionaryConfig
 
     fmt, config, tensors = _read_folder(folder)
     hooks = None  # (source, target) as the file names them, where it does

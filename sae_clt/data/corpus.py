@@ -15,7 +15,7 @@ import json
 import sysconfig
 from pathlib import Path
 
-from .errors import DataError
+from ..errors import DataError
 
 SKIP_PARTS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "__pycache__", "turtledemo"}
 

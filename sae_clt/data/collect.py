@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError
+from ..errors import DataError
+from ..io import check_own_folder, remove_own_folder
+from ..progress import progress_bar
+from ..provenance import output_meta
+from ..spec.models import DatasetSpec, spec_hash
+from ..stages.table import stage
 from .hooks import StopForward, expand_hook_points, recording
-from .io import check_own_folder, remove_own_folder
-from .progress import progress_bar
-from .provenance import output_meta
-from .spec import DatasetSpec, spec_hash
-from .stages.table import stage
 from .store import MANIFEST, PROGRESS, StoreWriter, read_progress, store_owned
 
 STORE_ROLE = "an activation store"
@@ -274,7 +274,7 @@ def complete_parts(store_dir: Path) -> int | None:
     """n when ``store_dir`` holds n complete worker parts of one sharded collection, else None."""
     import re
 
-    from .io import read_json
+    from ..io import read_json
 
     found = {}
     for folder in store_dir.glob("part-*-of-*"):
@@ -292,7 +292,7 @@ def complete_parts(store_dir: Path) -> int | None:
 def merge_parts(store_dir: Path, n: int) -> dict:
     """Join n complete worker parts into one store: shards renumbered and moved (no copy),
     statistics combined from the parts' raw sums, one manifest. The parts are removed."""
-    from .io import read_json
+    from ..io import read_json
     from .store import RunningStats, StoreWriter
 
     check_own_folder(store_dir, store_owned, STORE_ROLE)

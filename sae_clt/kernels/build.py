@@ -28,8 +28,8 @@ from pathlib import Path
 
 NAME = "saeclt_kernels_v25"
 
-SOURCE_FILE = Path(__file__).parent / "cpp" / "kernels.cpp"
-DATA_FILES = ("cpp/kernels.cpp",)  # a DVC dependency of every stage that imports this module
+SOURCE_FILE = Path(__file__).parent / "kernels.cpp"
+DATA_FILES = ("kernels.cpp",)  # a DVC dependency of every stage that imports this module
 SOURCE = SOURCE_FILE.read_text()
 
 

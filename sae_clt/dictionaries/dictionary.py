@@ -27,6 +27,7 @@ from ..errors import DataError
 from ..io import read_json, save_safetensors, write_json
 from ..spec.models import ModelSection
 from .activations import Activation, activation
+from .architectures import Architecture, architecture
 
 WEIGHTS = "dictionary.safetensors"
 CONFIG = "cfg.json"
@@ -34,7 +35,7 @@ CONFIG = "cfg.json"
 
 @dataclass(frozen=True)
 class DictionaryConfig:
-    architecture: str  # "sae" | "transcoder" | "skip_transcoder"
+    architecture: str  # a key of architectures.ARCHITECTURES
     d_in: int
     d_out: int
     d_sae: int
@@ -52,8 +53,12 @@ class DictionaryConfig:
         return activation(self.activation)
 
     @property
+    def layout(self) -> Architecture:
+        return architecture(self.architecture)
+
+    @property
     def apply_b_dec_to_input(self) -> bool:
-        return self.architecture == "sae"
+        return self.layout.reconstructs_input
 
 
 class Dictionary(nn.Module):
@@ -74,7 +79,7 @@ class Dictionary(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.W_dec = nn.Parameter(w_dec)
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_out))
-        if cfg.architecture == "clt":
+        if cfg.layout.layered:
             if cfg.d_in % cfg.n_layers or cfg.d_out % cfg.n_layers or cfg.d_sae % cfg.n_layers:
                 raise DataError(f"a clt needs equally wide layers: d_in {cfg.d_in}, d_out {cfg.d_out}, d_sae {cfg.d_sae} "
                                 f"over {cfg.n_layers} layers")
@@ -86,7 +91,7 @@ class Dictionary(nn.Module):
             self.register_buffer(name, torch.zeros(dim))
         for name, dim in (("source_scale", cfg.d_in), ("target_scale", cfg.d_out)):
             self.register_buffer(name, torch.ones(dim))
-        if cfg.architecture == "skip_transcoder":
+        if cfg.layout.skip_path:
             self.W_skip = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_out))
         cfg.act.add_parameters(self)
 
@@ -108,7 +113,7 @@ class Dictionary(nn.Module):
     def enforce_structure(self, grads: bool = False) -> None:
         """clt: zero the encoder and decoder entries outside the layer structure (of the
         gradients too, when ``grads``, so Adam never moves them). No-op for other kinds."""
-        if self.cfg.architecture != "clt":
+        if not self.cfg.layout.layered:
             return
         for param, mask in ((self.W_enc, self.encoder_mask()), (self.W_dec, self.decoder_mask())):
             target = param.grad if grads else param
@@ -139,7 +144,7 @@ class Dictionary(nn.Module):
         """(values, indices) of the active latents, [B, k] each; topk only. A clt takes k per
         layer ([B, n_layers·k]): a global top-k would let later layers' features compete with
         earlier ones, so a target layer's reconstruction would depend on later sources."""
-        if self.cfg.architecture == "clt":
+        if self.cfg.layout.layered:
             n, f = self.cfg.n_layers, self.cfg.d_sae // self.cfg.n_layers
             values, indices = pre.reshape(pre.shape[0], n, f).topk(self.cfg.k, dim=-1, sorted=False)
             indices = indices + (torch.arange(n, device=pre.device) * f)[None, :, None]
@@ -157,7 +162,7 @@ class Dictionary(nn.Module):
 
     def decode(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         y = z @ self.W_dec + self.b_dec
-        if self.cfg.architecture == "skip_transcoder" and x is not None:
+        if self.cfg.layout.skip_path and x is not None:
             y = y + x @ self.W_skip
         return y
 
@@ -189,7 +194,7 @@ class Dictionary(nn.Module):
         else:
             self.W_enc.copy_(x_dir.t() / self.cfg.k)
             self.W_dec.copy_(y_dir)
-        if self.cfg.architecture == "clt":  # each latent keeps its own layer's part of the row
+        if self.cfg.layout.layered:  # each latent keeps its own layer's part of the row
             self.enforce_structure()
             self.normalize_decoder()
 
@@ -215,7 +220,7 @@ class Dictionary(nn.Module):
     def save(self, folder: Path, meta: dict, extra_cfg: dict | None = None) -> None:
         folder = Path(folder)
         tensors = {k: v.detach().float() for k, v in self.state_dict().items()}
-        if self.cfg.architecture == "clt":  # per-layer encoders [d_in_l, d_sae_l], decoders [d_sae_l, n_targets, d_out_l]
+        if self.cfg.layout.layered:  # per-layer encoders [d_in_l, d_sae_l], decoders [d_sae_l, n_targets, d_out_l]
             n = self.cfg.n_layers
             i, f = self.cfg.d_in // n, self.cfg.d_sae // n
             del tensors["W_enc"], tensors["W_dec"]
@@ -237,7 +242,7 @@ class Dictionary(nn.Module):
         fields = DictionaryConfig.__dataclass_fields__
         model = cls(DictionaryConfig(**{k: cfg_json[k] for k in fields if k in cfg_json}))
         tensors = load_file(folder / WEIGHTS)
-        if model.cfg.architecture == "clt":  # reassemble the block-structured matrices
+        if model.cfg.layout.layered:  # reassemble the block-structured matrices
             n = model.cfg.n_layers
             i, f, o = model.cfg.d_in // n, model.cfg.d_sae // n, model.cfg.d_out // n
             w_enc, w_dec = torch.zeros_like(model.W_enc), torch.zeros_like(model.W_dec)

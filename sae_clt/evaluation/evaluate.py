@@ -229,7 +229,7 @@ def evaluate(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, 
     source, target = spec.source_key, spec.target_key
     train_loader = PairLoader(store, norm, source, target, "train", cfg.batch_size, seed=0, shuffle=False)
     val_loader = PairLoader(store, norm, source, target, "val", cfg.batch_size, seed=0, shuffle=False)
-    is_sae = spec.model.architecture == "sae"
+    is_sae = model.cfg.layout.reconstructs_input
     baseline_rank = None
     if is_sae:  # a dense code with as many numbers per row as the dictionary's L0
         l0 = model.cfg.k
@@ -242,7 +242,7 @@ def evaluate(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, 
     d_out = store.hook_dims[target]
     recon, linear = ReconstructionMeter(d_out), ReconstructionMeter(d_out)
     # clt: the reconstruction of each target layer too
-    layers = members(target) if spec.model.architecture == "clt" else []
+    layers = members(target) if model.cfg.layout.layered else []
     per_layer = {h: ReconstructionMeter(d_out // len(layers)) for h in layers}
     sparsity = SparsityMeter(model.cfg.d_sae)
     top = TopActivations(model.cfg.d_sae, n=5)
@@ -277,7 +277,7 @@ def evaluate(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, 
     if per_layer:
         metrics["reconstruction"]["per_target_layer"] = {h: m.summary()["fvu"] for h, m in per_layer.items()}
     if cfg.causal and getattr(subject, "model", None) is not None:
-        if spec.model.architecture == "clt":
+        if model.cfg.layout.layered:
             metrics["causal"] = causal_check_layers(subject, model, w_lin, norm, spec)
         else:
             metrics["causal"] = causal_check(subject, model, w_lin, norm, spec)

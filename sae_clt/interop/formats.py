@@ -69,7 +69,7 @@ def raw_weights(model: Dictionary, centered: bool) -> RawWeights:
     dec = W_dec * s_tgt[None, :]
     out_bias = b_dec * s_tgt + m_tgt
     skip = None
-    if cfg.architecture == "skip_transcoder":
+    if cfg.layout.skip_path:
         W_skip = model.W_skip.detach().to(f64)
         skip = W_skip / s_src[:, None] * s_tgt[None, :]
         out_bias = out_bias - ((m_src / s_src) @ W_skip) * s_tgt
@@ -108,19 +108,19 @@ def _unsupported(fmt: str, cfg, why: str) -> DataError:
 def saelens_files(model: Dictionary, w: RawWeights, meta: dict) -> tuple[dict, dict[str, torch.Tensor]]:
     """(cfg.json contents, tensors) in SAELens 6's layout, from the folded weights ``w``."""
     cfg = model.cfg
-    act, arch = cfg.act, cfg.architecture
-    if arch == "clt":
+    act, layout = cfg.act, cfg.layout
+    if layout.layered:
         raise _unsupported("saelens", cfg, "SAELens holds one dictionary per hook point (cross-layer transcoders: not yet)")
-    if arch == "sae":
+    if layout.reconstructs_input:
         if act.saelens_sae is None:
             raise _unsupported("saelens", cfg, f"SAELens has no '{act.name}' activation")
         name = act.saelens_sae
-    elif act.saelens_transcoder_prefix is None:
+    elif act.saelens_transcoder_prefix is None or layout.saelens_transcoder is None:
         raise _unsupported("saelens", cfg, f"SAELens has no {act.name!r} transcoder" + (
             "; write it for sparsify (--to sparsify), which has one, or train the transcoder with batchtopk or jumprelu"
             if act.sparsify else ""))
     else:
-        name = act.saelens_transcoder_prefix + ("skip_transcoder" if arch == "skip_transcoder" else "transcoder")
+        name = act.saelens_transcoder_prefix + layout.saelens_transcoder
     tensors = {"W_enc": w.W_enc, "b_enc": w.b_enc, "W_dec": w.W_dec, "b_dec": w.b_dec}
     if w.threshold is not None:
         tensors["threshold"] = w.threshold
@@ -128,12 +128,12 @@ def saelens_files(model: Dictionary, w: RawWeights, meta: dict) -> tuple[dict, d
         tensors["W_skip"] = w.W_skip.t().contiguous()  # SAELens: [d_out, d_in], applied as x @ W_skipᵀ
     config = {
         "architecture": name, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": "float32", "device": "cpu",
-        "apply_b_dec_to_input": arch == "sae", "normalize_activations": "none", "reshape_activations": "none",
+        "apply_b_dec_to_input": layout.reconstructs_input, "normalize_activations": "none", "reshape_activations": "none",
         "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": SAELENS_FORMAT_VERSION,
                      "model_name": meta.get("subject"), "hook_name": cfg.source,
-                     **({"hook_name_out": cfg.target} if arch != "sae" else {}), "saeclt": meta},
+                     **({"hook_name_out": cfg.target} if not layout.reconstructs_input else {}), "saeclt": meta},
     }
-    if arch != "sae":
+    if not layout.reconstructs_input:
         config["d_out"] = cfg.d_out
     if act.exact_k:  # (written out: SAELens's training loader would default the rescaling to true)
         config["k"], config["rescale_acts_by_decoder_norm"] = cfg.k, False
@@ -143,11 +143,11 @@ def saelens_files(model: Dictionary, w: RawWeights, meta: dict) -> tuple[dict, d
 def sparsify_files(model: Dictionary, w: RawWeights, meta: dict) -> tuple[dict, dict[str, torch.Tensor]]:
     """(cfg.json contents, tensors) as sparsify's ``SparseCoder.save_to_disk`` writes them, from ``w``."""
     cfg = model.cfg
-    if cfg.architecture == "clt":
+    if not cfg.layout.sparsify:
         raise _unsupported("sparsify", cfg, "sparsify's cross-layer coders are not written yet (one SparseCoder per hook point only)")
     if not cfg.act.sparsify:
         raise _unsupported("sparsify", cfg, "sparsify's SparseCoder is a TopK SAE or transcoder")
-    if cfg.architecture != "sae" and cfg.d_in != cfg.d_out:
+    if not cfg.layout.reconstructs_input and cfg.d_in != cfg.d_out:
         raise _unsupported("sparsify", cfg, f"sparsify's transcoders write as many dims as they read (here {cfg.d_in} -> {cfg.d_out})")
     tensors = {"encoder.weight": w.W_enc.t().contiguous(), "encoder.bias": w.b_enc, "W_dec": w.W_dec, "b_dec": w.b_dec}
     if w.W_skip is not None:
@@ -155,7 +155,7 @@ def sparsify_files(model: Dictionary, w: RawWeights, meta: dict) -> tuple[dict, 
     config = {
         "activation": "topk", "expansion_factor": max(1, cfg.d_sae // cfg.d_in), "num_latents": cfg.d_sae, "k": cfg.k,
         "normalize_decoder": False,  # the folded scale leaves the decoder rows off unit norm
-        "multi_topk": False, "skip_connection": cfg.architecture == "skip_transcoder", "transcode": cfg.architecture != "sae",
+        "multi_topk": False, "skip_connection": cfg.layout.skip_path, "transcode": not cfg.layout.reconstructs_input,
         "d_in": cfg.d_in,  # (saeclt's provenance goes in the weights file's metadata: sparsify reports unknown fields)
     }
     return config, tensors
@@ -207,7 +207,7 @@ def convert(model: Dictionary, fmt: str, out_dir: Path, meta: dict, tolerance: f
 
     if fmt not in FORMATS:
         raise DataError(f"unknown format '{fmt}'; expected one of: {', '.join(FORMATS)}")
-    w = raw_weights(model, centered=model.cfg.architecture == "sae")  # both tools subtract b_dec from an SAE's input
+    w = raw_weights(model, centered=model.cfg.layout.reconstructs_input)  # both tools subtract b_dec from an SAE's input
     config, tensors = (saelens_files if fmt == "saelens" else sparsify_files)(model, w.to(torch.float32), meta)
     error = folding_error(model, w, check_rows(model))
     if not error <= tolerance:

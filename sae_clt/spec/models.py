@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..dictionaries.activations import ACTIVATIONS, activation
+from ..dictionaries.architectures import ARCHITECTURES, architecture
 from ..errors import SpecError
 from ..stages.table import tracked_sections
 
@@ -226,10 +227,9 @@ class DatasetSpec(StrictModel):
 
 
 class ModelSection(StrictModel):
-    architecture: Literal["sae", "transcoder", "skip_transcoder", "clt"] = Field(
-        description="sae: source == target; transcoder: source -> target; skip_transcoder: a transcoder plus a learned "
-        "linear skip path W_skip (source -> target); clt: cross-layer transcoder, one encoder per source layer, each "
-        "feature decoding to its own and every later target layer (source and target are lists).")
+    architecture: str = Field(description="The dictionary's layout, a key of the registry in "
+                              "sae_clt/dictionaries/architectures.py: "
+                              + "; ".join(f"{a.name}: {a.description}" for a in ARCHITECTURES.values()) + ".")
     d_sae: int = Field(4096, ge=1, le=MAX_WIDTH, description="Number of latents (dictionary size; clt: features per layer).")
     activation: str = Field("topk", description="The sparse activation, a key of the registry in sae_clt/dictionaries/activations.py: "
                             + "; ".join(f"{a.name}: {a.description}" for a in ACTIVATIONS.values()) + ".")
@@ -252,6 +252,12 @@ class ModelSection(StrictModel):
     @classmethod
     def _registered(cls, value: str) -> str:
         activation(value)  # a ValueError naming the allowed ones (and the closest) otherwise
+        return value
+
+    @field_validator("architecture")
+    @classmethod
+    def _known_layout(cls, value: str) -> str:
+        architecture(value)
         return value
 
     @model_validator(mode="after")
@@ -375,19 +381,13 @@ class ExperimentSpec(StrictModel):
 
     @model_validator(mode="after")
     def _sae_reads_and_writes_one_point(self):
-        multi = isinstance(self.source, list) or isinstance(self.target, list)
-        if self.model.architecture == "clt":
-            if not (isinstance(self.source, list) and isinstance(self.target, list)
-                    and len(self.source) == len(self.target) >= 2):
-                raise ValueError("a clt reads one source and writes one target per layer: source and target must be "
-                                 f"lists of equal length (at least 2); got source {self.source!r}, target {self.target!r}")
-            if self.model.tied_decoder or self.model.matryoshka_prefixes:
-                raise ValueError("a clt has one encoder per layer and upper-triangular decoders: model.tied_decoder and "
-                                 "model.matryoshka_prefixes do not apply")
-        elif multi:
-            raise ValueError(f"lists of hook points in source/target are for architecture clt, not {self.model.architecture}")
-        if self.model.architecture == "sae" and self.source != self.target:
-            raise ValueError(f"an sae reconstructs its input: source ({self.source}) and target ({self.target}) must be equal")
+        layout = architecture(self.model.architecture)
+        problem = layout.check_hook_points(self.source, self.target)
+        if problem:
+            raise ValueError(problem)
+        if layout.layered and (self.model.tied_decoder or self.model.matryoshka_prefixes):
+            raise ValueError("a clt has one encoder per layer and upper-triangular decoders: model.tied_decoder and "
+                             "model.matryoshka_prefixes do not apply")
         t, m = self.train, self.model
         if t.group_lasso_coeff and (t.group_size is None or m.d_sae % t.group_size):
             raise ValueError(f"train.group_lasso_coeff needs train.group_size dividing model.d_sae ({m.d_sae}); got {t.group_size}")

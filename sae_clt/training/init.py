@@ -7,6 +7,7 @@ from torch.nn import functional as F
 
 from ..data.normalize import Normalization, PairLoader
 from ..data.store import ActivationStore
+from ..dictionaries.architectures import architecture
 from ..dictionaries.dictionary import Dictionary, DictionaryConfig
 from ..errors import PipelineError
 from ..spec.models import ExperimentSpec
@@ -28,7 +29,7 @@ def make_dictionary(spec: ExperimentSpec, store: ActivationStore, norm: Normaliz
         tied=m.tied_decoder,
         n_layers=spec.n_layers,
     )
-    if m.architecture == "clt" and len({store.hook_dims[h] for h in [*spec.source, *spec.target]}) != 1:
+    if architecture(m.architecture).layered and len({store.hook_dims[h] for h in [*spec.source, *spec.target]}) != 1:
         dims = {h: store.hook_dims[h] for h in [*spec.source, *spec.target]}
         raise PipelineError(f"experiment {spec.id}: a clt needs equally wide source and target layers; got {dims}")
     if cfg.tied and cfg.d_in != cfg.d_out:
@@ -125,7 +126,7 @@ def resample_dead(model: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor
             if name in state:
                 state[name][index] = 0
     model.enforce_structure()  # clt: a resampled latent reads and writes only its layers
-    if model.cfg.architecture == "clt":
+    if model.cfg.layout.layered:
         model.W_dec[idx] = F.normalize(model.W_dec[idx], dim=1)
     rows_since_fired[idx] = 0  # a fresh latent gets the full window to fire
     return int(idx.numel())

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..dictionaries.activations import activation
+from ..dictionaries.architectures import architecture
 from ..dictionaries.dictionary import Dictionary
 from ..evaluation.metrics import fvu_batch
 from ..spec.models import ExperimentSpec
@@ -47,7 +48,7 @@ def _forward(model: Dictionary, x: torch.Tensor, cfg, sparse: bool) -> _Forward:
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         pre = model.pre_acts(x)  # [B, d_sae]
     pre = pre.to(model.W_dec.dtype)  # back from bf16 (fp32 master weights)
-    skip = x @ model.W_skip if model.cfg.architecture == "skip_transcoder" else 0
+    skip = x @ model.W_skip if model.cfg.layout.skip_path else 0
     if sparse:
         values, indices = model.sparse_code(pre)  # [B, k] each: no dense [B, d_sae] code
         y_hat = model.decode_sparse(values, indices) + skip
@@ -141,7 +142,7 @@ def train_step(model: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, y
 def uses_fast_step(spec: ExperimentSpec) -> bool:
     """The fast step covers TopK and BatchTopK SAEs and transcoders without L1 or Matryoshka terms."""
     m, t = spec.model, spec.train
-    return (t.step == "fast" and activation(m.activation).fast_step and m.architecture in ("sae", "transcoder")
+    return (t.step == "fast" and activation(m.activation).fast_step and architecture(m.architecture).fast_step
             and t.l1_coeff == 0 and not m.matryoshka_prefixes and not m.tied_decoder and t.unit_norm_decoder
             and t.decoder_l1_coeff == 0 and t.decoder_l2_coeff == 0 and t.group_lasso_coeff == 0)
 

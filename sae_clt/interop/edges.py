@@ -16,6 +16,7 @@ import torch
 
 from ..data.hook_groups import dim_label, members
 from ..dictionaries.dictionary import Dictionary
+from ..dictionaries.raw import raw_weights
 from ..io import atomic_write_text, write_json
 from ..provenance import output_meta
 from ..spec.models import ExperimentSpec
@@ -24,10 +25,10 @@ EXPORT_SECTIONS = ["dataset", "source", "target", "model", "train", "export"]
 
 
 def folded_weights(model: Dictionary) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoder [d_in, d_sae] and decoder [d_sae, d_out] acting on raw activations."""
-    w_enc = model.W_enc.detach() / model.source_scale.unsqueeze(1)
-    w_dec = model.W_dec.detach() * model.target_scale.unsqueeze(0)
-    return w_enc, w_dec
+    """Encoder [d_in, d_sae] and decoder [d_sae, d_out] acting on raw activations (the one fold,
+    ``dictionaries.raw``, computed in float64)."""
+    w = raw_weights(model, centered=False).to(torch.float32)
+    return w.W_enc, w.W_dec
 
 
 def _member_dims(name: str, total: int) -> dict[str, int]:

@@ -166,3 +166,22 @@ def test_edges_json_and_csv_agree_and_respect_top_k(built_project):
         key = (e["kind"], e["target"] if e["kind"] == "encoder" else e["source"])
         per_feature[key] = per_feature.get(key, 0) + 1
     assert max(per_feature.values()) <= 3
+
+
+# Golden figures of the tiny pipeline (conftest's specs, fixed seeds; measured with `precision: auto`
+# on the AVX512-BF16 host): a change that loses quality fails here, not only one that crashes.
+# The band (3 % relative) covers bf16 / fp32 and CPU differences, not a worse recipe.
+GOLDEN = {"tiny_sae": {"fvu": 0.01736, "l0": 4.0}, "tiny_tc": {"fvu": 0.07768, "l0": 36.15}}
+
+
+@pytest.mark.parametrize("experiment", sorted(GOLDEN))
+def test_golden_metrics_of_the_tiny_pipeline_hold(built_project, experiment):
+    m = json.loads((built_project / "metrics" / experiment / "eval.json").read_text())
+    want = GOLDEN[experiment]
+    assert m["reconstruction"]["fvu"] == pytest.approx(want["fvu"], rel=0.03), m["reconstruction"]
+    assert m["sparsity"]["l0"] == pytest.approx(want["l0"], rel=0.03), m["sparsity"]
+
+
+def test_golden_tour_length_of_the_tiny_subject_holds(built_project):
+    m = json.loads((built_project / "metrics" / "subjects" / "tiny.json").read_text())
+    assert m["mean_tour_length"]["policy_greedy"] == pytest.approx(3.5698, rel=0.03)

@@ -45,14 +45,14 @@ def test_relabelled_teacher_tours_keep_their_length_and_start_at_zero():
 
 
 def test_greedy_decoding_visits_every_city_once_from_city_zero():
-    policy = TSPPolicy(PolicyConfig(d_model=16, n_layers=1, n_heads=2, d_ff=16)).eval()
+    policy = TSPPolicy(PolicyConfig(d_model=16, n_layers=1, n_heads=2, d_ff=16, norm="batch")).eval()
     tours = policy.greedy_tours(random_instances(8, 9, seed=5))
     assert _is_permutation(tours) and bool((tours[:, 0] == 0).all())
 
 
 def test_teacher_forced_likelihood_matches_stepwise_decoding():
     torch.manual_seed(0)
-    policy = TSPPolicy(PolicyConfig(d_model=16, n_layers=1, n_heads=2, d_ff=16)).eval()
+    policy = TSPPolicy(PolicyConfig(d_model=16, n_layers=1, n_heads=2, d_ff=16, norm="batch")).eval()
     coords = random_instances(4, 7, seed=6)
     tours = policy.greedy_tours(coords)
     with torch.no_grad():

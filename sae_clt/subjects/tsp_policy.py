@@ -20,12 +20,14 @@ from torch import nn
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    d_model: int = 128
-    n_layers: int = 3
-    n_heads: int = 8
-    d_ff: int = 512
-    logit_clip: float = 10.0
-    norm: str = "batch"  # "layer" (LayerNorm) | "batch" (BatchNorm over all cities, as in Kool et al.)
+    """The policy's shape: the spec's ``policy`` section (spec.TSPPolicyArch, where the defaults live)."""
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int
+    norm: str  # "layer" (LayerNorm) | "batch" (BatchNorm over all cities, as in Kool et al.)
+    logit_clip: float = 10.0  # not a spec field: fixed for every policy
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -20,14 +20,17 @@ from .tsp_problem import best_nn_two_opt_tours, random_instances, rotate_to_star
 
 @dataclass(frozen=True)
 class PolicyTrainConfig:
-    seed: int = 0
-    n_nodes: int = 20
-    n_teacher_instances: int = 50_000
-    teacher_starts: int = 4
-    batch_size: int = 256
-    steps: int = 2000
-    lr: float = 1e-3
-    warmup_steps: int = 100
+    """How the policy is trained: the subject spec's seed, n_nodes and ``train`` section
+    (spec.TSPPolicyTraining, where the defaults live)."""
+
+    seed: int
+    n_nodes: int
+    n_teacher_instances: int
+    teacher_starts: int
+    batch_size: int
+    steps: int
+    lr: float
+    warmup_steps: int
 
 
 def square_symmetry(coords: torch.Tensor, which: torch.Tensor) -> torch.Tensor:

@@ -73,7 +73,7 @@ def test_touching_code_a_stage_runs_makes_dvc_rerun_it_and_unrelated_code_does_n
     unrelated.write_text(unrelated.read_text() + "\n# a comment\n")
     assert _status(root) == {}
 
-    dictionary = root / "sae_clt" / "dictionary.py"
+    dictionary = root / "sae_clt" / "dictionaries" / "dictionary.py"
     dictionary.write_text(dictionary.read_text() + "\n# a comment\n")
     changed = {name for name, entries in _status(root).items() if any(isinstance(e, dict) for e in entries)}
     assert {"train@tiny_sae", "evaluate@tiny_sae", "export@tiny_sae"} <= changed

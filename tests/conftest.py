@@ -40,7 +40,7 @@ dataset: tiny_acts
 source: encoder.layers.1
 target: encoder.layers.1
 model: {architecture: sae, d_sae: 64, activation: topk, k: 4}
-train: {batch_size: 256, epochs: 2, lr: 3.0e-3, log_every: 2, dead_after_rows: 1000}
+train: {batch_size: 256, epochs: 2, lr: 3.0e-3, log_every: 2, dead_after_rows: 1000, echo: 1, warmup_frac: 0.6, init: data}
 evaluate: {batch_size: 500}
 export: {top_k: 3}
 """
@@ -51,7 +51,7 @@ dataset: tiny_acts
 source: encoder.layers.0
 target: encoder.layers.1
 model: {architecture: transcoder, d_sae: 64, activation: relu}
-train: {batch_size: 256, epochs: 2, lr: 3.0e-3, l1_coeff: 1.0e-3, log_every: 2}
+train: {batch_size: 256, epochs: 2, lr: 3.0e-3, l1_coeff: 1.0e-3, log_every: 2, echo: 1, warmup_frac: 0.6}
 evaluate: {batch_size: 500}
 export: {}
 """

@@ -35,6 +35,7 @@ class Activation:
     saelens_sae: ClassVar[str | None] = None  # SAELens 6 architecture of an SAE with it; None: SAELens has none
     saelens_transcoder_prefix: ClassVar[str | None] = None  # "" → transcoder, "jumprelu_" → jumprelu_transcoder
     sparsify: ClassVar[bool] = False  # sparsify's SparseCoder stores it
+    default_init: ClassVar[str] = "data"  # train.init: auto resolves to this ("data" or "transpose")
 
     def add_parameters(self, model: "Dictionary") -> None:
         """Register the parameters or buffers this activation needs on a new dictionary."""
@@ -104,6 +105,7 @@ class TopK(Activation):
     description = "the k largest of ReLU(pre) per row (clt: per layer)"
     exact_k = uses_k = fast_step = aux_k = sparsify = True
     saelens_sae = "topk"
+    default_init = "transpose"
 
     def activate(self, model, pre, training=False):
         values, indices = model.sparse_code(pre)
@@ -116,6 +118,7 @@ class BatchTopK(Activation):
     description = "the k·B largest over a batch while training; saved as JumpReLU with one calibrated threshold"
     uses_k = fast_step = aux_k = True
     saelens_sae, saelens_transcoder_prefix = "jumprelu", "jumprelu_"  # its inference form is a JumpReLU
+    default_init = "transpose"
 
     def add_parameters(self, model):
         model.register_buffer("threshold", model.b_enc.new_zeros(model.cfg.d_sae))  # set by after_training

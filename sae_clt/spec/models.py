@@ -273,22 +273,23 @@ class ModelSection(StrictModel):
 class TrainSection(StrictModel):
     seed: int = Field(0, **SEED_RANGE)
     batch_size: int = Field(4096, ge=1, le=MAX_BATCH)
-    epochs: float = Field(4.0, gt=0, le=10_000, description="Passes over the training split.")
-    echo: int = Field(1, ge=1, le=1024, description="Data echoing: each row read is trained on this many times, reshuffled within a "
+    epochs: float = Field(1.0, gt=0, le=10_000, description="Passes over the training split (reads of the store; see echo).")
+    echo: int = Field(3, ge=1, le=1024, description="Data echoing: each row read is trained on this many times, reshuffled within a "
                       "window of this many batches (steps per epoch × echo; the store is still read once per epoch). "
-                      "More optimiser steps from the same tokens: MiniLM TopK FVU 0.130 → 0.112 at echo 2 (BENCHMARKS.md).")
-    lr: float = Field(1.5e-2, gt=0, description="Peak Adam learning rate (safe this high thanks to the long warm-up).")
+                      "More optimiser steps from the same tokens: MiniLM TopK FVU 0.1305 → 0.1101 at echo 2, 0.1044 at echo 3 (BENCHMARKS.md).")
+    lr: float = Field(1.0e-2, gt=0, description="Peak Adam learning rate (safe this high thanks to the long warm-up).")
     optimizer: Literal["adam", "signum_schedule_free"] = Field(
         "adam", description="adam (fused); signum_schedule_free: sign descent with schedule-free averaging "
         "(momentum = beta1; needs the schedulefree package).")
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
-    warmup_frac: float = Field(0.6, ge=0, le=1, description="Fraction of steps with a linear learning-rate warm-up "
+    warmup_frac: float = Field(0.4, ge=0, le=1, description="Fraction of steps with a linear learning-rate warm-up "
                                "(long: it makes the high peak rate safe).")
     decay: Literal["linear", "constant"] = Field("linear", description="linear: decay to zero after warm-up.")
-    init: Literal["data", "transpose"] = Field(
-        "data", description="data: latent i starts as a sampled (source, target) row pair; transpose: random decoder, encoder = its transpose."
-    )
+    init: Literal["auto", "data", "transpose"] = Field(
+        "auto", description="data: latent i starts as a sampled (source, target) row pair; transpose: random decoder, encoder = "
+        "its transpose; auto: the activation's own choice (transpose for topk and batchtopk, data for the others: "
+        "transpose lost 43-47 % of JumpReLU's latents, data left most of a low-rank source's top-k latents dead).")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="bf16: encoder matmul in bfloat16 (fp32 master weights, fp32 decoder and loss); auto: bf16 where "
         "the hardware has native bf16 arithmetic (AVX512-BF16/AMX CPUs, bf16 GPUs), else fp32. The resolved value is "

@@ -98,7 +98,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from safetensors.torch import save_file
 
-    from sae_clt.data.normalize import PairLoader
+    from sae_clt.data.loader import PairLoader
     from sae_clt.dictionaries.dictionary import Dictionary
     from sae_clt.errors import DataError
     from sae_clt.interop.formats import FORMATS, convert

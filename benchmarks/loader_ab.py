@@ -26,7 +26,8 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from sae_clt.data.normalize import Normalization, PairLoader
+    from sae_clt.data.loader import PairLoader
+    from sae_clt.data.normalize import Normalization
     from sae_clt.data.store import ActivationStore
     from sae_clt.dictionaries.dictionary import Dictionary, DictionaryConfig
     from sae_clt.spec.models import TrainSection

@@ -58,7 +58,7 @@ def export(args) -> None:
     import numpy as np
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from sae_clt.data.normalize import PairLoader
+    from sae_clt.data.loader import PairLoader
     from sae_clt.stages.inputs import experiment_inputs as _experiment
 
     resolved, store, norm = _experiment(Path(args.spec))

@@ -82,7 +82,8 @@ def evict(folder: Path) -> None:
 def run_mode(mode: str, folder: Path, steps: int) -> dict:
     import torch
 
-    from sae_clt.data.normalize import Normalization, PairLoader
+    from sae_clt.data.loader import PairLoader
+    from sae_clt.data.normalize import Normalization
     from sae_clt.data.store import ActivationStore
     from sae_clt.dictionaries.dictionary import Dictionary, DictionaryConfig
     from sae_clt.spec.models import TrainSection
@@ -125,7 +126,8 @@ def run_paired(folder: Path, steps: int) -> dict:
 
     import torch
 
-    from sae_clt.data.normalize import Normalization, PairLoader
+    from sae_clt.data.loader import PairLoader
+    from sae_clt.data.normalize import Normalization
     from sae_clt.data.store import ActivationStore
     from sae_clt.dictionaries.dictionary import Dictionary, DictionaryConfig
     from sae_clt.spec.models import TrainSection

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sae_clt.data.normalize import Normalization, PairLoader
+from sae_clt.data.loader import PairLoader
+from sae_clt.data.normalize import Normalization
 from sae_clt.data.store import ActivationStore
 from sae_clt.dictionaries.dictionary import Dictionary
 from sae_clt.kernels import ops as kernels

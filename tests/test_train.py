@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from sae_clt.data.normalize import Normalization, PairLoader, fit_normalization
+from sae_clt.data.loader import PairLoader
+from sae_clt.data.normalize import Normalization, fit_normalization
 from sae_clt.data.store import ActivationStore, StoreWriter
 from sae_clt.dictionaries.dictionary import Dictionary
 from sae_clt.evaluation.metrics import ReconstructionMeter

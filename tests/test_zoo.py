@@ -9,7 +9,8 @@ import shutil
 import pytest
 import torch
 
-from sae_clt.data.normalize import Normalization, PairLoader
+from sae_clt.data.loader import PairLoader
+from sae_clt.data.normalize import Normalization
 from sae_clt.data.store import ActivationStore
 from sae_clt.dictionaries.dictionary import Dictionary, DictionaryConfig
 from sae_clt.stages.table import run_stage

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from ..spec.project import resolve_experiment
-from .normalize import Normalization, PairLoader, summary_of
+from .loader import PairLoader
+from .normalize import Normalization, summary_of
 from .store import ActivationStore
 
 

@@ -17,7 +17,8 @@ import torch
 
 from ..data.hook_groups import members
 from ..data.hooks import patching
-from ..data.normalize import Normalization, PairLoader
+from ..data.loader import PairLoader
+from ..data.normalize import Normalization
 from ..data.store import ActivationStore
 from ..dictionaries.dictionary import Dictionary
 from ..io import save_safetensors, write_json

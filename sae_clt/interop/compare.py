@@ -18,7 +18,7 @@ from ..errors import DataError
 def compare_experiment(spec_path: Path, folders: list[Path], out_path: Path | None = None, max_rows: int | None = None) -> dict:
     """Metrics of the experiment's dictionary (if trained) and of each external folder on the
     experiment's validation rows; written to ``out_path`` (default runs/experiments/<id>/compare.json)."""
-    from ..data.normalize import PairLoader
+    from ..data.loader import PairLoader
     from ..dictionaries.dictionary import Dictionary
     from ..evaluation.metrics import ReconstructionMeter, SparsityMeter
     from ..io import write_json

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from ..data.normalize import Normalization, PairLoader
+from ..data.loader import PairLoader
+from ..data.normalize import Normalization
 from ..data.store import ActivationStore
 from ..dictionaries.architectures import architecture
 from ..dictionaries.dictionary import Dictionary, DictionaryConfig

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..data.normalize import Normalization, PairLoader
+from ..data.loader import PairLoader
+from ..data.normalize import Normalization
 from ..data.store import ActivationStore
 from ..errors import PipelineError
 from ..io import read_json, write_json

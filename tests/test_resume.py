@@ -18,7 +18,10 @@ from sae_clt.spec.project import Paths
 def _prepare(built_project, dest, recipe: str = ""):
     shutil.copytree(built_project, dest)
     spec = dest / "specs" / "tiny_sae.yaml"
-    text = spec.read_text().replace("epochs: 2,", f"epochs: {10 if 'echo' in recipe else 30}, checkpoint_every: 5,{recipe}")
+    text = spec.read_text()
+    if "echo" in recipe:  # the recipe's echo replaces the tiny spec's own
+        text = text.replace(" echo: 1,", "")
+    text = text.replace("epochs: 2,", f"epochs: {10 if 'echo' in recipe else 30}, checkpoint_every: 5,{recipe}")
     if "l1_coeff" in recipe:
         text = text.replace("activation: topk, k: 4", "activation: relu")
     spec.write_text(text)

@@ -32,8 +32,13 @@ def child(spec_path: str, runs: int, precision: str) -> None:
     sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__ and "editable" not in getattr(f, "__name__", "")]
     sys.path.insert(0, os.environ[CHILD_ROOT])
     import sae_clt
-    from sae_clt.stages.inputs import experiment_inputs as _experiment
-    from sae_clt.training.loop import train
+
+    try:  # the package's layout at the commit: folders by concern, or the earlier flat one
+        from sae_clt.stages.inputs import experiment_inputs as _experiment
+        from sae_clt.training.loop import train
+    except ImportError:
+        from sae_clt.stages import _experiment  # noqa: I001 - the earlier layout's two modules
+        from sae_clt.train import train
 
     resolved, store, norm = _experiment(Path(spec_path))
     spec = resolved.experiment

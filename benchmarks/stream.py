@@ -141,7 +141,7 @@ def run_paired(folder: Path, steps: int) -> dict:
     # The same loader over a second opening of the store whose shards count as checked already: what
     # the per-shard checksum and finiteness check on first read costs is the difference.
     unchecked_store = ActivationStore.open(folder)
-    unchecked_store.checked.update(range(unchecked_store.n_shards))
+    unchecked_store.assume_checked()
     unchecked = (x for x, _ in PairLoader(unchecked_store, norm, HOOK, HOOK, "train", BATCH, seed=1, drop_last=True).epoch(0))
     model = Dictionary(DictionaryConfig("sae", D, D, D_SAE, "topk", K, HOOK, HOOK), seed=0)
     fast = FastTopKStep(model, torch.optim.Adam(model.parameters(), lr=1e-3, fused=True), TrainSection(precision="bf16", aux_k=256))

@@ -12,9 +12,10 @@ class, here or in a user's own module imported before the spec is read.
 
 from __future__ import annotations
 
-import difflib
 import math
 from typing import TYPE_CHECKING, Callable, ClassVar
+
+from .registry import lookup
 
 if TYPE_CHECKING:  # torch is imported where it is used: the spec reads this registry without it
     import torch
@@ -91,12 +92,7 @@ def register(cls: type[Activation]) -> type[Activation]:
 
 
 def activation(name: str) -> Activation:
-    if name not in ACTIVATIONS:
-        short = len(str(name)) <= 80
-        hint = difflib.get_close_matches(str(name), list(ACTIVATIONS), n=1) if short else []
-        raise ValueError("unknown activation" + (f" {name!r}" if short else "") + (f" (did you mean '{hint[0]}'?)" if hint else "")
-                         + f"; allowed: {', '.join(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
+    return lookup(ACTIVATIONS, name, "activation")
 
 
 @register

@@ -10,8 +10,9 @@ fast TopK step covers it, and its names in SAELens and sparsify. The spec's allo
 
 from __future__ import annotations
 
-import difflib
 from typing import ClassVar
+
+from .registry import lookup
 
 
 class Architecture:
@@ -41,12 +42,7 @@ def register(cls: type[Architecture]) -> type[Architecture]:
 
 
 def architecture(name: str) -> Architecture:
-    if name not in ARCHITECTURES:
-        short = len(str(name)) <= 80
-        hint = difflib.get_close_matches(str(name), list(ARCHITECTURES), n=1) if short else []
-        raise ValueError("unknown architecture" + (f" {name!r}" if short else "") + (f" (did you mean '{hint[0]}'?)" if hint else "")
-                         + f"; allowed: {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[name]
+    return lookup(ARCHITECTURES, name, "architecture")
 
 
 @register

@@ -25,10 +25,10 @@ from ..io import save_safetensors, write_json
 from ..progress import progress_bar
 from ..provenance import output_meta
 from ..spec.models import ExperimentSpec
+from ..spec.project import EVAL_TENSORS
 from .metrics import ReconstructionMeter, SparsityMeter, decoder_redundancy
 
 EVAL_SECTIONS = ["dataset", "source", "target", "model", "train", "evaluate"]
-EVAL_TENSORS = "eval.safetensors"
 
 
 class TopActivations:

@@ -28,6 +28,9 @@ def find_root(start: Path | None = None) -> Path:
     return Path.cwd().resolve()
 
 
+EVAL_TENSORS = "eval.safetensors"  # in an experiment's eval folder
+
+
 @dataclass(frozen=True)
 class Paths:
     """Every on-disk location of the pipeline, relative to ``root``."""
@@ -80,7 +83,7 @@ class Paths:
 
     def eval_tensors(self, eid: str) -> Path:
         """Per-latent density and top rows of the validation split (read by report and export)."""
-        return self.eval_dir(eid) / "eval.safetensors"
+        return self.eval_dir(eid) / EVAL_TENSORS
 
     def eval_metrics(self, eid: str) -> Path:
         return self.root / "metrics" / eid / "eval.json"

@@ -84,7 +84,7 @@ def built_project(tmp_path_factory) -> Path:
     run_stage("collect", root / "specs/datasets/tiny_acts.yaml")
     run_stage("normalize", root / "specs/datasets/tiny_acts.yaml")
     for eid in ("tiny_sae", "tiny_tc"):
-        for stage in ("train", "evaluate", "report", "export"):
+        for stage in ("train", "evaluate", "analyze", "report", "export"):
             run_stage(stage, root / f"specs/{eid}.yaml")
     return root
 

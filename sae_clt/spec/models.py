@@ -352,6 +352,70 @@ class ExportSection(StrictModel):
     include_dead: bool = False
 
 
+class AnalyzeSection(StrictModel):
+    """Stage `analyze`: every latent read on the validation rows (one streaming pass) and the
+    strongest features ablated in the subject's task."""
+
+    rows: int | None = Field(None, ge=1, le=MAX_ROWS, description="Validation rows analysed (the first ones); null = all of them.")
+    batch_size: int = Field(8192, ge=1, le=MAX_BATCH)
+    top_n: int = Field(20, ge=1, le=1000, description="Top activating rows kept per latent.")
+    quantiles: int = Field(10, ge=0, le=100, description="Rows sampled per latent from as many equal-count bands of its "
+                           "nonzero activations (lowest to highest), one each.")
+    bins: int = Field(32, ge=2, le=1000, description="Bins of each latent's activation histogram, from 0 to its max.")
+    band: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]] = Field(
+        (0.01, 0.30), description="Firing-frequency band [low, high] of the interpretable features (rarer: noise; "
+        "denser: position-like); features outside it are kept but flagged.")
+    window: int = Field(8, ge=0, le=1024, description="Positions shown either side of an example's row (text: tokens).")
+    cofire_top: int = Field(64, ge=0, le=4096, description="Co-firing counts among this many top features by score.")
+    neighbours: int = Field(8, ge=0, le=256, description="Nearest features by decoder cosine, per feature.")
+    decoder_dims: int = Field(8, ge=0, le=4096, description="Largest-magnitude target dims of each decoder direction.")
+    ablate_top: int = Field(32, ge=0, le=4096, description="Features (highest score first) each ablated in the subject's "
+                            "task, so features are ranked by what they do; 0 = none.")
+
+    @model_validator(mode="after")
+    def _band_ordered(self):
+        if self.band[0] > self.band[1]:
+            raise ValueError(f"analyze.band: low {self.band[0]} is above high {self.band[1]}")
+        return self
+
+
+class LatentEdit(StrictModel):
+    """One change to one latent's activation, applied on every row of the hook point."""
+
+    feature: int = Field(ge=0, le=MAX_WIDTH, description="The latent's index.")
+    op: Literal["set", "scale", "clamp", "add"] = Field(description="set: z = value; scale: z *= value; clamp: z = "
+                                                        "min(z, value) (and max(z, low) with low); add: z += value.")
+    value: float = Field(description="The value, factor, upper bound or increment.")
+    low: float | None = Field(None, description="clamp only: a lower bound too.")
+
+    @model_validator(mode="after")
+    def _low_for_clamp(self):
+        if self.low is not None and self.op != "clamp":
+            raise ValueError(f"low applies to op clamp, not {self.op}")
+        if self.low is not None and self.low > self.value:
+            raise ValueError(f"clamp: low {self.low} is above value {self.value}")
+        return self
+
+
+class Intervention(StrictModel):
+    """A run of the subject's task with the dictionary spliced in at its target hook point."""
+
+    name: str = Field(pattern=SPEC_ID_PATTERN, max_length=SPEC_ID_MAX_LENGTH, description="Names its results.")
+    mode: Literal["bypass", "no_change", "edit"] = Field("edit", description="bypass: subject untouched; no_change: the hook "
+                                                          "point replaced by the reconstruction; edit: latents changed first.")
+    keep_error: bool = Field(True, description="Add the reconstruction error back (no_change then equals bypass, and an "
+                             "edit changes only what it edits).")
+    edits: list[LatentEdit] = Field(default_factory=list, max_length=4096)
+
+    @model_validator(mode="after")
+    def _edits_for_edit(self):
+        if self.mode == "edit" and not self.edits:
+            raise ValueError("mode edit needs at least one entry in edits")
+        if self.mode != "edit" and self.edits:
+            raise ValueError(f"mode {self.mode} takes no edits (use mode: edit)")
+        return self
+
+
 class ExperimentSpec(StrictModel):
     id: str = Field(pattern=SPEC_ID_PATTERN, max_length=SPEC_ID_MAX_LENGTH)
     dataset: str = Field(pattern=SPEC_ID_PATTERN, max_length=SPEC_ID_MAX_LENGTH, description="Id of a spec under specs/datasets/.")
@@ -362,6 +426,9 @@ class ExperimentSpec(StrictModel):
     train: TrainSection = TrainSection()
     evaluate: EvaluateSection = EvaluateSection()
     export: ExportSection = ExportSection()
+    analyze: AnalyzeSection = AnalyzeSection()
+    interventions: list[Intervention] = Field(default_factory=list, max_length=1024, description="Edits run in the "
+                                              "subject's task by stage analyze; results in metrics/<id>/analysis.json.")
 
     @property
     def source_key(self) -> str:
@@ -392,6 +459,14 @@ class ExperimentSpec(StrictModel):
         t, m = self.train, self.model
         if t.group_lasso_coeff and (t.group_size is None or m.d_sae % t.group_size):
             raise ValueError(f"train.group_lasso_coeff needs train.group_size dividing model.d_sae ({m.d_sae}); got {t.group_size}")
+        names = [i.name for i in self.interventions]
+        if len(set(names)) != len(names):
+            raise ValueError(f"interventions: names must be unique; repeated: {sorted({n for n in names if names.count(n) > 1})}")
+        width = m.d_sae * self.n_layers
+        for i in self.interventions:
+            for e in i.edits:
+                if e.feature >= width:
+                    raise ValueError(f"interventions.{i.name}: feature {e.feature} is out of range (the dictionary has {width} latents)")
         if t.usage_kl_coeff and not activation(m.activation).threshold_firing:
             raise ValueError(f"train.usage_kl_coeff applies to {', '.join(n for n, a in ACTIVATIONS.items() if a.threshold_firing)} "
                              "(their firing has a threshold); "

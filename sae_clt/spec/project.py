@@ -91,6 +91,15 @@ class Paths:
     def train_metrics(self, eid: str) -> Path:
         return self.root / "metrics" / eid / "train.json"
 
+    def analysis_dir(self, eid: str) -> Path:
+        return self.root / "runs" / "experiments" / eid / "analysis"
+
+    def analysis_metrics(self, eid: str) -> Path:
+        return self.root / "metrics" / eid / "analysis.json"
+
+    def dashboard_dir(self, eid: str) -> Path:
+        return self.report_dir(eid) / "features"
+
     def report_dir(self, eid: str) -> Path:
         return self.root / "reports" / eid
 

@@ -20,9 +20,7 @@ def inspect_experiment(spec_path: Path, max_rows: int = 200_000) -> str:
     summary = summary_of(paths.norm_dir(resolved.dataset.id))
     lines = [f"dataset {resolved.dataset.id}: {store.manifest['n_rows']} rows, {summary['n_instances']} instances "
              f"({summary['n_val_instances']} held out), dtype {store.manifest['dtype']}"]
-    from .hook_groups import members
-
-    roles = [("source", h) for h in members(exp.source_key)] + [("target", h) for h in members(exp.target_key)]
+    roles = [("source", h) for h in exp.source_key.members] + [("target", h) for h in exp.target_key.members]
     for role, hook in dict.fromkeys(roles):
         s = summary["train_split"][hook]
         lines.append(f"{role} {hook} (dim {store.hook_dims[hook]}): mean norm {s['mean_norm']:.4g}, "

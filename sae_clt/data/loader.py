@@ -9,7 +9,7 @@ from typing import Iterator
 import torch
 
 from ..kernels.ops import gather_normalize, take_rows
-from .hook_groups import is_group, members
+from .hook_groups import HookGroup
 from .normalize import Normalization
 from .store import ActivationStore
 
@@ -100,7 +100,7 @@ class PairLoader:
             raise ValueError(split)
         store.check_hooks([source, target], "the spec")
         self.store, self.norm = store, norm
-        self.source, self.target = source, target
+        self.source, self.target = HookGroup(source), HookGroup(target)
         self.split, self.batch_size, self.seed = split, batch_size, seed
         self.drop_last, self.shuffle = drop_last, shuffle
         self.mix_shards = mix_shards
@@ -131,7 +131,7 @@ class PairLoader:
         within them."""
         gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(len(self.shards), generator=gen) if self.shuffle else torch.arange(len(self.shards))
-        names = list(dict.fromkeys([*members(self.source), *members(self.target), "instance_id", "position"]))
+        names = list(dict.fromkeys([*self.source.members, *self.target.members, "instance_id", "position"]))
         order = [self.shards[i] for i in order.tolist()]
         for g in range(0, len(order), self.mix_shards):
             group = ShardGroup([self.store.read_shard(i, names, as_stored=True) for i in order[g:g + self.mix_shards]]).touch()
@@ -149,8 +149,8 @@ class PairLoader:
             out = self.buffers.take(idx.numel(), parts[0].shape[1])
             return gather_normalize(parts, idx, self.norm.mean[hook], self.norm.scale[hook], out=out)
 
-        def rows(name: str) -> torch.Tensor:  # a hook group: its members side by side
-            return one(name) if not is_group(name) else torch.cat([one(m) for m in members(name)], dim=1)
+        def rows(group: HookGroup) -> torch.Tensor:  # a hook group: its members side by side
+            return one(group) if not group.is_group else torch.cat([one(m) for m in group.members], dim=1)
 
         x = rows(self.source)
         y = x if self.target == self.source else rows(self.target)

@@ -468,9 +468,9 @@ class ActivationStore:
         return len(self.manifest["shards"])
 
     def check_hooks(self, names: list[str], where: str) -> None:
-        from .hook_groups import members
+        from .hook_groups import HookGroup
 
-        for name in [m for n in names for m in members(n)]:
+        for name in [m for n in names for m in HookGroup(n).members]:
             if name not in self.hook_dims:
                 raise DataError(f"{self.folder / MANIFEST}: hook point '{name}' (from {where}) is not in this store; "
                                 f"it has: {', '.join(self.hook_dims)}")

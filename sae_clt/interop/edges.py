@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.hook_groups import dim_label, members
+from ..data.hook_groups import HookGroup, dim_label
 from ..dictionaries.dictionary import Dictionary
 from ..dictionaries.raw import raw_weights
 from ..io import atomic_write_text, write_json
@@ -31,9 +31,9 @@ def folded_weights(model: Dictionary) -> tuple[torch.Tensor, torch.Tensor]:
     return w.W_enc, w.W_dec
 
 
-def _member_dims(name: str, total: int) -> dict[str, int]:
+def _member_dims(group: HookGroup, total: int) -> dict[str, int]:
     """Width of each member of a (possibly grouped) hook point: a clt's layers are equally wide."""
-    parts = members(name)
+    parts = group.members
     return {m: total // len(parts) for m in parts}
 
 

@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal, Union, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..data.hook_groups import HookGroup
 from ..dictionaries.activations import ACTIVATIONS, activation
 from ..dictionaries.architectures import ARCHITECTURES, architecture
 from ..errors import SpecError
@@ -431,17 +432,13 @@ class ExperimentSpec(StrictModel):
                                               "subject's task by stage analyze; results in metrics/<id>/analysis.json.")
 
     @property
-    def source_key(self) -> str:
-        """The source as one (possibly grouped, ``a+b``) hook-point name."""
-        from ..data.hook_groups import join
-
-        return join(self.source)
+    def source_key(self) -> HookGroup:
+        """The source hook point(s) as one group (a clt's layers, in order)."""
+        return HookGroup(self.source)
 
     @property
-    def target_key(self) -> str:
-        from ..data.hook_groups import join
-
-        return join(self.target)
+    def target_key(self) -> HookGroup:
+        return HookGroup(self.target)
 
     @property
     def n_layers(self) -> int:

@@ -9,6 +9,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import __version__
+from .spec.models import spec_hash
 
 
 def versions() -> dict[str, str]:
@@ -32,7 +33,6 @@ def _version(package: str) -> str:
 
 def output_meta(spec, seed: int, sections: list[str] | None = None) -> dict:
     """The `meta` block of a metrics or config JSON file."""
-    from .spec.models import spec_hash
 
     return {"spec_id": spec.id, "spec_hash": spec_hash(spec, sections), "seed": seed, "versions": versions()}
 

@@ -69,6 +69,7 @@ def test_import_accepts_the_longest_id_it_allows(tiny_project):
 
 def test_import_failing_part_way_removes_only_what_it_wrote(tiny_project, monkeypatch):
     from sae_clt import io
+    from sae_clt.data import importing
 
     _acts(tiny_project)
     (tiny_project / "specs/subjects/acts.yaml").write_text("# the user's own\n")
@@ -79,7 +80,7 @@ def test_import_failing_part_way_removes_only_what_it_wrote(tiny_project, monkey
             raise OSError(28, "No space left on device", str(path))
         real(path, text)
 
-    monkeypatch.setattr(io, "atomic_write_text", fail_on_experiment)
+    monkeypatch.setattr(importing, "atomic_write_text", fail_on_experiment)
     before = _spec_files(tiny_project)
     result = CliRunner().invoke(app, ["import-acts", "a.npy", "--id", "acts", "--experiment", "acts_sae", "--force"])
     assert result.exit_code == 3, result.output

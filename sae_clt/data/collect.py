@@ -13,20 +13,22 @@ so the finished store is the same, byte for byte, as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from ..errors import DataError
-from ..io import check_own_folder, remove_own_folder
+from ..io import check_own_folder, read_json, remove_own_folder
 from ..progress import progress_bar
 from ..provenance import output_meta
 from ..spec.models import DatasetSpec, spec_hash
 from ..stages.table import stage
 from .hooks import StopForward, expand_hook_points, recording
-from .store import MANIFEST, PROGRESS, StoreWriter, read_progress, store_owned
+from .store import MANIFEST, PROGRESS, RunningStats, StoreWriter, read_progress, store_owned
 
 STORE_ROLE = "an activation store"
 BYTES_PER_VALUE = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -49,7 +51,6 @@ def check_free_disk(store_dir: Path, n_rows: int, dims: dict[str, int], dtype: s
 
 def check_activations_root(base: Path) -> None:
     """$ACTIVATIONS_ROOT must be a folder saeclt can create files in (checked by creating one)."""
-    import tempfile
 
     where = f"$ACTIVATIONS_ROOT ({base})"
     if base.exists() and not base.is_dir():
@@ -256,7 +257,6 @@ def collect(dataset: DatasetSpec, subject, store_dir: Path, part: tuple[int, int
 
 def part_status(store_dir: Path) -> tuple[int, int] | None:
     """(complete parts, n) of a sharded collection in ``store_dir``, or None if there is none."""
-    import re
 
     counts: dict[int, int] = {}
     for folder in store_dir.glob("part-*-of-*"):
@@ -272,9 +272,6 @@ def part_status(store_dir: Path) -> tuple[int, int] | None:
 
 def complete_parts(store_dir: Path) -> int | None:
     """n when ``store_dir`` holds n complete worker parts of one sharded collection, else None."""
-    import re
-
-    from ..io import read_json
 
     found = {}
     for folder in store_dir.glob("part-*-of-*"):
@@ -292,8 +289,6 @@ def complete_parts(store_dir: Path) -> int | None:
 def merge_parts(store_dir: Path, n: int) -> dict:
     """Join n complete worker parts into one store: shards renumbered and moved (no copy),
     statistics combined from the parts' raw sums, one manifest. The parts are removed."""
-    from ..io import read_json
-    from .store import RunningStats, StoreWriter
 
     check_own_folder(store_dir, store_owned, STORE_ROLE)
     parts = [part_dir(store_dir, (i, n)) for i in range(n)]

@@ -17,7 +17,9 @@ from pathlib import Path
 import yaml
 
 from ..errors import DataError, SpecError
-from ..spec.models import SPEC_ID_MAX_LENGTH, SPEC_ID_PATTERN, load_spec
+from ..io import atomic_write_bytes, atomic_write_text
+from ..spec.models import SPEC_ID_MAX_LENGTH, SPEC_ID_PATTERN, SPEC_KINDS, SUBJECT_KINDS, load_spec
+from ..subjects.files import check_outside_outputs, scan_files
 
 # File names are limited to 255 bytes; saeclt writes ``<id>.yaml`` / ``<id>.json`` through a
 # temporary file ``.<id>.yaml.XXXXXXXX.tmp`` beside them (19 bytes more than the id).
@@ -71,8 +73,6 @@ def _check_spec(data: dict, kind: str, path: Path) -> None:
     """The spec ``data`` would pass load_spec at ``path`` (checked before anything is written)."""
     from pydantic import ValidationError
 
-    from ..spec.models import SPEC_KINDS, SUBJECT_KINDS
-
     model = SUBJECT_KINDS[data["kind"]].spec if kind == "subjects" else SPEC_KINDS[kind]
     try:
         model.model_validate(data)
@@ -84,7 +84,6 @@ def _check_spec(data: dict, kind: str, path: Path) -> None:
 def _write_all(targets: list[tuple[Path, str]], texts: list[str]) -> None:
     """Write every file or none: if one write (or the check after) fails, the files written
     here are removed (or given back their previous content) and folders made here removed."""
-    from ..io import atomic_write_bytes, atomic_write_text
 
     made = sorted({d for p, _ in targets for d in [p.parent, *p.parent.parents] if not d.exists()}, key=lambda d: -len(d.parts))
     written: list[tuple[Path, bytes | None]] = []
@@ -114,7 +113,6 @@ def import_activations(files: list[Path], dataset_id: str, root: Path, rows_per_
     """Check the files and write the subject and dataset specs (and an SAE experiment spec if
     ``experiment_id``); returns the paths written. Everything is checked before the first file
     is written, and a failure part-way leaves none of them."""
-    from ..subjects.files import check_outside_outputs, scan_files
 
     check_id("--id", dataset_id)
     if experiment_id is not None:
@@ -183,8 +181,6 @@ def import_activations(files: list[Path], dataset_id: str, root: Path, rows_per_
 
 
 def describe_import(files: list[Path], dataset_id: str) -> str:
-    from ..subjects.files import scan_files
-
     sources = scan_files([Path(f) for f in files])
     lines = [f"{name}: {s.shape[0]:,} rows x {s.shape[1]} ({os.path.basename(s.path)})" for name, s in sources.items()]
     return "\n".join(lines)

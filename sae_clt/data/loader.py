@@ -4,11 +4,14 @@ and data echoing."""
 
 from __future__ import annotations
 
+import queue
+import threading
 from typing import Iterator
 
 import torch
 
 from ..kernels.ops import gather_normalize, take_rows
+from ..threads import use_one_torch_thread
 from .hook_groups import HookGroup
 from .normalize import Normalization
 from .store import ActivationStore
@@ -233,10 +236,6 @@ def prefetched(items: Iterator, depth: int = 1) -> Iterator:
     """Iterate ``items`` on a background thread, preparing at most ``depth`` items beyond the
     one being consumed (so memory holds depth + 1 items). Errors raised there are raised
     here; stopping early stops the thread."""
-    import queue
-    import threading
-
-    from ..threads import use_one_torch_thread
 
     ready: queue.Queue = queue.Queue()
     permits = threading.Semaphore(depth)  # released when the consumer takes an item

@@ -21,7 +21,8 @@ from ..progress import progress_bar
 from ..provenance import output_meta
 from ..spec.models import DatasetSpec
 from ..stages.table import stage
-from .store import ActivationStore, RunningStats
+from .hook_groups import GroupDict
+from .store import ActivationStore, RunningStats, sha256_file
 
 NORM_FILE = "normalize.safetensors"
 NORM_JSON = "normalize.json"
@@ -97,8 +98,6 @@ class Normalization:
         path = Path(norm_dir) / NORM_FILE
         if not path.exists():
             raise DataError(f"{path}: missing; run the normalize stage first")
-        from .hook_groups import GroupDict
-        from .store import sha256_file
 
         t = load_file(path)
         hooks = [k[: -len(".scale")] for k in t if k.endswith(".scale")]

@@ -14,6 +14,7 @@ at a time through safetensors' memory map, so memory does not grow with the stor
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,7 +26,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import DataError
-from ..io import read_json, save_safetensors, write_json
+from ..io import read_json, remove_own_folder, save_safetensors, write_json
+from ..kernels.ops import store_rows
+from .hook_groups import GroupDict, HookGroup
+from .hook_names import matches
 
 if TYPE_CHECKING:
     from ..kernels.ops import StoredRows
@@ -70,7 +74,6 @@ class RunningStats:
 
     def update(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         """Add the rows ``rows`` of ``x`` (all of them when None)."""
-        from ..kernels.ops import store_rows
 
         self.add(store_rows([x.float().contiguous()], rows, None), x.shape[0] if rows is None else rows.numel())
 
@@ -107,7 +110,6 @@ class RunningStats:
     @staticmethod
     def load_raw(folder: Path) -> dict[str, "RunningStats"]:
         """The raw sums a worker part kept beside its manifest (for merging)."""
-        import json
 
         from safetensors import safe_open
 
@@ -184,7 +186,6 @@ class StoreWriter:
                     perm: torch.Tensor) -> None:
         """Write rows ``perm`` of each hook's activations (a tensor, or a list of parts to be read
         as their row-wise concatenation) and of the provenance as the next shard."""
-        from ..kernels.ops import store_rows
 
         self.wait()  # the previous shard is on disk (and listed) before this one is numbered
         index = len(self.shards)
@@ -232,7 +233,6 @@ class StoreWriter:
 
     def save_progress(self, caller: dict, tensors: dict[str, torch.Tensor]) -> None:
         """Record the state after the last shard handed over; written once that shard is on disk."""
-        import json
 
         if self._failure is not None:
             raise self._failure
@@ -272,8 +272,6 @@ class StoreWriter:
             self._io.shutdown()
             self._io = None
         if keep_raw_stats:
-            import json
-
             tensors, scalars = {}, {}
             for hook, stats in self.stats.items():
                 scalars[hook], arrays = stats.state()
@@ -298,7 +296,6 @@ class StoreWriter:
 def read_progress(folder: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
     """The saved state of an unfinished collection in ``folder`` (JSON state, tensors), or
     None when there is none or it is damaged (the collection then starts over)."""
-    import json
 
     from safetensors import safe_open
 
@@ -312,7 +309,6 @@ def read_progress(folder: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
 def write_pointer(local: Path, external: Path) -> None:
     """The local store folder of a store kept elsewhere: its location and a copy of its
     manifest, so DVC sees the store change (the manifest lists every shard's checksum)."""
-    from ..io import remove_own_folder
 
     remove_own_folder(local, store_owned, "an activation store (or its pointer)")
     local.mkdir(parents=True)
@@ -459,8 +455,6 @@ class ActivationStore:
 
     @property
     def hook_dims(self) -> dict[str, int]:
-        from .hook_groups import GroupDict
-
         return GroupDict(self.manifest["hook_points"])
 
     @property
@@ -468,8 +462,6 @@ class ActivationStore:
         return len(self.manifest["shards"])
 
     def check_hooks(self, names: list[str], where: str) -> None:
-        from .hook_groups import HookGroup
-
         for name in [m for n in names for m in HookGroup(n).members]:
             if name not in self.hook_dims:
                 raise DataError(f"{self.folder / MANIFEST}: hook point '{name}' (from {where}) is not in this store; "
@@ -477,7 +469,6 @@ class ActivationStore:
 
     def check_matches(self, hook_points: list[str], dtype: str, n_instances: int, where: str) -> None:
         """Fail before training if the store on disk was collected under a different spec."""
-        from .hook_names import matches
 
         m, path = self.manifest, self.folder / MANIFEST
         stored = list(m["hook_points"])

@@ -12,20 +12,20 @@ from pathlib import Path
 
 import torch
 
+from ..data.loader import PairLoader
+from ..dictionaries.dictionary import Dictionary
 from ..errors import DataError
+from ..evaluation.metrics import ReconstructionMeter, SparsityMeter
+from ..io import write_json
+from ..progress import progress_bar
+from ..provenance import output_meta
+from ..stages.inputs import experiment_inputs
+from .formats import load_external
 
 
 def compare_experiment(spec_path: Path, folders: list[Path], out_path: Path | None = None, max_rows: int | None = None) -> dict:
     """Metrics of the experiment's dictionary (if trained) and of each external folder on the
     experiment's validation rows; written to ``out_path`` (default runs/experiments/<id>/compare.json)."""
-    from ..data.loader import PairLoader
-    from ..dictionaries.dictionary import Dictionary
-    from ..evaluation.metrics import ReconstructionMeter, SparsityMeter
-    from ..io import write_json
-    from ..progress import progress_bar
-    from ..provenance import output_meta
-    from ..stages.inputs import experiment_inputs
-    from .formats import load_external
 
     if max_rows is not None and max_rows < 1:
         raise DataError(f"--max-rows: expected at least 1, got {max_rows}")

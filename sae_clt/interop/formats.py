@@ -16,17 +16,22 @@ longer of unit norm. ``convert`` checks that on sample rows before anything is w
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import shutil
+import uuid
 from pathlib import Path
 
 import torch
 
 from ..dictionaries.activations import ACTIVATIONS
-from ..dictionaries.dictionary import Dictionary
+from ..dictionaries.dictionary import Dictionary, DictionaryConfig
 from ..dictionaries.raw import RawWeights, raw_weights
 from ..errors import DataError
-from ..io import check_own_folder, remove_own_folder
+from ..io import check_own_folder, read_json, remove_own_folder
+from ..provenance import versions
+from ..spec.project import resolve_experiment
 
 FORMATS = ("saelens", "sparsify")
 SAELENS_FORMAT_VERSION = "6.0.0"  # the cfg.json layout written here: SAELens 6's (metadata block, architecture names)
@@ -121,7 +126,6 @@ def folding_error(model: Dictionary, w: RawWeights, x: torch.Tensor) -> float:
     """Largest |ŷ_folded - ŷ_saeclt| over the rows, both in float64 (``w`` as raw_weights returns
     it; a float32 comparison would count pre-activations rounded across a JumpReLU threshold), in
     units of each target dim's scale: a check of the algebra, not of float32 rounding."""
-    import copy
 
     reference = copy.deepcopy(model).double()
     x = x.double()
@@ -146,8 +150,6 @@ def convert(model: Dictionary, fmt: str, out_dir: Path, meta: dict, tolerance: f
     existing ``out_dir`` is replaced only if it holds a dictionary and nothing else). Returns a
     summary with the fold's error on sample rows (float64, in target scales); raises if it
     exceeds ``tolerance``, writing nothing."""
-    import os
-    import uuid
 
     from safetensors.torch import save_file
 
@@ -181,9 +183,6 @@ def convert(model: Dictionary, fmt: str, out_dir: Path, meta: dict, tolerance: f
 def convert_experiment(spec_path: Path, fmt: str, out_dir: Path | None = None) -> dict:
     """``saeclt convert``: an experiment's trained dictionary written as ``fmt`` (default folder
     ``runs/experiments/<id>/<fmt>/``), with where it came from in the written config."""
-    from ..io import read_json
-    from ..provenance import versions
-    from ..spec.project import resolve_experiment
 
     if fmt not in FORMATS:
         raise DataError(f"--to: unknown format '{fmt}'; expected one of: {', '.join(FORMATS)}")
@@ -238,7 +237,6 @@ def load_external(folder: Path) -> tuple[Dictionary, dict]:
     """A dictionary saved by SAELens or sparsify as a saeclt ``Dictionary`` acting on raw
     activations (identity normalisation: ``predict_raw`` and ``encode`` take raw rows), and a
     description (format, architecture, width, k). Kinds saeclt has no counterpart for are refused."""
-    from ..dictionaries.dictionary import DictionaryConfig
 
     fmt, config, tensors = _read_folder(folder)
     hooks = None  # (source, target) as the file names them, where it does

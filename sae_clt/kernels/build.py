@@ -23,6 +23,10 @@ Built on first use with ``-O3 -march=native`` (the build happens on the machine 
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import os
+import platform
 import sys
 from pathlib import Path
 
@@ -43,8 +47,6 @@ def _fingerprint() -> str:
     """What the built library depends on: the source, the flags, torch and Python, and the CPU's
     features (``-march=native`` code built on one CPU may not run on another that shares the
     cache folder)."""
-    import hashlib
-    import platform
 
     import torch
 
@@ -60,16 +62,12 @@ def _fingerprint() -> str:
 def _record(name: str):
     """The file naming the built library of ``name``: later processes import it directly (torch's
     build machinery, ~0.15 s to import, is then not needed)."""
-    import os
-    from pathlib import Path
 
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "saeclt" / "kernels" / f"{name}.path"
 
 
 def _import(name: str, library: str):
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location(name, library)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -79,8 +77,6 @@ def _import(name: str, library: str):
 def build():
     """Load the kernels, compiling them first where this source, torch and CPU have no build yet
     (once; torch's extension cache keeps it)."""
-    import os
-    from pathlib import Path
 
     name = f"{NAME}_{_fingerprint()}"
     record = _record(name)

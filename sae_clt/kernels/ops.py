@@ -28,11 +28,14 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 from typing import NamedTuple
 
 import torch
 from torch.nn import functional as F
+
+from .build import build
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
@@ -298,11 +301,8 @@ def _load_kernel():
         _KERNEL = False
         if "torch" not in (os.environ.get("SAECLT_KERNELS", "auto"), os.environ.get("SAECLT_TOPK", "auto")):
             try:
-                from .build import build
-
                 _KERNEL = build()
             except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a build error: use the torch versions
-                import sys
 
                 reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
                 print(f"saeclt: the compiled CPU kernels could not be built ({reason}); using the slower torch "

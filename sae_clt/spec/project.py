@@ -15,8 +15,10 @@ from pathlib import Path
 
 import yaml
 
+from ..data.hook_names import matches
 from ..errors import SpecError
-from .models import SUBJECT_KINDS, DatasetSpec, ExperimentSpec, SubjectSpec, load_spec
+from ..io import atomic_write_text
+from .models import SUBJECT_KINDS, DatasetSpec, ExperimentSpec, SubjectSpec, load_spec, read_yaml
 
 
 def find_root(start: Path | None = None) -> Path:
@@ -140,12 +142,9 @@ def resolve_experiment(spec_path: str | Path) -> Resolved:
     experiment = load_spec(spec_path, "experiments")
     dataset, subject = resolve_dataset(paths, experiment.dataset, spec_path)
     collected = dataset.collect.hook_points
-    from ..data.hook_names import matches
 
     for field, point in [(f, p) for f in ("source", "target") for p in _as_list(getattr(experiment, f))]:
         if not any(matches(point, pattern) for pattern in collected):
-            from .models import read_yaml
-
             line = read_yaml(spec_path)[1].get((field,), 1)
             raise SpecError(
                 str(spec_path),
@@ -253,8 +252,6 @@ INDEX_HEADER = (
 
 
 def write_index(paths: Paths, experiment_ids: list[str], previous: dict | None = None) -> dict:
-    from ..io import atomic_write_text
-
     index = build_index(paths, experiment_ids, previous)
     atomic_write_text(paths.root / "params.yaml", INDEX_HEADER + yaml.safe_dump(index, sort_keys=True))
     return index

@@ -11,10 +11,20 @@ importing it), or from building it with ``import_subjects`` (`saeclt validate --
 
 from __future__ import annotations
 
+import difflib
+import hashlib
+import json
+import sys
+from importlib import metadata
 from pathlib import Path
 
+from .. import __version__
+from ..data.hook_names import is_pattern, matches
+from ..data.hooks import module_hook_points
 from ..errors import DataError, SpecError
-from .models import QUOTE_LIMIT, SUBJECT_KINDS, _spec_kind, load_spec, quote, read_yaml
+from ..io import write_json
+from ..subjects import subject_architecture
+from .models import QUOTE_LIMIT, SUBJECT_KINDS, _spec_kind, cap, load_spec, quote, read_yaml
 from .project import Paths, find_root, index_problems, resolve_dataset, resolve_experiment
 
 _HOOK_POINTS: dict[tuple, list[str]] = {}  # (root, subject spec) -> hook points: load each model once
@@ -37,7 +47,6 @@ def find_module_file(name: str, folders: list[Path]) -> Path | None:
 
 def _search_path(root: Path, python_path: list[str] = ()) -> list[Path]:
     """Where an import would look: the spec's python_path folders, then sys.path's folders."""
-    import sys
 
     folders = [Path(p) if Path(p).is_absolute() else root / p for p in python_path]
     return folders + [Path(p or ".") for p in sys.path if Path(p or ".").is_dir()]
@@ -58,10 +67,6 @@ def _hf_folder(subject_spec, root: Path) -> Path | None:
 def _architecture_key(subject_spec, root: Path) -> str | None:
     """A hash of everything a subject's module paths depend on, computed without importing
     torch, transformers or any module the spec names; None where that cannot be known cheaply."""
-    import hashlib
-    from importlib import metadata
-
-    from .. import __version__
 
     h = hashlib.sha256(subject_spec.model_dump_json().encode() + __version__.encode())
     module = SUBJECT_KINDS[subject_spec.kind].module  # sae_clt.subjects.<name>
@@ -97,8 +102,6 @@ def _hf_hook_points_from_config(subject_spec, folder: Path) -> list[str]:
     except ImportError:
         raise SpecError(subject_spec.id, [f"subject '{subject_spec.id}' is a Hugging Face model: install the hf extra "
                                           "(pip install -e '.[hf]' or pip install 'sae_clt[hf]')"]) from None
-    from ..data.hooks import module_hook_points
-    from .models import cap
 
     hf_logging.disable_progress_bar()
     if not (folder / "config.json").is_file():
@@ -120,9 +123,6 @@ def _subject_hook_points(subject_spec, root: Path, import_subjects: bool = True)
     Built-in kinds (tsp, files) are built by saeclt's own code; hf models from their
     config.json (no weights, no custom code). A torch subject is built by calling its factory,
     user code, so only with ``import_subjects``; otherwise HookPointsUnchecked is raised."""
-    import json
-
-    from ..io import write_json
 
     key = (str(root), subject_spec.model_dump_json())
     if key in _HOOK_POINTS:
@@ -147,8 +147,6 @@ def _subject_hook_points(subject_spec, root: Path, import_subjects: bool = True)
             f"listing its module paths means importing {quote(module)}" + (f" and calling {quote(factory)}" if factory else "")
             + " (code the spec names), which validate does not do")
     else:
-        from ..subjects import subject_architecture
-
         if subject_spec.kind == "hf":
             from transformers.utils import logging as hf_logging
 
@@ -177,14 +175,11 @@ def _check_dataset_hooks(path: Path, paths: Paths, import_subjects: bool = True,
         return []
     _, lines = read_yaml(path)
     problems = []
-    from ..data.hook_names import is_pattern, matches
 
     for i, point in enumerate(dataset.collect.hook_points):
         if is_pattern(point) and any(matches(a, point) for a in available):
             continue
         if point not in available:
-            import difflib
-
             near = difflib.get_close_matches(point, available, n=3, cutoff=0.5) if len(point) <= QUOTE_LIMIT else []
             line = lines.get(("collect", "hook_points", i), 1)
             problems.append(f"{path}:{line}: collect.hook_points.{i}: subject '{subject_spec.id}' has no hook point {quote(point)}"
@@ -196,7 +191,6 @@ def describe_available(point: str, available: list[str], limit: int = 30) -> str
     """All hook points when there are few; otherwise those nearest the name given."""
     if len(available) <= limit:
         return ", ".join(available)
-    import difflib
 
     near = difflib.get_close_matches(point, available, n=12, cutoff=0.3) if len(point) <= QUOTE_LIMIT else available[:12]
     return f"{', '.join(near)} (the nearest of {len(available)}; module paths as model.named_modules() spells them)"

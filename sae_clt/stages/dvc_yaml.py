@@ -7,6 +7,8 @@ its parameters are the spec sections the row reads.
 
 from __future__ import annotations
 
+import textwrap
+
 import yaml
 
 from .code_deps import code_deps
@@ -56,6 +58,4 @@ def render() -> str:
 
 
 def _wrap(text: str, width: int = 96) -> list[str]:
-    import textwrap
-
     return textwrap.wrap(text, width)

@@ -8,15 +8,22 @@ reruns nothing; a changed spec section reruns only what depends on it).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import fcntl
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-from ..errors import PipelineError
+from ..errors import DataError, PipelineError, SpecError
+from ..io import atomic_write_text
 from ..spec.project import Paths, read_index, resolve_experiment, write_index
+from ..spec.validation import validate_files
 from .table import refuse_linked_outputs, run_targets
 
 
@@ -97,8 +104,6 @@ def _die_with_parent(parent: int):
     """preexec_fn for the DVC child on Linux: SIGTERM when the parent dies (even by SIGKILL)."""
     if not sys.platform.startswith("linux"):
         return None
-    import ctypes
-    import signal
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -119,7 +124,6 @@ _STAGE_FAILED = re.compile(r"failed to run: (?P<cmd>.*?), exited with (?P<code>-
 
 def _stage_failure(output: str) -> Exception | None:
     """The error a failed stage command maps to: its own exit code (2 spec, 3 data) passes through."""
-    from ..errors import DataError, SpecError
 
     found = list(_STAGE_FAILED.finditer(output))
     if not found:
@@ -131,8 +135,6 @@ def _stage_failure(output: str) -> Exception | None:
     if code == DataError.exit_code:
         return DataError(f"stage `{cmd}` failed: a data problem (exit 3), described above")
     if code < 0:
-        import signal
-
         try:
             name = signal.Signals(-code).name
         except ValueError:
@@ -149,8 +151,6 @@ def dvc(root: Path, *args: str, check: bool = True) -> int:
 
     SIGTERM, SIGINT and SIGHUP received meanwhile are passed on to DVC's process group (DVC
     and the stage it runs), and end in KeyboardInterrupt once DVC has exited."""
-    import signal
-    import threading
 
     cmd = [sys.executable, "-c", _DVC_MAIN, *args]
     tail: list[str] = []
@@ -201,8 +201,6 @@ def dvc(root: Path, *args: str, check: bool = True) -> int:
 
 
 def _killpg_quietly(pgid: int) -> None:
-    import signal
-
     with contextlib.suppress(OSError):
         os.killpg(pgid, signal.SIGKILL)
 
@@ -229,7 +227,6 @@ def unindex(paths: Paths, experiment_id: str, before: str | None) -> None:
         else:
             write_index(paths, remaining, previous=current)
     except Exception:  # noqa: BLE001 - fall back to the exact previous text
-        from ..io import atomic_write_text
 
         if before is None:
             path.unlink(missing_ok=True)
@@ -241,7 +238,6 @@ def unindex(paths: Paths, experiment_id: str, before: str | None) -> None:
 def project_lock(root: Path, what: str):
     """One `saeclt run` per project at a time. An OS-level lock (flock) on a file in .dvc/tmp:
     it dies with its process, so a killed run never leaves a stale lock behind."""
-    import fcntl
 
     path = root / ".dvc" / "tmp" / "saeclt-run.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -284,9 +280,6 @@ def clear_stale_dvc_locks(root: Path) -> int:
     """Drop the entries of DVC's output read/write lock left by processes that no longer exist
     (a killed run); DVC would otherwise refuse those outputs until someone edits the file.
     Returns how many entries were dropped."""
-    import json
-
-    from ..io import atomic_write_text
 
     path = root / ".dvc" / "tmp" / "rwlock"
     try:
@@ -386,8 +379,6 @@ def _committed_lock(root: Path) -> tuple[dict | None, str]:
 def _write_lock(root: Path, stages: dict) -> None:
     from dvc.utils.serialize import dumps_yaml
 
-    from ..io import atomic_write_text
-
     atomic_write_text(root / "dvc.lock", dumps_yaml({"schema": "2.0", "stages": stages}))
 
 
@@ -456,7 +447,6 @@ def recover_dvc_lock(root: Path) -> str | None:
 
 def save_good_dvc_lock(root: Path) -> None:
     """Keep a copy of dvc.lock when DVC accepts it whole: what recover_dvc_lock restores from."""
-    from ..io import atomic_write_text
 
     try:
         import dvc.schema  # noqa: F401
@@ -471,9 +461,6 @@ def save_good_dvc_lock(root: Path) -> None:
 
 
 def run_experiment(spec_path: Path) -> None:
-    from ..errors import SpecError
-    from ..spec.validation import validate_files
-
     problems = validate_files([spec_path], check_index=False)  # fail fast, before DVC starts
     if problems:
         raise SpecError(str(spec_path), problems)

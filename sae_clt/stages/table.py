@@ -13,8 +13,11 @@ Paths may use DVC's ``foreach`` variables: ``${key}`` (the spec's id) and ``${it
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..errors import DataError, SpecError
 
 
 @dataclass(frozen=True)
@@ -132,13 +135,10 @@ def refuse_linked_outputs(root: Path, index: dict) -> None:
     """A stage output that is a symbolic link is refused before DVC runs: DVC removes a stage's
     outputs before running it, and on a link it changes the permissions of the folder the link
     points to (outside saeclt's outputs). A linked parent folder (e.g. runs/) is fine."""
-    from ..errors import DataError
 
     for rel in output_paths(index):
         path = Path(root) / rel
         if path.is_symlink():
-            import os
-
             raise DataError(f"{path}: is a symbolic link (to {os.readlink(path)}); DVC would change the permissions of what it "
                             "points to when it replaces this output. Replace the link with a folder, or link a parent folder "
                             "(such as runs/) instead, then run again")
@@ -146,7 +146,6 @@ def refuse_linked_outputs(root: Path, index: dict) -> None:
 
 def run_stage(name: str, spec_path: str | Path, shard: tuple[int, int] | None = None) -> None:
     """Run stage command ``name`` on a spec file (what dvc.yaml's commands call)."""
-    from ..errors import SpecError
 
     if name not in COMMANDS:
         raise SpecError(str(spec_path), [f"unknown stage '{name}'; stages: {', '.join(COMMANDS)}"])

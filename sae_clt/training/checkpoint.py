@@ -3,6 +3,7 @@ same weights, and is valid only for the exact inputs it was trained under."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from ..data.normalize import Normalization
 from ..data.store import ActivationStore
 from ..dictionaries.dictionary import Dictionary
 from ..io import read_json, save_safetensors, write_json
+from ..provenance import code_digest
 from ..spec.models import ExperimentSpec, spec_hash
 from ..stages.table import stage
 from .curves import CurveWriter
@@ -24,9 +26,6 @@ def checkpoint_fingerprint(spec: ExperimentSpec, store: ActivationStore, norm: N
     experiment's training sections, the store (its manifest: shards and their checksums, the
     dataset spec's subject and collect sections), the normalisation and split (the normalize
     section's result) and the code."""
-    import hashlib
-
-    from ..provenance import code_digest
 
     store_digest = hashlib.sha256(json.dumps(store.manifest, sort_keys=True).encode()).hexdigest()[:16]
     return f"{spec_hash(spec, TRAIN_SECTIONS)}:store-{store_digest}:norm-{norm.digest[:16]}:code-{code_digest()}"

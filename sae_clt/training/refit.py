@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.ops import gram_accumulate, latent_grads
+
 
 class DecoderRefit:
     def __init__(self, d_sae: int, d_out: int):
@@ -26,7 +28,6 @@ class DecoderRefit:
     def add(self, idx: torch.Tensor, acts: torch.Tensor, y: torch.Tensor, weight: float = 1.0) -> None:
         """Rows' active latents ``idx`` [B, k] with values ``acts`` [B, k] and targets ``y``;
         ``weight`` counts later (better settled) codes more."""
-        from ..kernels.ops import gram_accumulate, latent_grads
 
         b, d_sae = idx.shape[0], self.n - 1
         acts = acts.contiguous()  # float32 in training (the compiled kernels); float64 stays exact

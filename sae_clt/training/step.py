@@ -19,7 +19,9 @@ from ..dictionaries.dictionary import Dictionary
 from ..evaluation.metrics import fvu_batch
 from ..spec.models import ExperimentSpec
 from .curves import FIRING
+from .fast_step import FastTopKStep
 from .losses import UsageKL, aux_k_loss
+from .refit import DecoderRefit
 from .schedules import cosine_with_warmup, ramp
 
 
@@ -182,16 +184,12 @@ class FastStepper:
     accumulates the codes for the decoder's closed-form refit, applied by ``finish``."""
 
     def __init__(self, spec: ExperimentSpec, model: Dictionary, opt, cfg, rows_since_fired: torch.Tensor, total_steps: int, world):
-        from .fast_step import FastTopKStep
-
         self.model, self.clock, self.world, self.cfg = model, rows_since_fired, world, cfg
         self.fast = FastTopKStep(model, opt, cfg, world=world)
         self.total = total_steps
         self.refit_from = total_steps - int(cfg.decoder_refit_frac * total_steps) if cfg.decoder_refit_frac else None
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, step: int) -> dict:
-        from .refit import DecoderRefit
-
         fast = self.fast
         if self.refit_from is not None and step >= self.refit_from and fast.refit is None:
             fast.refit = DecoderRefit(self.model.cfg.d_sae, self.model.cfg.d_out)
@@ -204,8 +202,6 @@ class FastStepper:
         return dict(self.fast.refit.state()) if self.fast.refit is not None else {}
 
     def restore(self, saved: dict[str, torch.Tensor]) -> None:
-        from .refit import DecoderRefit
-
         if saved:  # resumed mid-accumulation: continue from the saved sums
             self.fast.refit = DecoderRefit.from_state(saved)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from sae_clt.data.store import ActivationStore, sha256_file
+from sae_clt.data.store import CHECKSUM, ActivationStore, shard_checksum
 from sae_clt.errors import DataError
 from sae_clt.spec.project import Paths
 from sae_clt.stages.table import run_stage
@@ -42,7 +42,7 @@ def _rewrite_shard(store: Path, index: int, change) -> None:
     tensors = load_file(store / entry["file"])
     change(tensors)
     save_file(tensors, str(store / entry["file"]))
-    entry["sha256"] = sha256_file(store / entry["file"])
+    entry[CHECKSUM] = shard_checksum(store / entry["file"])
     (store / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -118,6 +118,24 @@ def test_training_refuses_a_shard_whose_bytes_changed_after_collection(project):
     shard = store / "shard_00001.safetensors"
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0x01  # one flipped bit in the last row; size and manifest unchanged
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"shard_00001.safetensors: checksum does not match .*shards\[1\].xxh3_128"):
+        run_stage("train", "specs/tiny_sae.yaml")
+
+
+def test_a_store_written_with_sha256_checksums_still_trains_and_a_changed_shard_is_refused(project):
+    from sae_clt.data.store import sha256_file
+
+    store = _store(project)
+    manifest = json.loads((store / "manifest.json").read_text())
+    for entry in manifest["shards"]:  # the manifest as stores were written before xxh3_128
+        del entry[CHECKSUM]
+        entry["sha256"] = sha256_file(store / entry["file"])
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    run_stage("train", "specs/tiny_sae.yaml")
+    shard = store / "shard_00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0x01
     shard.write_bytes(bytes(data))
     with pytest.raises(DataError, match=r"shard_00001.safetensors: checksum does not match .*shards\[1\].sha256"):
         run_stage("train", "specs/tiny_sae.yaml")

@@ -149,3 +149,24 @@ def test_loader_reuses_a_batch_s_memory_only_after_the_batch_and_its_views_are_d
     for i, vx, vy in views:
         assert torch.equal(vx, want[i][0][:7]) and torch.equal(vy, want[i][1][-3:])
     assert len(pointers) < len(want)  # dropped batches' memory was reused
+
+
+def test_precision_auto_and_the_collective_backend_follow_the_training_device_not_the_gpu_in_the_machine(monkeypatch):
+    """On a CUDA host, training on the CPU must neither pick bf16 because the GPU has it nor
+    ask nccl to move CPU tensors."""
+    import torch
+
+    from sae_clt.training import precision
+    from sae_clt.training.distributed import backend_for
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    precision.native_bf16.cache_clear()
+    monkeypatch.setattr(precision, "NATIVE_BF16_CPU_FLAGS", set())  # a CPU without native bf16
+    try:
+        assert precision.resolve_precision("auto", "cpu") == "fp32"
+        assert precision.resolve_precision("auto", "cuda") == "bf16"
+        assert precision.resolve_precision("fp32", "cuda") == "fp32"
+    finally:
+        precision.native_bf16.cache_clear()
+    assert backend_for("cpu") == "gloo" and backend_for("cuda") == "nccl"

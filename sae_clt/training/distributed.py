@@ -1,4 +1,5 @@
-"""Data-parallel training across processes (`torchrun`): gloo on CPU, nccl on GPU.
+"""Data-parallel training across processes (`torchrun`): gloo for tensors on the CPU (where
+training runs today, whether or not the machine has a GPU), nccl for tensors on GPUs.
 
     torchrun --standalone --nproc_per_node 2 -m sae_clt stage train specs/minilm_sae_L2.yaml
 
@@ -18,6 +19,11 @@ from dataclasses import dataclass, field
 import torch
 
 
+def backend_for(device_type: str) -> str:
+    """The collective backend for tensors on ``device_type``: nccl moves only GPU tensors."""
+    return "nccl" if device_type == "cuda" else "gloo"
+
+
 @dataclass
 class World:
     rank: int = 0
@@ -33,8 +39,9 @@ class World:
         return self.size > 1
 
     @classmethod
-    def from_env(cls) -> "World":
-        """Join the process group torchrun set up (WORLD_SIZE > 1), or a world of one."""
+    def from_env(cls, device_type: str = "cpu") -> "World":
+        """Join the process group torchrun set up (WORLD_SIZE > 1), or a world of one. The
+        backend follows where the tensors are (``device_type``), not which hardware exists."""
         size = int(os.environ.get("WORLD_SIZE", "1"))
         if size <= 1:
             return cls()
@@ -42,7 +49,7 @@ class World:
 
         owns = not dist.is_initialized()
         if owns:
-            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group(backend=backend_for(device_type))
         return cls(dist.get_rank(), dist.get_world_size(), owns)
 
     def close(self) -> None:

@@ -2,7 +2,8 @@
 
 bf16 matmuls are only fast on hardware with native bf16 arithmetic (CUDA GPUs that report
 support; x86 CPUs with AVX512-BF16 or AMX; Arm CPUs with the bf16 extension). Elsewhere torch
-emulates them and they are slower than fp32, so auto falls back to fp32 there. The fast TopK
+emulates them and they are slower than fp32, so auto falls back to fp32 there. What counts is
+the device the training runs on (today the CPU), not whether a GPU is present in the machine. The fast TopK
 step keeps fp32 master weights and computes the decoder and loss in fp32 either way; its
 held-out FVU in bf16 is within 0.1 % of fp32's on MiniLM (BENCHMARKS.md).
 """
@@ -17,11 +18,12 @@ NATIVE_BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 (AVX512-BF16,
 
 
 @functools.cache
-def native_bf16() -> bool:
-    import torch
+def native_bf16(device_type: str = "cpu") -> bool:
+    """Whether ``device_type`` ("cpu" or "cuda") computes bf16 matmuls natively."""
+    if device_type == "cuda":
+        import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     cpuinfo = Path("/proc/cpuinfo")
     if platform.system() != "Linux" or not cpuinfo.exists():
         return False  # no cheap way to tell: the safe choice
@@ -31,8 +33,9 @@ def native_bf16() -> bool:
     return False
 
 
-def resolve_precision(precision: str) -> str:
-    """The precision a run uses: ``auto`` becomes bf16 or fp32 on this machine."""
+def resolve_precision(precision: str, device_type: str = "cpu") -> str:
+    """The precision a run on ``device_type`` uses: ``auto`` becomes bf16 where that device
+    computes it natively, fp32 elsewhere."""
     if precision != "auto":
         return precision
-    return "bf16" if native_bf16() else "fp32"
+    return "bf16" if native_bf16(device_type) else "fp32"

@@ -109,7 +109,10 @@ def _fmt(value) -> str:
 
 
 def render_report(spec: ExperimentSpec, eval_metrics_path: Path, train_metrics_path: Path, eval_tensors_path: Path,
-                  curves_dir: Path, subject_metrics_path: Path | None, out_dir: Path) -> list[Path]:
+                  curves_dir: Path, subject_metrics_path: Path | None, out_dir: Path,
+                  dashboard: dict | None = None) -> list[Path]:
+    """report.md, report.html and their plots in ``out_dir``; ``dashboard`` (what build_dashboard
+    returned, or None when there is none) adds the link to features/index.html."""
     from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
     from safetensors.torch import load_file
 
@@ -121,6 +124,7 @@ def render_report(spec: ExperimentSpec, eval_metrics_path: Path, train_metrics_p
         "train": read_json(train_metrics_path),
         "subject": read_json(subject_metrics_path) if subject_metrics_path and subject_metrics_path.exists() else None,
         "plots": make_plots(curves_dir, load_file(eval_tensors_path)),
+        "dashboard": dashboard,
         "top_contexts": read_json(eval_tensors_path.parent / "top_contexts.json") if (eval_tensors_path.parent / "top_contexts.json").exists() else [],
     }
     written = []

@@ -292,7 +292,7 @@ def test_stage_writes_every_file_of_the_contract_for_sae_and_transcoder(analysed
             assert list(stats[name].shape) == [sizes[s] for s in shape.split(",")], name
         doc = json.loads((p.analysis_dir(eid) / "examples.json").read_text())
         assert doc["subject_kind"] == "tsp" and doc["window"] == cfg.window and len(doc["features"]) == f
-        assert "logit_effects" not in doc
+        assert doc["logit_effects"] is None
         used = {ex[2] for examples in doc["features"] for ex in examples}
         assert used and set(doc["instances"]) == {str(i) for i in used}
         for examples, top in zip(doc["features"], stats["top_rows"].tolist()):

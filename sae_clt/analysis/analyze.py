@@ -67,9 +67,8 @@ def examples_document(exp: ExperimentSpec, dataset: DatasetSpec, subject, codes:
     features, instance_ids = feature_examples(codes, stats, window)
     views = view.render(subject, dataset, instance_ids)
     doc = {"subject_kind": view.KIND, "window": exp.analyze.window,
-           "instances": {str(i): v for i, v in views.items()}, "features": features}
-    if view.KIND == "text":
-        doc["logit_effects"] = view.logit_effects(subject, decoder)
+           "instances": {str(i): v for i, v in views.items()}, "features": features,
+           "logit_effects": view.logit_effects(subject, decoder) if view.KIND == "text" else None}
     return doc
 
 

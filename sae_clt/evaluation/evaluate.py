@@ -7,6 +7,8 @@
 - Causal (subject task): clean; target replaced by the dictionary's output; by the linear
   baseline's output; zero- and mean-ablated. Reported as values, % change over clean, and the
   fraction recovered = (ablated - patched) / (ablated - clean), also against the linear map.
+  The metrics are the subject's ``task_metric()``: for causal LMs next-token cross-entropy,
+  KL(clean ‖ patched) and top-1 agreement with the clean run (``kl_from_clean``, ``top1_agreement``).
 """
 
 from __future__ import annotations

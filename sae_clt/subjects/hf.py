@@ -5,7 +5,8 @@ the residual stream after BERT block 2; GPT-2's are ``h.2`` and so on). Inputs a
 token windows of a text corpus (see ``sae_clt.corpus``); one activation row per token, special
 tokens dropped by default, with provenance (window, position, token id, document id).
 Causal check: for encoders, the cosine between the clean and the patched pooled output; for
-causal LMs, the next-token cross-entropy.
+causal LMs, the next-token cross-entropy, KL(clean ‖ patched) and top-1 agreement with the clean
+run. Interventions (``task_reference`` / ``task_effects``) measure the same against one clean run.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class HFSubject:
         self.spec, self.model, self.tokenizer, self.folder, self.root = spec, model.eval(), tokenizer, folder, root
         self.text = None  # the dataset's text section, set by configure()
         self._clean_pooled = None
+        self._clean_lm = None  # a causal LM's clean next-token distributions (see _lm_pass)
         self._collected = 0
 
     @classmethod
@@ -148,24 +150,89 @@ class HFSubject:
         before, token, after = ids[max(0, position - width):position], ids[position:position + 1], ids[position + 1:position + 1 + width]
         return f"{text(before)} «{text(token)}» {text(after)}".strip()
 
-    @torch.no_grad()
-    def task_metric(self) -> dict:
-        """Encoders: cosine of the pooled output with the clean one; causal LMs: cross-entropy."""
+    def _eval_ids(self) -> torch.Tensor:
+        """The held-out windows [n_windows, L]: the ones right after the collected windows."""
         if self.text is None:
             raise DataError(f"subject '{self.spec.id}': no text configured for the causal check")
-        n_eval = self.spec.evaluate.n_windows
-        ids = self.windows(self._collected + n_eval)[0][self._collected:]
-        if self.spec.auto_class == "AutoModelForCausalLM":
-            losses = []
-            for batch in ids.split(16):
-                logits = self.model(input_ids=batch).logits
-                losses.append(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="none"))
-            return {"cross_entropy": float(torch.cat(losses).mean())}
+        return self.windows(self._collected + self.spec.evaluate.n_windows)[0][self._collected:]
+
+    @property
+    def causal_lm(self) -> bool:
+        return self.spec.auto_class == "AutoModelForCausalLM"
+
+    @torch.no_grad()
+    def task_metric(self) -> dict:
+        """Encoders: cosine of the pooled output with the clean one. Causal LMs: next-token
+        cross-entropy, KL(clean ‖ this run) of the next-token distributions averaged over
+        positions, and the fraction of positions whose most likely next token is the clean one.
+        The first call runs with no patch: it is the reference of the later ones."""
+        ids = self._eval_ids()
+        if self.causal_lm:
+            run, reference = self._lm_pass(ids, self._clean_lm)
+            self._clean_lm = reference
+            return {"cross_entropy": run["cross_entropy"], "kl_from_clean": run["kl"], "top1_agreement": run["top1_agreement"]}
         pooled = torch.cat([self._pool(self.model(input_ids=batch).last_hidden_state) for batch in ids.split(16)])
         if self._clean_pooled is None:  # the first call runs with no patch: it is the reference
             self._clean_pooled = pooled
         cos = torch.nn.functional.cosine_similarity(pooled, self._clean_pooled, dim=-1)
         return {"pooled_cosine": float(cos.mean())}
+
+    def _lm_pass(self, ids: torch.Tensor, reference: dict | None) -> tuple[dict, dict]:
+        """One run of the causal LM over the windows ``ids``: (this run's measures, the reference).
+
+        Without a reference this run becomes it: per position the top-k next-token
+        log-probabilities (every token when positions × vocabulary fit in LM_REFERENCE_BYTES, else
+        as many as fit, the rest pooled into one bucket, which makes the KL a lower bound that is
+        exact up to the clean mass outside the top k) and the argmax, plus the mean probabilities.
+        """
+        build = reference is None
+        if build:
+            reference = {"batches": [], "cross_entropy": None, "mean_probs": None}
+        losses, kls, agree, prob_sum = [], [], [], None
+        positions = ids.shape[0] * (ids.shape[1] - 1)
+        for b, batch in enumerate(ids.split(16)):
+            logits = self.model(input_ids=batch).logits
+            losses.append(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="none"))
+            logp = logits[:, :-1].flatten(0, 1).float().log_softmax(dim=-1)  # [positions, vocab]
+            if build:
+                reference["batches"].append(lm_reference_batch(logp, positions))
+            ref = reference["batches"][b]
+            kls.append(lm_kl(ref, logp))
+            agree.append(logp.argmax(dim=-1) == ref["top1"])
+            probs = logp.exp().sum(dim=0)
+            prob_sum = probs if prob_sum is None else prob_sum + probs
+        run = {"cross_entropy": float(torch.cat(losses).mean()), "kl": float(torch.cat(kls).mean()),
+               "top1_agreement": float(torch.cat(agree).float().mean()), "mean_probs": prob_sum / positions}
+        if build:
+            reference["cross_entropy"], reference["mean_probs"] = run["cross_entropy"], run["mean_probs"]
+        return run, reference
+
+    @torch.no_grad()
+    def task_reference(self) -> dict:
+        """The clean run (nothing patched) that ``task_effects`` compares with: causal LMs' next-token
+        distributions and cross-entropy, encoders' pooled outputs."""
+        ids = self._eval_ids()
+        if self.causal_lm:
+            return self._lm_pass(ids, None)[1]
+        return {"pooled": torch.cat([self._pool(self.model(input_ids=batch).last_hidden_state) for batch in ids.split(16)])}
+
+    @torch.no_grad()
+    def task_effects(self, reference: dict, top_tokens: int = 10) -> dict:
+        """The task under whatever patches are active, against the clean ``reference``. Causal LMs:
+        cross-entropy (now, clean, change), KL(clean ‖ now) averaged over positions, top-1
+        agreement, and the ``top_tokens`` tokens whose mean probability over positions moved most
+        ([[token, change], ...], largest |change| first). Encoders: the pooled-output cosine."""
+        ids = self._eval_ids()
+        if not self.causal_lm:
+            pooled = torch.cat([self._pool(self.model(input_ids=batch).last_hidden_state) for batch in ids.split(16)])
+            return {"pooled_cosine": float(torch.nn.functional.cosine_similarity(pooled, reference["pooled"], dim=-1).mean())}
+        run, _ = self._lm_pass(ids, reference)
+        moved = run["mean_probs"] - reference["mean_probs"]
+        order = moved.abs().argsort(descending=True)[:top_tokens]
+        return {"cross_entropy": run["cross_entropy"], "cross_entropy_clean": reference["cross_entropy"],
+                "cross_entropy_change": run["cross_entropy"] - reference["cross_entropy"],
+                "kl_clean_edited": run["kl"], "top1_agreement": run["top1_agreement"],
+                "top_tokens_moved": [[self.tokenizer.decode([int(t)]), float(moved[t])] for t in order]}
 
     def _pool(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden[:, 0] if self.spec.evaluate.pooling == "cls" else hidden.mean(dim=1)
@@ -175,6 +242,38 @@ class HFSubject:
         self.configure(dataset)
         self._collected = dataset.collect.n_instances
         self._clean_pooled = None
+        self._clean_lm = None
+
+
+LM_REFERENCE_BYTES = 256 * 2**20  # memory for a causal LM's clean next-token distributions
+
+
+def lm_reference_batch(logp: torch.Tensor, positions: int) -> dict:
+    """What a causal LM's clean run keeps of one batch's next-token log-probabilities
+    ``logp`` [rows, vocab]: the argmax, and the top ``k`` log-probabilities with their token ids,
+    k = the whole vocabulary when all ``positions`` of the run fit in LM_REFERENCE_BYTES (then no
+    ids are kept)."""
+    vocab = logp.shape[-1]
+    k = max(1, min(vocab, LM_REFERENCE_BYTES // (8 * positions)))
+    top1 = logp.argmax(dim=-1)
+    if k == vocab:
+        return {"top1": top1, "logp": logp, "index": None}
+    values, index = logp.topk(k, dim=-1)
+    return {"top1": top1, "logp": values, "index": index.int()}
+
+
+def lm_kl(ref: dict, logp: torch.Tensor) -> torch.Tensor:
+    """KL(clean ‖ run) per position [rows] from a clean batch ``ref`` (``lm_reference_batch``) and
+    this run's log-probabilities ``logp``; with a top-k reference, the tokens outside the top k
+    form one bucket."""
+    p_log = ref["logp"]
+    if ref["index"] is None:
+        return (p_log.exp() * (p_log - logp)).sum(dim=-1)
+    q_log = logp.gather(1, ref["index"].long())
+    kl = (p_log.exp() * (p_log - q_log)).sum(dim=-1)
+    rest_p = (1.0 - p_log.exp().sum(dim=-1)).clamp_min(0.0)
+    rest_q = (1.0 - q_log.exp().sum(dim=-1)).clamp_min(1e-30)
+    return kl + torch.where(rest_p > 0, rest_p * (rest_p.clamp_min(1e-30).log() - rest_q.log()), torch.zeros_like(rest_p))
 
 
 def prepare_subject(spec: HFSubjectSpec, root: Path, out_dir: Path, metrics_path: Path, log=print) -> dict:

@@ -174,9 +174,8 @@ class TorchSubject:
     def describe_row(self, instance_id: int, position: int) -> str:
         return f"input {instance_id}, position {position}"
 
-    @torch.no_grad()
-    def task_metric(self) -> dict:
-        """Cosine between each held-out input's output and its clean output (1.0 when clean)."""
+    def _task_outputs(self) -> torch.Tensor:
+        """The held-out inputs' outputs [n, prod(out dims)], under whatever patches are active."""
         start, n = self._collected, self.spec.evaluate.n_inputs
         if start + n > self._n_available():
             raise DataError(f"{self._inputs_file}: the causal check needs {n} inputs after the {start} collected ones, "
@@ -187,10 +186,29 @@ class TorchSubject:
             batch = tuple(t[s:min(s + 256, start + n)] for t in self.inputs)
             batch = tuple(t.float() if t.is_floating_point() else t for t in batch)
             outs.append(self.forward(batch).reshape(len(batch[0]), -1).float())
-        out = torch.cat(outs)
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def task_metric(self) -> dict:
+        """Cosine between each held-out input's output and its clean output (1.0 when clean)."""
+        out = self._task_outputs()
         if self._clean is None:  # the first call runs with no patch: it is the reference
             self._clean = out
         return {"output_cosine": float(torch.nn.functional.cosine_similarity(out, self._clean, dim=-1).mean())}
+
+    @torch.no_grad()
+    def task_reference(self) -> dict:
+        """The held-out inputs' clean outputs (run with nothing patched), for ``task_effects``."""
+        return {"outputs": self._task_outputs()}
+
+    @torch.no_grad()
+    def task_effects(self, reference: dict) -> dict:
+        """Mean cosine of each held-out output with its clean one, under whatever patches are
+        active: the value, the clean run's own (1 up to float error) and the change."""
+        clean = reference["outputs"]
+        cos = float(torch.nn.functional.cosine_similarity(self._task_outputs(), clean, dim=-1).mean())
+        own = float(torch.nn.functional.cosine_similarity(clean, clean, dim=-1).mean())
+        return {"output_cosine": cos, "output_cosine_clean": own, "output_cosine_change": cos - own}
 
     def prepare_task(self, dataset) -> None:
         self.configure(dataset)

@@ -148,6 +148,26 @@ class TSPSubject:
         coords = eval_instances(self.spec)
         return {"mean_tour_length": float(tour_length(coords, self.model.greedy_tours(coords)).mean())}
 
+    @torch.no_grad()
+    def task_reference(self) -> dict:
+        """The clean greedy tours on the held-out instances (run with nothing patched), for
+        ``task_effects``."""
+        coords = eval_instances(self.spec)
+        tours = self.model.greedy_tours(coords)
+        return {"coords": coords, "tours": tours, "lengths": tour_length(coords, tours)}
+
+    @torch.no_grad()
+    def task_effects(self, reference: dict) -> dict:
+        """The greedy tours under whatever patches are active, against the clean ones: mean tour
+        length (clean, now, % change) and the fraction of decisions (the city chosen at each step
+        after the fixed start, compared position by position) that differ."""
+        coords = reference["coords"]
+        tours = self.model.greedy_tours(coords)
+        length, clean = float(tour_length(coords, tours).mean()), float(reference["lengths"].mean())
+        changed = (tours[:, 1:] != reference["tours"][:, 1:]).float().mean()
+        return {"mean_tour_length": length, "mean_tour_length_clean": clean,
+                "mean_tour_length_change_pct": 100.0 * (length / clean - 1.0), "decisions_changed": float(changed)}
+
     def describe_row(self, instance_id: int, position: int) -> str:
         return f"instance {instance_id}, city {position}"
 

@@ -195,7 +195,7 @@ def test_tiny_dashboard_table_and_band_filter(built_project, tiny_dashboard):
     visible = _visible(rows)  # sorted by score, highest first
     scores = stats["score"][visible].tolist()
     assert scores == sorted(scores, reverse=True)
-    dom, rows, err = dump(tiny_dashboard / "index.html", "?band=in&sort=freq&dir=asc")
+    dom, rows, err = dump(tiny_dashboard / "index.html", "?band=in&sort=freq#dir=asc")  # the hash adds to the query
     assert_clean(dom, err)
     expected = {f for f in range(F) if stats["in_band"][f]}
     assert set(_visible(rows)) == expected
@@ -222,6 +222,8 @@ def test_tiny_dashboard_feature_page_draws_tsp_instances(built_project, tiny_das
     assert tsp and len(firing) == len(tsp)  # one highlighted city per drawn instance
     assert any(tag == "polyline" and a.get("class") == "tour" for tag, a in rows.elements)
     assert any(tag == "svg" and a.get("class") == "hist" for tag, a in rows.elements)
+    nb = int(stats["neighbours"][f, 0])  # the nearest decoder neighbour is linked
+    assert any(tag == "a" and a.get("href", "").endswith(f"feature={nb}") for tag, a in rows.elements)
 
 
 # ---------- synthetic analyses: text escaping, the size bound, errors ----------
@@ -233,13 +235,17 @@ def test_script_tokens_render_as_text(tmp_path):
     build_dashboard("synthetic", analysis, metrics, out)
     stats_f = json.loads((analysis / "examples.json").read_text())["features"]
     f = next(i for i, exs in enumerate(stats_f) if exs)
-    dom, parsed, err = dump(out / "index.html", f"?feature={f}")
+    # A page identical to index.html but for a trap set first: any alert() would mark the document.
+    trap = '<script>window.alert = function () { document.documentElement.setAttribute("data-alert", "ran"); };</script>\n'
+    (out / "trapped.html").write_text((out / "index.html").read_text().replace('<script src="app.js"', trap + '<script src="app.js"'))
+    dom, parsed, err = dump(out / "trapped.html", f"?feature={f}")
     assert_clean(dom, err)
+    assert 'data-alert="ran"' not in dom
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
     assert XSS in "".join(parsed.text) and IMG in "".join(parsed.text)
     # Only the page's own two scripts and the loaded data scripts exist; the corpus made no element.
     scripts = [a.get("src", "") for tag, a in parsed.elements if tag == "script"]
-    assert all(s.startswith(("app.js", "data/")) for s in scripts), scripts
+    assert scripts.count("") == 1 and all(s.startswith(("app.js", "data/")) for s in scripts if s), scripts
     assert not any(tag == "img" for tag, _ in parsed.elements)
     assert "<title>pwned" not in dom
     own = re.findall(r'<span class="tok own"[^>]*>([^<]*)</span>', dom)
@@ -284,6 +290,53 @@ def test_the_error_checks_see_a_missing_data_file(tmp_path):
     dom, _, err = dump(out / "index.html", "#feature=3")
     assert "data-errors=" in dom and 'data-ready="1"' not in dom  # file:// masks the message as "Script error."
     assert any("Uncaught ReferenceError" in line for line in console_lines(err))
+
+
+DRIVER = """
+window.addEventListener("load", function () {
+  var root = document.documentElement, log = [];
+  function visible() { return Array.from(document.querySelectorAll("#latents-body tr:not([hidden])")).map(function (r) { return r.dataset.f; }); }
+  setTimeout(function () {
+    document.querySelector('th[data-key="freq"]').click();
+    setTimeout(function () {
+      log.push("freq:" + location.hash + ":" + visible().slice(0, 3).join(","));
+      document.querySelector('th[data-key="freq"]').click();
+      setTimeout(function () {
+        log.push("flip:" + location.hash);
+        var q = document.getElementById("f-q"); q.value = "tok3_"; q.dispatchEvent(new Event("input"));
+        setTimeout(function () {
+          log.push("search:" + location.hash + ":" + visible().length);
+          document.querySelector("#latents-body tr:not([hidden]) td.num").click();
+          setTimeout(function () { log.push("open:" + location.hash); root.setAttribute("data-driven", log.join(" | ")); }, 300);
+        }, 400);
+      }, 100);
+    }, 100);
+  }, 100);
+});
+"""
+
+
+@needs_browser
+def test_clicks_and_typing_drive_the_table(tmp_path):
+    analysis, metrics = write_synthetic_analysis(tmp_path, "text", F=40)
+    out = tmp_path / "features"
+    build_dashboard("synthetic", analysis, metrics, out)
+    (out / "driver.js").write_text(DRIVER)
+    page = (out / "index.html").read_text().replace("</body>", '<script src="driver.js"></script>\n</body>')
+    (out / "driven.html").write_text(page)
+    dom, _, err = dump(out / "driven.html")
+    assert not console_lines(err) and "data-errors" not in dom
+    log = re.search(r'data-driven="([^"]*)"', dom).group(1).split(" | ")
+    from safetensors.torch import load_file
+
+    freq = load_file(analysis / "stats.safetensors")["frequency"]
+    top3 = torch.argsort(freq, descending=True, stable=True)[:3].tolist()
+    assert log[0] == "freq:#sort=freq:" + ",".join(map(str, top3))  # a header click sorts, highest first
+    assert log[1] == "flip:#sort=freq&amp;dir=asc"  # a second click flips the order
+    examples = json.loads((analysis / "examples.json").read_text())["features"]
+    hits = sum(any(ex[0] == "top" and ex[2] == "3" for ex in exs) for exs in examples)
+    assert log[2] == f"search:#sort=freq&amp;dir=asc&amp;q=tok3_:{hits}"  # search by the text of top tokens
+    assert re.fullmatch(r"open:#sort=freq&amp;dir=asc&amp;q=tok3_&amp;feature=\d+", log[3])  # a row opens its page
 
 
 def test_size_bound_for_3072_latents(tmp_path):

@@ -17,8 +17,9 @@ examples, windows of ±8): arrays instead of dicts per row or example; every flo
 4 significant digits (3 for coordinates); an example's window activations stored as a flat list of
 (position offset, activation in thousandths of the feature's max) integer pairs, nonzero ones only;
 instances shared between examples and features; nothing but the table loaded up front. A feature
-costs about 4 KB in the worst case (every window position firing), so 3,072 latents stay near 12 MB
-plus their instances, which the validation split bounds.
+costs about 5 KB when every position of every window fires (the worst case), so 3,072 latents with
+2,000 distinct 64-token text windows measure 16.6 MB (tests/test_dashboard.py checks < 25 MB); the
+tiny TSP pipeline's 64 latents take 0.12 MB.
 
 The output is a function of the inputs alone (no timestamps, fixed ordering), so rebuilding gives
 byte-identical files. Corpus text is written as JSON strings and inserted by app.js as text nodes,
@@ -43,7 +44,8 @@ DATA_FILES = ("dashboard/index.html", "dashboard/app.js", "dashboard/style.css")
 STATS_KEYS = ("frequency", "magnitude", "max_activation", "score", "in_band", "hist_counts", "neighbours",
               "neighbour_cosine", "decoder_dims", "decoder_values", "cofire_features", "cofire_counts")
 # The ablation metric shown as a table column: the first of these an ablation reports, else its first number.
-HEADLINE_EFFECTS = ("mean_tour_length_change_pct", "cross_entropy_change", "kl_clean_edited", "pooled_cosine")
+HEADLINE_EFFECTS = ("mean_tour_length_change_pct", "cross_entropy_change", "kl_clean_edited", "output_cosine_change",
+                    "pooled_cosine")
 
 
 def _r(value: float, digits: int = 4) -> float | int | None:

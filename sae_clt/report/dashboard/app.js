@@ -1,7 +1,7 @@
 /* saeclt feature dashboard. Static and offline: the data arrive as scripts calling SAE.load(kind, n, payload)
    (data/index.js with the page, data/chunk_NNN.js and data/inst_NNN.js when a feature is opened).
-   State lives in the URL: ?band=in&sort=score&dir=desc&q=...&fmin=&fmax=&smin= and #feature=12 (the hash,
-   when present, wins over the query). Corpus text is only ever inserted with textContent. */
+   State lives in the URL: ?band=in&sort=score&dir=desc&q=...&fmin=&fmax=&smin=&feature=12, in the query or the
+   hash (#feature=12); a key in the hash wins over the same key in the query. Corpus text is only ever inserted with textContent. */
 (function () {
   "use strict";
 
@@ -116,10 +116,13 @@
     });
     return out;
   }
+  var fromQuery = parseParams(location.search);  // the page's query: the base the hash overrides key by key
   function readState() {
-    var fromUrl = location.hash.length > 1 ? parseParams(location.hash) : parseParams(location.search);
+    var fromHash = parseParams(location.hash);
     state = {};
-    KEYS.forEach(function (k) { state[k] = fromUrl[k] !== undefined ? fromUrl[k] : DEFAULTS[k]; });
+    KEYS.forEach(function (k) {
+      state[k] = fromHash[k] !== undefined ? fromHash[k] : fromQuery[k] !== undefined ? fromQuery[k] : DEFAULTS[k];
+    });
     if (["all", "in", "below", "above"].indexOf(state.band) < 0) state.band = "all";
     if (state.dir !== "asc" && state.dir !== "desc") state.dir = DEFAULTS.dir;
     if (/^\d+$/.test(state.feature)) state.feature = String(parseInt(state.feature, 10));
@@ -129,7 +132,7 @@
     KEYS.forEach(function (k) { s[k] = changes && k in changes ? changes[k] : state[k]; });
     var parts = [];
     KEYS.forEach(function (k) {
-      if (String(s[k]) !== String(DEFAULTS[k])) parts.push(k + "=" + encodeURIComponent(String(s[k])));
+      if (String(s[k]) !== String(DEFAULTS[k]) || k in fromQuery) parts.push(k + "=" + encodeURIComponent(String(s[k])));
     });
     return "#" + (parts.length ? parts.join("&") : "sort=" + DEFAULTS.sort);
   }
@@ -175,8 +178,7 @@
       head.appendChild(th);
     });
     var body = document.getElementById("latents-body");
-    var frag = document.createDocumentFragment();
-    for (var i = 0; i < N; i++) {
+    for (var i = 0; i < N; i++) {  // built once, inserted in sorted order by applyTable; filters toggle `hidden`
       var tr = document.createElement("tr");
       tr.setAttribute("data-f", i);
       for (var c = 0; c < columns.length; c++) {
@@ -188,9 +190,7 @@
         tr.appendChild(td);
       }
       rows.push(tr);
-      frag.appendChild(tr);
     }
-    body.appendChild(frag);
     body.addEventListener("click", function (e) {
       var tr = e.target.closest("tr");
       if (!tr || e.ctrlKey || e.metaKey || e.button !== 0) return;
@@ -274,7 +274,9 @@
     });
     ["fmin", "fmax", "smin"].forEach(function (k) {
       document.getElementById("f-" + k).addEventListener("change", function (e) {
-        var o = {}; o[k] = e.target.value; navigate(o, true);
+        var o = {}, v = e.target.value;
+        o[k] = k === "smin" || v === "" || isNaN(parseFloat(v)) ? v : String(Number((parseFloat(v) / 100).toPrecision(6)));
+        navigate(o, true);
       });
     });
     document.getElementById("f-reset").addEventListener("click", function () {
@@ -282,9 +284,10 @@
     });
   }
   function syncFilters() {
-    ["q", "fmin", "fmax", "smin"].forEach(function (k) {
-      var input = document.getElementById("f-" + k);
-      if (document.activeElement !== input && input.value !== state[k]) input.value = state[k];
+    ["q", "fmin", "fmax", "smin"].forEach(function (k) {  // frequencies are fractions in the URL, percent in the inputs
+      var input = document.getElementById("f-" + k), v = state[k];
+      if ((k === "fmin" || k === "fmax") && v !== "" && !isNaN(parseFloat(v))) v = String(Number((100 * parseFloat(v)).toPrecision(6)));
+      if (document.activeElement !== input && input.value !== v) input.value = v;
     });
     Array.prototype.forEach.call(document.querySelectorAll("#f-band button"), function (b) {
       b.setAttribute("aria-pressed", b.getAttribute("data-band") === state.band ? "true" : "false");
@@ -324,7 +327,7 @@
       return el("li", null, ["feature ", featureLink(e.feature), ": " + editText(e)]);
     });
     return el("div", { class: "card" }, [
-      el("h3", { text: iv.name }),
+      el("h3", { text: "Intervention " + iv.name }),
       el("p", { class: "muted", text: "mode " + iv.mode + (iv.keep_error === false ? ", error term dropped" : ", error term kept") }),
       edits.length ? el("ul", { class: "small-list" }, edits) : null,
       effectsTable(iv.effects)

@@ -300,7 +300,11 @@ def test_stage_writes_every_file_of_the_contract_for_sae_and_transcoder(analysed
         metrics = json.loads(p.analysis_metrics(eid).read_text())
         assert {"rows", "latents", "alive_fraction", "band", "frequency_quantiles", "top_by_score", "meta"} <= set(metrics)
         assert metrics["band"]["count"] == int(stats["in_band"].sum()) and metrics["rows"] == r
-        assert "ablations" not in metrics and "interventions" not in metrics
+        # the top features by score (those that fire), each ablated in the subject's task
+        firing = [f for f in torch.sort(-stats["score"], stable=True).indices.tolist() if stats["score"][f] > 0]
+        assert [a["feature"] for a in metrics["ablations"]] == firing[:cfg.ablate_top]
+        assert all({"mean_tour_length", "decisions_changed"} <= set(a["effects"]) for a in metrics["ablations"])
+        assert metrics["interventions"] == []  # the tiny specs list none
 
 
 def test_analysis_files_are_byte_identical_when_run_twice(analysed):
@@ -450,3 +454,23 @@ def test_text_examples_show_the_collected_tokens_with_the_script_tag_as_plain_te
                 checked += 1
     assert checked > 0
     assert any("<script>" in "".join(v["tokens"]).replace(" ", "") for v in doc["instances"].values())
+
+
+def test_the_specs_interventions_run_in_the_analyze_stage_and_land_in_its_metrics(analysed):
+    spec = analysed / "specs/tiny_sae.yaml"
+    original = spec.read_text()
+    spec.write_text(original + "analyze: {ablate_top: 2}\n"
+                    "interventions:\n  - {name: zero_f0, mode: edit, edits: [{feature: 0, op: scale, value: 0}]}\n"
+                    "  - {name: recon, mode: no_change, keep_error: false}\n")
+    try:
+        run_stage("analyze", spec)
+        metrics = json.loads(Paths(analysed).analysis_metrics("tiny_sae").read_text())
+    finally:
+        spec.write_text(original)
+        run_stage("analyze", spec)
+    assert len(metrics["ablations"]) == 2
+    by_name = {i["name"]: i for i in metrics["interventions"]}
+    assert set(by_name) == {"zero_f0", "recon"} and by_name["zero_f0"]["edits"] == [{"feature": 0, "op": "scale", "value": 0.0}]
+    run_stage("evaluate", spec)
+    eval_tour = json.loads(Paths(analysed).eval_metrics("tiny_sae").read_text())["causal"]["mean_tour_length"]["values"]["dictionary"]
+    assert abs(by_name["recon"]["effects"]["mean_tour_length"] - eval_tour) < 1e-6  # = evaluate's spliced run

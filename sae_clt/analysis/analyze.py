@@ -17,6 +17,7 @@ from ..data.loader import PairLoader
 from ..data.normalize import Normalization
 from ..data.store import ActivationStore
 from ..dictionaries.dictionary import Dictionary
+from ..interventions.effects import ablate_features, run_interventions
 from ..io import atomic_write_text, save_safetensors, write_json
 from ..provenance import output_meta
 from ..spec.models import DatasetSpec, ExperimentSpec
@@ -26,7 +27,7 @@ from .views import renderer
 
 STATS_FILE = "stats.safetensors"
 EXAMPLES_FILE = "examples.json"
-ANALYSIS_SECTIONS = ["dataset", "source", "target", "model", "train", "analyze"]
+ANALYSIS_SECTIONS = ["dataset", "source", "target", "model", "train", "analyze", "interventions"]
 TOP_BY_SCORE = 20
 FREQUENCY_QUANTILES = {"min": 0.0, "p10": 0.1, "p25": 0.25, "median": 0.5, "p75": 0.75, "p90": 0.9, "max": 1.0}
 
@@ -87,5 +88,18 @@ def analyze(exp: ExperimentSpec, dataset: DatasetSpec, store: ActivationStore, n
     atomic_write_text(Path(out_dir) / EXAMPLES_FILE,
                       json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False) + "\n")
     metrics = summary(exp, stats, codes)
+    metrics.update(interventions(exp, subject, model, norm, stats))
     write_json(metrics_path, metrics)
     return metrics
+
+
+def interventions(exp: ExperimentSpec, subject, model: Dictionary, norm: Normalization, stats: dict[str, torch.Tensor]) -> dict:
+    """What features do: the top ``analyze.ablate_top`` by score (those that fire) each set to 0
+    in the subject's task, and the spec's own interventions (error term kept unless they say)."""
+    if getattr(subject, "model", None) is None:
+        reason = "the dataset's activations were imported: there is no model to intervene on"
+        return {"ablations": [], "interventions": [], "interventions_skipped": reason}
+    score = stats["score"]
+    order = [f for f in torch.sort(-score, stable=True).indices[:exp.analyze.ablate_top].tolist() if score[f] > 0]
+    return {"ablations": ablate_features(subject, model, norm, exp, order, [float(score[f]) for f in order]),
+            "interventions": run_interventions(subject, model, norm, exp)}

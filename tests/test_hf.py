@@ -60,7 +60,7 @@ def hf_project(tmp_path_factory):
     (root / "corpus.jsonl").write_text("\n".join(lines) + "\n")
     for stage in ("subject", "collect", "normalize"):
         run_stage(stage, root / "specs" / ("subjects/tinybert.yaml" if stage == "subject" else "datasets/tiny_text.yaml"))
-    for stage in ("train", "evaluate", "report", "export"):
+    for stage in ("train", "evaluate", "analyze", "report", "export"):
         run_stage(stage, root / "specs" / "tiny_bert_sae.yaml")
     return root
 
@@ -141,3 +141,30 @@ def test_causal_lm_subject_reports_cross_entropy(tmp_path):
     with patching(subject.model, "transformer.h.1", lambda out, rec: torch.zeros_like(out), subject.hook_points()):
         ablated = subject.task_metric()["cross_entropy"]
     assert ablated != clean
+
+
+def test_text_dashboard_lists_every_latent_and_shows_a_feature_on_its_tokens_shaded(hf_project):
+    """The MiniLM path end to end on a tiny BERT: the report's dashboard lists every latent and a
+    feature page shows its examples as the corpus' own tokens, each shaded by the activation (that
+    corpus text stays text is tested with a ``<script>`` token in test_dashboard.py)."""
+    from safetensors.torch import load_file
+    from test_dashboard import CHROMIUM, assert_clean, dump
+
+    if CHROMIUM is None and __import__("os").environ.get("CI") != "true":
+        pytest.skip("no Chromium on this machine")
+    paths = Paths(hf_project)
+    stats = load_file(paths.analysis_dir("tiny_bert_sae") / "stats.safetensors")
+    page = paths.dashboard_dir("tiny_bert_sae") / "index.html"
+    dom, rows, err = dump(page)
+    assert_clean(dom, err)
+    assert sorted(f for f, _ in rows.rows) == list(range(64))
+    f = int(torch.argmax(stats["score"]))
+    dom, rows, err = dump(page, f"#feature={f}")
+    assert_clean(dom, err)
+    spans = [a for tag, a in rows.elements if tag == "span" and a.get("class", "").startswith("tok")]
+    assert any(a.get("class") == "tok own" for a in spans) and len(spans) > 5
+    assert any("background" in a.get("style", "") for a in spans)  # shaded by the activation
+    words = "".join(rows.text)
+    assert "fox" in words or "river" in words or "lazy" in words
+    analysis = json.loads(paths.analysis_metrics("tiny_bert_sae").read_text())
+    assert analysis["ablations"] and "pooled_cosine" in analysis["ablations"][0]["effects"]

@@ -137,9 +137,9 @@ def test_identity_patch_leaves_the_task_unchanged(built_project):
 
 def test_report_is_byte_identical_when_rerendered(built_project):
     folder = Paths(built_project).report_dir("tiny_sae")
-    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
     run_stage("report", built_project / "specs" / "tiny_sae.yaml")
-    after = {p.name: p.read_bytes() for p in folder.iterdir()}
+    after = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
     assert set(before) == {"report.md", "report.html", "curves.svg", "histograms.svg", "r2.svg", "usage.svg"} and before == after
     assert "![training" not in after["report.md"].decode() and "(curves.svg)" in after["report.md"].decode()
     assert "(usage.svg)" in after["report.md"].decode()  # the usage histogram over training

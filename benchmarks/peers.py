@@ -12,7 +12,7 @@ over the fastest peer's:
 It runs these steps, which can also be run one at a time (each prints one JSON line):
 
     python benchmarks/peers.py export --spec specs/minilm_sae_L2.yaml --out /tmp/peer_data
-    python benchmarks/peers.py saeclt --spec specs/minilm_sae_L2.yaml --out /tmp/peer_data [--precision bf16] [--one-pass]
+    python benchmarks/peers.py saeclt --spec specs/minilm_sae_L2.yaml --out /tmp/peer_data [--precision bf16] [--one-pass] [--set KEY=VALUE ...]
     PEER/bin/python benchmarks/peers.py sparsify --out /tmp/peer_data [--passes 3] [--auxk] [--bf16] [--save DIR]
     PEER/bin/python benchmarks/peers.py saelens --out /tmp/peer_data [--bf16] [--save DIR]
 
@@ -23,7 +23,10 @@ SAELens: Adam 3e-4, constant schedule, its TopK SAE with AuxK), plus AuxK for sp
 (auxk_alpha 1/32, dead after 5 steps' tokens) since its default leaves it off. `--bf16` runs a
 peer's training under torch's bf16 autocast (their trainers enable it on CUDA only). saeclt's
 `--one-pass` trains as the peers do, once over the rows (no data echoing, no decoder refit),
-with the fast step and AuxK on; without it, the spec's own recipe. saeclt's tokens/s count its
+with the fast step and AuxK on; without it, the spec's own recipe. `--set KEY=VALUE` (repeatable)
+overrides a field of the spec's `train:` section after those (e.g. `--one-pass --set lr=2e-2
+--set beta2=0.95 --set decoder_refit_frac=0.5`: a one-pass recipe; the refit reads no new rows and
+takes no extra optimiser step, so it stays one pass). saeclt's tokens/s count its
 whole train() (reading the store, start-up, saving); the peers' only their training loop over
 rows already in RAM.
 FVU = Σ‖y − ŷ‖² / Σ‖y − ȳ‖² over the validation rows (as saeclt's metrics define it).
@@ -43,15 +46,17 @@ D_SAE, K, BATCH = 3072, 32, 4096
 def fvu_and_dead(encode_decode, val) -> dict:
 
     num = den = 0.0
+    active = 0
     fired = None
     mean = val.mean(0)
     for x in val.split(8192):
         y_hat, z = encode_decode(x)
         num += float(((x - y_hat).double() ** 2).sum())
         den += float(((x - mean).double() ** 2).sum())
+        active += int((z != 0).sum())
         f = (z > 0).any(0)
         fired = f if fired is None else fired | f
-    return {"fvu": num / den, "dead_fraction": float((~fired).float().mean()), "l0": None}
+    return {"fvu": num / den, "dead_fraction": float((~fired).float().mean()), "l0": active / val.shape[0]}
 
 
 def export(args) -> None:
@@ -83,9 +88,28 @@ def run_saeclt(args) -> None:
     overrides = {"precision": args.precision} if args.precision else {}
     if args.one_pass:  # as the peers train: once over the rows, the fast step, AuxK on (the spec's aux_k)
         overrides |= {"step": "fast", "echo": 1, "decoder_refit_frac": 0.0}
-    _, m, rate = fit_and_evaluate(resolved.experiment, store, norm, overrides)
-    print(json.dumps({"trainer": "saeclt", **overrides, "fvu": m["reconstruction"]["fvu"], "dead_fraction": m["sparsity"]["dead_fraction"],
-                      "tokens_per_s": rate}))
+    overrides |= _train_overrides(resolved.experiment.train, args.set or [])
+    summary, m, rate = fit_and_evaluate(resolved.experiment, store, norm, overrides)
+    print(json.dumps({"trainer": "saeclt", **overrides, "steps": summary["steps"], "fvu": m["reconstruction"]["fvu"],
+                      "dead_fraction": m["sparsity"]["dead_fraction"], "l0": m["sparsity"]["l0"], "tokens_per_s": rate}))
+
+
+def _train_overrides(train, pairs: list[str]) -> dict:
+    """``--set KEY=VALUE`` pairs as overrides of the spec's train section, checked and typed by the
+    section's own model (a misspelt field or a value out of range stops here, not after training)."""
+    raw = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE")
+        if key not in type(train).model_fields:
+            raise SystemExit(f"--set {key}: not a field of the train section; choose from {', '.join(type(train).model_fields)}")
+        raw[key] = json.loads(value) if value[:1] in "[{" or value in ("true", "false", "null") else value
+    if not raw:
+        return {}
+    checked = type(train).model_validate(train.model_dump() | raw)  # pydantic converts '2e-2' to 0.02 for a float field, etc.
+    return {key: getattr(checked, key) for key in raw}
 
 
 def _autocast(args):
@@ -267,6 +291,8 @@ def main() -> None:
     parser.add_argument("--dead-tokens", type=int, default=5 * BATCH)
     parser.add_argument("--one-pass", action="store_true", help="saeclt: train once over the rows as the peers do "
                         "(fast step, no data echoing, no decoder refit; AuxK as the spec sets it)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="saeclt: override a field of the spec's train "
+                        "section (repeatable; applied after --precision and --one-pass), e.g. --set lr=2e-2 --set warmup_frac=0.8")
     parser.add_argument("--bf16", action="store_true", help="sparsify, saelens: train under bf16 autocast")
     parser.add_argument("--save", help="sparsify, saelens: save the trained dictionary in the tool's own format into this "
                         "folder (then: saeclt compare SPEC FOLDER)")

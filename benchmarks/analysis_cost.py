@@ -34,7 +34,6 @@ def evaluate_pass(exp, store, norm, model) -> int:
     """The evaluate stage's loop over the validation rows (sae_clt.evaluation.evaluate)."""
     import torch
 
-    from sae_clt.data.hook_groups import members
     from sae_clt.data.loader import PairLoader
     from sae_clt.evaluation.evaluate import TopActivations, apply_linear
     from sae_clt.evaluation.metrics import ReconstructionMeter, SparsityMeter
@@ -44,7 +43,7 @@ def evaluate_pass(exp, store, norm, model) -> int:
     d_in, d_out = store.hook_dims[source], store.hook_dims[target]
     w_lin = torch.zeros(d_in + 1, d_out)
     recon, linear, sparsity = ReconstructionMeter(d_out), ReconstructionMeter(d_out), SparsityMeter(model.cfg.d_sae)
-    layers = members(target) if model.cfg.layout.layered else []
+    layers = target.members if model.cfg.layout.layered else []
     per_layer = [ReconstructionMeter(d_out // len(layers)) for _ in layers]
     top = TopActivations(model.cfg.d_sae, n=5)
     rows = 0

@@ -126,7 +126,7 @@ def validate(
 def run(
     spec: Path = typer.Argument(..., help="Experiment spec, e.g. specs/clt_L0_L2.yaml."),
 ) -> None:
-    """Run an experiment's whole chain (subject, collect, normalize, train, evaluate, report, export)
+    """Run an experiment's whole chain (subject, collect, normalize, train, evaluate, analyze, report, export)
     through DVC; stages whose inputs did not change are skipped.
 
     Example: saeclt run specs/clt_L0_L2.yaml

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_project
 from safetensors.torch import load_file
 
 from sae_clt.analysis.examples import feature_examples
 from sae_clt.analysis.stats import (
     SparseCodes,
-    collect_codes,
     cofiring,
+    collect_codes,
     decoder_neighbours,
     feature_order,
     feature_stats,
@@ -30,8 +31,6 @@ from sae_clt.spec.models import AnalyzeSection
 from sae_clt.spec.project import Paths
 from sae_clt.stages.inputs import experiment_inputs
 from sae_clt.stages.table import run_stage
-
-from conftest import write_project
 
 EXPERIMENTS = ("tiny_sae", "tiny_tc")
 STATS_SCHEMA = {  # name -> (dtype, shape with F, N, Q, bins, M, K, D, R symbols)
@@ -267,7 +266,7 @@ def test_example_contexts_match_brute_force_on_the_tiny_store(analysed, window):
     features, instances = feature_examples(codes, stats, window)
     assert instances == sorted({ex[2] for examples in features for ex in examples})
     for f, examples in enumerate(features):
-        for kind, row, i, p, value, around in examples:
+        for _kind, row, i, p, value, around in examples:
             assert (i, p) == (int(inst[row]), int(pos[row])) and value == pytest.approx(float(z[row, f]), rel=1e-3)
             near = [r for r in range(z.shape[0]) if r != row and inst[r] == i and z[r, f] > 0
                     and (window is None or abs(int(pos[r]) - p) <= window)]

@@ -48,7 +48,7 @@ def test_sections_a_spec_must_write_out_come_from_the_stages_that_read_them():
 
     assert TRACKED_SECTIONS["experiments"] == ["dataset", "source", "target", "model", "train", "evaluate", "export"]
     assert TRACKED_SECTIONS["datasets"] == tracked_sections("datasets") == ["subject", "collect", "normalize"]
-    assert run_targets("x") == ["train@x", "evaluate@x", "report@x", "export@x"]
+    assert run_targets("x") == ["train@x", "evaluate@x", "analyze@x", "report@x", "export@x"]
 
 
 def _status(root: Path) -> dict:
@@ -121,3 +121,28 @@ def test_no_function_in_the_package_is_longer_than_80_lines():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
                 long.append(f"{path.relative_to(PACKAGE_DIR)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert not long, long
+
+
+def test_function_local_imports_are_only_of_heavy_third_party_modules():
+    """An import inside a function is there to keep `saeclt --help` fast: the CLI module may defer
+    anything, other modules only heavy third-party packages (torch, transformers, dvc, ...). The
+    standard library and saeclt's own modules are imported at the top, where a reader sees them."""
+    import ast
+    import sys
+
+    from sae_clt.stages.code_deps import PACKAGE_DIR
+
+    light = set(sys.stdlib_module_names) | {"sae_clt"}
+    found = []
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        if path.name in ("cli.py", "__main__.py"):
+            continue
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").split(".")[0] in light):
+                    found.append(f"{path.relative_to(PACKAGE_DIR)}:{node.lineno} {ast.unparse(node)}")
+                elif isinstance(node, ast.Import) and any(a.name.split(".")[0] in light for a in node.names):
+                    found.append(f"{path.relative_to(PACKAGE_DIR)}:{node.lineno} {ast.unparse(node)}")
+    assert not found, found

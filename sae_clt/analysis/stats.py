@@ -17,6 +17,7 @@ import torch
 
 from ..errors import DataError
 from ..progress import progress_bar
+from ..stages.inputs import available_memory
 
 # Peak bytes per kept entry: row, feature (int32) and value (float32) while collecting, plus the
 # int64 orderings and gathered copies made afterwards.
@@ -43,7 +44,6 @@ class SparseCodes:
 
 def memory_budget() -> int:
     """Bytes the sparse codes may use: half the memory available now (8 GiB where unknown)."""
-    from ..stages.inputs import available_memory
 
     available = available_memory()
     return (available if available is not None else 16 << 30) // 2
@@ -86,7 +86,9 @@ def collect_codes(model, loader, max_rows: int | None, desc: str, where: str = "
             bar.update(1)
     if seen == 0:
         raise DataError(f"{where}: the validation split has no rows to analyse")
-    cat = (lambda parts, dtype: torch.cat(parts).to(dtype))
+    def cat(parts, dtype):
+        return torch.cat(parts).to(dtype)
+
     return SparseCodes(cat(rows, torch.long), cat(features, torch.long), cat(values, torch.float32),
                        cat(instances, torch.long), cat(positions, torch.long), model.cfg.d_sae)
 

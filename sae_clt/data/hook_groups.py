@@ -34,11 +34,6 @@ class HookGroup(str):
         return len(self.members) > 1
 
 
-def members(name: str | list[str]) -> tuple[str, ...]:
-    """The hook points of a group's name (or of a list of them)."""
-    return HookGroup(name).members
-
-
 class GroupDict(dict):
     """A dict keyed by hook point; a missing group name is built from its members (ints add up,
     tensors concatenate along their last dimension)."""

@@ -13,11 +13,11 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
-from ..data.hook_groups import members
 from ..data.hooks import patching
 from ..data.loader import PairLoader
 from ..data.normalize import Normalization
@@ -167,9 +167,8 @@ def causal_check_layers(subject, model: Dictionary, w_lin: torch.Tensor, norm: N
     """A clt's causal check: every target layer replaced at once by the dictionary's output for
     it, computed from the sources recorded in the same, already patched, forward pass (the
     replacement model: a layer's reconstruction feeds the later layers' sources)."""
-    from contextlib import ExitStack
 
-    sources, targets = members(spec.source_key), members(spec.target_key)
+    sources, targets = spec.source_key.members, spec.target_key.members
     available = subject.hook_points()
     width_in, width_out = model.cfg.d_in // len(sources), model.cfg.d_out // len(targets)
 
@@ -245,7 +244,7 @@ def evaluate(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, 
     d_out = store.hook_dims[target]
     recon, linear = ReconstructionMeter(d_out), ReconstructionMeter(d_out)
     # clt: the reconstruction of each target layer too
-    layers = members(target) if model.cfg.layout.layered else []
+    layers = target.members if model.cfg.layout.layered else []
     per_layer = {h: ReconstructionMeter(d_out // len(layers)) for h in layers}
     sparsity = SparsityMeter(model.cfg.d_sae)
     top = TopActivations(model.cfg.d_sae, n=5)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..dictionaries.dictionary import Dictionary
 from ..errors import DataError, SpecError
 from ..spec.models import Intervention, LatentEdit
 from .edits import check_edits, parse_edits
@@ -26,8 +27,6 @@ from .splice import intervene, normalize_mode
 def _dictionary(dictionary):
     """A ``Dictionary``, loaded first when given as its folder."""
     if isinstance(dictionary, (str, Path)):
-        from ..dictionaries.dictionary import Dictionary
-
         return Dictionary.load(Path(dictionary))
     return dictionary
 

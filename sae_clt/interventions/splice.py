@@ -25,7 +25,6 @@ from typing import Iterator
 
 import torch
 
-from ..data.hook_groups import members
 from ..data.hooks import patching
 from ..errors import DataError, SpecError
 from .edits import apply_edits, check_edits, parse_edits
@@ -86,7 +85,7 @@ def _single(subject, dictionary, norm, exp, mode, edits, keep_error):
 def _layered(subject, dictionary, norm, exp, mode, edits, keep_error):
     """clt: every target layer patched, layer j from the sources of layers 0..j (zeros for later
     ones, which cannot reach target j)."""
-    sources, targets = members(exp.source_key), members(exp.target_key)
+    sources, targets = exp.source_key.members, exp.target_key.members
     available = subject.hook_points()
     width_in, width_out = dictionary.cfg.d_in // len(sources), dictionary.cfg.d_out // len(targets)
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..dictionaries.dictionary import CONFIG, WEIGHTS, Dictionary
 from ..errors import DataError, SpecError
+from ..spec.project import resolve_experiment
+from ..stages.inputs import experiment_inputs
+from ..subjects import load_subject
+from .edits import parse_edits
+from .effects import measure
+from .splice import normalize_mode
 
 OPS = ("scale", "set", "clamp", "add")
 
@@ -14,7 +21,6 @@ def edits_from_options(features: list[int], ops: dict, low: float | None, mode: 
                        no_error: bool) -> tuple[str, list[dict], bool]:
     """(mode, edits, keep_error) from ``saeclt steer``'s options; ``ops`` maps scale / set /
     clamp / add to the value given (None when not given). Conflicts are refused, naming the options."""
-    from .splice import normalize_mode
 
     given = {op: v for op, v in ops.items() if v is not None}
     problems = []
@@ -44,10 +50,6 @@ def edits_from_options(features: list[int], ops: dict, low: float | None, mode: 
 def load_for_intervention(spec_path: Path):
     """(experiment spec, subject ready for its task, trained dictionary, normalisation) of an
     experiment spec file; a clear error, naming the command that trains it, when the dictionary is missing."""
-    from ..dictionaries.dictionary import CONFIG, WEIGHTS, Dictionary
-    from ..spec.project import resolve_experiment
-    from ..stages.inputs import experiment_inputs
-    from ..subjects import load_subject
 
     resolved = resolve_experiment(spec_path)
     p, exp = resolved.paths, resolved.experiment
@@ -65,8 +67,6 @@ def load_for_intervention(spec_path: Path):
 
 def steer(spec_path: Path, mode: str, edits: list[dict], keep_error: bool) -> dict:
     """Run one intervention on the experiment of ``spec_path``: {experiment, mode, keep_error, edits, effects}."""
-    from .edits import parse_edits
-    from .effects import measure
 
     exp, subject, dictionary, norm = load_for_intervention(Path(spec_path))
     parsed = parse_edits(edits, "--feature")

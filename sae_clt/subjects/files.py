@@ -22,6 +22,7 @@ from ..errors import DataError, SpecError
 from ..io import write_json
 from ..provenance import output_meta
 from ..spec.models import FilesSubjectSpec
+from ..spec.project import Paths
 
 
 @dataclass
@@ -87,7 +88,6 @@ def check_outside_outputs(paths: list[Path], root: Path, dataset_ids: list[str],
     dictionaries) and the stores under $ACTIVATIONS_ROOT. Collect replaces those folders, so
     it would delete the very file it is about to read. ``where`` and ``field`` name the spec
     file (or command) and the field (or argument) listing the files."""
-    from ..spec.project import Paths
 
     guarded = [(root / "runs", "runs/, the project's outputs")]
     for did in dataset_ids:

@@ -12,10 +12,13 @@ run. Interventions (``task_reference`` / ``task_effects``) measure the same agai
 from __future__ import annotations
 
 import hashlib
+import importlib
 from pathlib import Path
 
 import torch
 
+from ..data.corpus import corpus_hash, read_documents, token_stream
+from ..data.hooks import module_hook_points
 from ..errors import DataError, SpecError
 from ..spec.models import HFSubjectSpec
 from .loaded import record_loaded_model
@@ -25,8 +28,6 @@ def model_folder(spec: HFSubjectSpec, root: Path) -> Path:
     if spec.path is not None:
         folder = Path(spec.path) if Path(spec.path).is_absolute() else root / spec.path
     else:
-        import importlib
-
         try:
             package = importlib.import_module(spec.package)
         except ImportError:
@@ -67,8 +68,6 @@ class HFSubject:
     # ------------------------------------------------------------------ interface
 
     def hook_points(self) -> list[str]:
-        from ..data.hooks import module_hook_points
-
         return module_hook_points(self.model)
 
     def fingerprint(self) -> str:
@@ -102,11 +101,8 @@ class HFSubject:
         return self._windows
 
     def _build_windows(self, n_windows: int):
-        from ..data.corpus import read_documents, token_stream
-
         prefix, suffix = self._special_template()
         content = self.text.context_length - len(prefix) - len(suffix)
-        from ..data.corpus import corpus_hash
 
         docs = read_documents(self.text.corpus, self.root, self.text.jsonl_field)
         self.input_fingerprint = {"corpus": self.text.corpus, "corpus_sha256": corpus_hash(docs), "documents": len(docs)}

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.hooks import module_hook_points
 from ..errors import DataError, SpecError
 from ..spec.models import TorchSubjectSpec
 from .loaded import record_loaded_model
@@ -135,8 +136,6 @@ class TorchSubject:
         return cls(spec, model.float(), root)
 
     def hook_points(self) -> list[str]:
-        from ..data.hooks import module_hook_points
-
         return module_hook_points(self.model)
 
     def fingerprint(self) -> str:

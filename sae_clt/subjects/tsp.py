@@ -7,11 +7,13 @@ provenance, ``forward()``, and ``task_metric()`` for causal checks.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
 import torch
 
+from ..errors import DataError
 from ..io import read_json, save_safetensors, write_json
 from ..provenance import output_meta
 from ..spec.models import TSPSubjectSpec
@@ -93,8 +95,6 @@ class TSPSubject:
     def load(cls, spec: TSPSubjectSpec, subject_dir: Path) -> "TSPSubject":
         from safetensors.torch import load_file
 
-        from ..errors import DataError
-
         weights, config = subject_dir / WEIGHTS, subject_dir / CONFIG
         if not weights.exists() or not config.exists():
             raise DataError(f"subject '{spec.id}' is not trained yet: {weights} missing (run `saeclt stage subject {spec.id}`)")
@@ -109,8 +109,6 @@ class TSPSubject:
         return cls(spec, TSPPolicy(policy_config(spec)))
 
     def fingerprint(self) -> str:
-        import hashlib
-
         h = hashlib.sha256()
         for name, tensor in sorted(self.model.state_dict().items()):
             h.update(name.encode())

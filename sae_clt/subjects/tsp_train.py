@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .tsp_policy import PolicyConfig, TSPPolicy, imitation_loss
-from .tsp_problem import best_nn_two_opt_tours, random_instances, rotate_to_start
+from .tsp_problem import best_nn_two_opt_tours, random_instances, rotate_to_start, tour_length
 
 
 @dataclass(frozen=True)
@@ -90,8 +90,6 @@ def train_policy(
         if step % 100 == 0 or step == train_cfg.steps - 1:
             row = {"step": step, "loss": float(loss.detach()), "seconds": time.perf_counter() - start}
             if eval_coords is not None and (step % 500 == 0 or step == train_cfg.steps - 1):
-                from .tsp_problem import tour_length
-
                 policy.eval()
                 row["eval_tour_length"] = float(tour_length(eval_coords, policy.greedy_tours(eval_coords)).mean())
                 policy.train()

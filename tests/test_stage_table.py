@@ -123,19 +123,30 @@ def test_no_function_in_the_package_is_longer_than_80_lines():
     assert not long, long
 
 
+# Modules that `saeclt --help` and `saeclt validate` load: they import nothing heavy at the top
+# and may defer saeclt's own torch-loading modules to the functions that need them.
+LIGHT_MODULES = ("cli.py", "__main__.py", "spec/validation.py", "dictionaries/activations.py")
+
+
+def test_help_and_validate_load_no_torch_at_import():
+    code = "import sys, sae_clt.cli, sae_clt.spec.validation, sae_clt.spec.models; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "False", done.stderr[-2000:]
+
+
 def test_function_local_imports_are_only_of_heavy_third_party_modules():
-    """An import inside a function is there to keep `saeclt --help` fast: the CLI module may defer
-    anything, other modules only heavy third-party packages (torch, transformers, dvc, ...). The
-    standard library and saeclt's own modules are imported at the top, where a reader sees them."""
+    """An import inside a function is there to keep `saeclt --help` and `validate` fast: the light
+    modules they load may defer anything, other modules only heavy third-party packages (torch,
+    transformers, dvc, ...). The standard library and saeclt's own modules are imported at the
+    top, where a reader sees them."""
     import ast
-    import sys
 
     from sae_clt.stages.code_deps import PACKAGE_DIR
 
     light = set(sys.stdlib_module_names) | {"sae_clt"}
     found = []
     for path in sorted(PACKAGE_DIR.rglob("*.py")):
-        if path.name in ("cli.py", "__main__.py"):
+        if path.relative_to(PACKAGE_DIR).as_posix() in LIGHT_MODULES:
             continue
         for fn in ast.walk(ast.parse(path.read_text())):
             if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):

@@ -16,7 +16,6 @@ import math
 from typing import TYPE_CHECKING, Callable, ClassVar
 
 from .registry import lookup
-from .straight_through import jumprelu, step_l0
 
 if TYPE_CHECKING:  # torch is imported where it is used: the spec reads this registry without it
     import torch
@@ -156,6 +155,8 @@ class JumpReLU(Activation):
         model.log_threshold = torch.nn.Parameter(torch.full((model.cfg.d_sae,), math.log(0.001)))  # kept positive through the log
 
     def activate(self, model, pre, training=False):
+        from .straight_through import jumprelu  # imports torch: the spec models use this registry without it
+
         return jumprelu(pre, model.log_threshold.exp(), model.cfg.jumprelu_bandwidth)
 
     def firing_threshold(self, model):
@@ -165,6 +166,8 @@ class JumpReLU(Activation):
         return model.log_threshold.detach().to(dtype or model.log_threshold.dtype).exp()
 
     def penalty(self, model, pre, active, indices, cfg):
+        from .straight_through import step_l0
+
         return cfg.l0_coeff, step_l0(pre, model.log_threshold.exp(), model.cfg.jumprelu_bandwidth).mean()
 
     def configure(self, model, spec_model):

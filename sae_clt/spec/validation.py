@@ -20,10 +20,8 @@ from pathlib import Path
 
 from .. import __version__
 from ..data.hook_names import is_pattern, matches
-from ..data.hooks import module_hook_points
 from ..errors import DataError, SpecError
 from ..io import write_json
-from ..subjects import subject_architecture
 from .models import QUOTE_LIMIT, SUBJECT_KINDS, _spec_kind, cap, load_spec, quote, read_yaml
 from .project import Paths, find_root, index_problems, resolve_dataset, resolve_experiment
 
@@ -113,6 +111,8 @@ def _hf_hook_points_from_config(subject_spec, folder: Path) -> list[str]:
     except (ValueError, KeyError, OSError, TypeError, AttributeError) as exc:
         raise SpecError(subject_spec.id, [f"subject '{subject_spec.id}': cannot build the model from {folder / 'config.json'} "
                                           f"with the installed transformers and no custom code: {cap(str(exc), 500)}"]) from None
+    from ..data.hooks import module_hook_points  # imports torch: deferred, as every torch-loading import here
+
     return module_hook_points(model)
 
 
@@ -151,6 +151,8 @@ def _subject_hook_points(subject_spec, root: Path, import_subjects: bool = True)
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
+        from ..subjects import subject_architecture
+
         points = subject_architecture(subject_spec, root).hook_points()
     _HOOK_POINTS[key] = points
     if arch is not None:

@@ -29,7 +29,7 @@ def test_run_is_incremental_and_shares_subject_and_dataset(dvc_project):
     first = saeclt(root, "run", "specs/tiny_sae.yaml")
     assert first.returncode == 0, first.stderr[-3000:]
     assert {"subject@tiny", "collect@tiny_acts", "normalize@tiny_acts", "train@tiny_sae", "evaluate@tiny_sae",
-            "report@tiny_sae", "export@tiny_sae"} <= _ran(first)
+            "analyze@tiny_sae", "report@tiny_sae", "export@tiny_sae"} <= _ran(first)
     assert (root / "reports/tiny_sae/report.html").exists()
     assert "tiny_sae" in (root / "params.yaml").read_text()
 
@@ -48,9 +48,17 @@ def test_run_is_incremental_and_shares_subject_and_dataset(dvc_project):
     spec.write_text(spec.read_text().replace("lr: 3.0e-3", "lr: 2.0e-3"))
     changed = saeclt(root, "run", "specs/tiny_sae.yaml")
     assert changed.returncode == 0, changed.stderr[-3000:]
-    assert _ran(changed) == {"train@tiny_sae", "evaluate@tiny_sae", "report@tiny_sae", "export@tiny_sae"}
+    assert _ran(changed) == {"train@tiny_sae", "evaluate@tiny_sae", "analyze@tiny_sae", "report@tiny_sae", "export@tiny_sae"}
     metrics = json.loads((root / "metrics/tiny_sae/eval.json").read_text())
     assert "fvu" in metrics["reconstruction"]
+
+    # An intervention added to the spec reruns the analysis and the report only.
+    spec.write_text(spec.read_text() + "interventions:\n  - {name: zero_f1, edits: [{feature: 1, op: set, value: 0}]}\n")
+    edited = saeclt(root, "run", "specs/tiny_sae.yaml")
+    assert edited.returncode == 0, edited.stderr[-3000:]
+    assert _ran(edited) == {"analyze@tiny_sae", "report@tiny_sae"}
+    analysis = json.loads((root / "metrics/tiny_sae/analysis.json").read_text())
+    assert [i["name"] for i in analysis["interventions"]] == ["zero_f1"]
 
 
 def test_run_with_bad_spec_fails_fast_without_traceback(dvc_project):

@@ -119,7 +119,8 @@ def test_kill_while_dvc_writes_dvc_lock_keeps_every_recorded_stage(project, tmp_
     resumed = saeclt(project, "run", "specs/tiny_sae.yaml")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # evaluate ran before the kill: DVC's run cache may restore it instead of running it again
-    assert {"report@tiny_sae", "export@tiny_sae"} <= _ran(resumed) <= {"evaluate@tiny_sae", "report@tiny_sae", "export@tiny_sae"}
+    assert {"report@tiny_sae", "export@tiny_sae"} <= _ran(resumed) <= {"evaluate@tiny_sae", "analyze@tiny_sae", "report@tiny_sae",
+                                                                    "export@tiny_sae"}
     assert not list(project.glob(".dvc.lock.*"))
 
 

@@ -186,3 +186,15 @@ def test_golden_metrics_of_the_tiny_pipeline_hold(built_project, experiment):
 def test_golden_tour_length_of_the_tiny_subject_holds(built_project):
     m = json.loads((built_project / "metrics" / "subjects" / "tiny.json").read_text())
     assert m["mean_tour_length"]["policy_greedy"] == pytest.approx(3.5698, rel=0.03)
+
+
+def test_report_shows_the_ablations_that_moved_the_task_most(built_project):
+    analysis = json.loads(Paths(built_project).analysis_metrics("tiny_sae").read_text())
+    report = (Paths(built_project).report_dir("tiny_sae") / "report.md").read_text()
+    assert "## Interventions" in report
+    strongest = max(analysis["ablations"], key=lambda a: abs(a["effects"]["mean_tour_length_change_pct"]))
+    table = report.split("## Interventions", 1)[1]
+    first_row = next(line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit())
+    assert first_row.startswith(f"| {strongest['feature']} |") and "decisions_changed" in first_row
+    html = (Paths(built_project).report_dir("tiny_sae") / "report.html").read_text()
+    assert f'href="features/index.html#feature={strongest["feature"]}"' in html

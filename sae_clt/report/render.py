@@ -108,11 +108,43 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def effects_text(effects: dict) -> str:
+    """An EFFECTS dict (interventions.effects) as one line: its numbers, named."""
+    return ", ".join(f"{k} {_fmt(v)}" for k, v in effects.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def effect_size(effects: dict) -> float:
+    """How much an intervention moved the subject's task: the first relative change it reports,
+    else 1 − the output cosine with the clean run."""
+    for key, value in effects.items():
+        if key.endswith(("_change_pct", "_change")) and isinstance(value, (int, float)):
+            return abs(float(value))
+    for key in ("pooled_cosine", "output_cosine"):
+        if isinstance(effects.get(key), (int, float)):
+            return 1.0 - float(effects[key])
+    return 0.0
+
+
+def interventions_context(analysis: dict | None, n_ablations: int = 8) -> dict | None:
+    """What the report shows of metrics/<id>/analysis.json: the spec's interventions, and the
+    ablated features that moved the task most."""
+    if not analysis:
+        return None
+    ablations = sorted(analysis.get("ablations") or [], key=lambda a: -effect_size(a["effects"]))[:n_ablations]
+    edits = lambda i: "; ".join(f"{e['feature']} {e['op']} {_fmt(e['value'])}" for e in i["edits"]) or "-"  # noqa: E731
+    return {"alive_fraction": analysis.get("alive_fraction"), "in_band": analysis.get("band", {}).get("count"),
+            "n_ablated": len(analysis.get("ablations") or []), "skipped": analysis.get("interventions_skipped"),
+            "ablations": [{"feature": a["feature"], "score": a["score"], "effects": effects_text(a["effects"])} for a in ablations],
+            "interventions": [{"name": i["name"], "mode": i["mode"], "keep_error": i["keep_error"], "edits": edits(i),
+                               "effects": effects_text(i["effects"])} for i in analysis.get("interventions") or []]}
+
+
 def render_report(spec: ExperimentSpec, eval_metrics_path: Path, train_metrics_path: Path, eval_tensors_path: Path,
                   curves_dir: Path, subject_metrics_path: Path | None, out_dir: Path,
-                  dashboard: dict | None = None) -> list[Path]:
+                  dashboard: dict | None = None, analysis_metrics_path: Path | None = None) -> list[Path]:
     """report.md, report.html and their plots in ``out_dir``; ``dashboard`` (what build_dashboard
-    returned, or None when there is none) adds the link to features/index.html."""
+    returned, or None when there is none) adds the link to features/index.html; the analysis
+    metrics add the interventions and the most effective ablations."""
     from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
     from safetensors.torch import load_file
 
@@ -125,6 +157,8 @@ def render_report(spec: ExperimentSpec, eval_metrics_path: Path, train_metrics_p
         "subject": read_json(subject_metrics_path) if subject_metrics_path and subject_metrics_path.exists() else None,
         "plots": make_plots(curves_dir, load_file(eval_tensors_path)),
         "dashboard": dashboard,
+        "interventions": interventions_context(read_json(analysis_metrics_path) if analysis_metrics_path and
+                                               analysis_metrics_path.exists() else None),
         "top_contexts": read_json(eval_tensors_path.parent / "top_contexts.json") if (eval_tensors_path.parent / "top_contexts.json").exists() else [],
     }
     written = []

@@ -32,5 +32,5 @@ def run(spec_path: Path) -> None:
     dashboard = _dashboard(p, exp.id)
     written = render_report(exp, p.eval_metrics(exp.id), p.train_metrics(exp.id), p.eval_tensors(exp.id),
                             p.curves_dir(exp.id), p.subject_metrics(resolved.subject.id), p.report_dir(exp.id),
-                            dashboard=dashboard)
+                            dashboard=dashboard, analysis_metrics_path=p.analysis_metrics(exp.id))
     log(f"[report] wrote {', '.join(str(w.relative_to(p.root)) for w in written)}")

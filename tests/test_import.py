@@ -38,13 +38,18 @@ def test_imported_safetensors_train_evaluate_report_export(tiny_project):
     assert manifest["n_rows"] == 3000 and manifest["n_instances"] == 300
     assert manifest["hook_points"] == {"resid": 24, "mlp_out": 12}
     run_stage("normalize", tiny_project / "specs/datasets/ext.yaml")
-    for stage in ("train", "evaluate", "report", "export"):
+    for stage in ("train", "evaluate", "analyze", "report", "export"):
         run_stage(stage, spec)
     metrics = json.loads((tiny_project / "metrics/ext_sae/eval.json").read_text())
     assert "causal" not in metrics and "imported" in metrics["causal_skipped"]
     assert metrics["reconstruction"]["fvu"] < metrics["linear_baseline"]["fvu"]
     assert (tiny_project / "reports/ext_sae/report.md").exists()
     assert (tiny_project / "runs/experiments/ext_sae/export/edges.json").exists()
+    # every latent still analysed and shown; nothing to intervene on, and the report says why
+    analysis = json.loads((tiny_project / "metrics/ext_sae/analysis.json").read_text())
+    assert analysis["latents"] > 0 and analysis["ablations"] == [] and "imported" in analysis["interventions_skipped"]
+    assert (tiny_project / "reports/ext_sae/features/index.html").exists()
+    assert "imported: there is no model to intervene on" in (tiny_project / "reports/ext_sae/report.md").read_text()
 
 
 def test_imported_rows_are_copied_exactly(tiny_project):

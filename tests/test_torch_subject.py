@@ -23,7 +23,7 @@ def test_torch_subject_from_import_path_runs_every_stage(tmp_path, monkeypatch):
     assert manifest["n_rows"] == 300 * 8  # one row per position of every input
     assert manifest["hook_points"] == {"up:input": 16, "down": 16}
     run_stage("normalize", root / "specs/datasets/mlp_acts.yaml")
-    for stage in ("train", "evaluate", "report", "export"):
+    for stage in ("train", "evaluate", "analyze", "report", "export"):
         run_stage(stage, root / "specs/mlp_tc.yaml")
     metrics = json.loads((root / "metrics/mlp_tc/eval.json").read_text())
     cos = metrics["causal"]["output_cosine"]["values"]

@@ -67,7 +67,7 @@ def zoo(built_project, tmp_path_factory):
     specs["z_clt_topk"] = CLT_SPEC
     for eid, text in specs.items():
         (root / "specs" / f"{eid}.yaml").write_text(text)
-        for stage in ("train", "evaluate", "report", "export"):
+        for stage in ("train", "evaluate", "analyze", "report", "export"):
             run_stage(stage, root / "specs" / f"{eid}.yaml")
     return root
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
+import os
 import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -68,12 +70,14 @@ CHECKSUM = "xxh3_128"  # the manifest field of a shard's checksum; stores writte
 
 def shard_checksum(path: Path) -> str:
     """XXH3-128 of a shard file: a checksum against damage (not against forgery), ten times as fast
-    as SHA-256 here (13 GB/s against 1.2), so checking a store on first read costs little."""
-    h = xxhash.xxh3_128()
+    as SHA-256 here (13 GB/s against 1.2), so checking a store on first read costs little. The
+    file is hashed through a memory map: the pages the loader maps anyway, not a copy (reading
+    it into Python took four times as long as hashing it)."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
+        if f.seek(0, os.SEEK_END) == 0:
+            return xxhash.xxh3_128_hexdigest(b"")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as pages:
+            return xxhash.xxh3_128_hexdigest(pages)
 
 
 def checksum_field(shard: dict) -> str:

@@ -99,7 +99,7 @@ class Dictionary(nn.Module):
 
     def _layer_of(self, size: int) -> torch.Tensor:
         """Layer index of each of ``size`` units split evenly over the layers."""
-        return torch.arange(size) // (size // self.cfg.n_layers)
+        return torch.arange(size, device=self.W_enc.device) // (size // self.cfg.n_layers)
 
     def encoder_mask(self) -> torch.Tensor:
         """clt: [d_in, d_sae], 1 where a latent reads its own layer's source."""
@@ -219,14 +219,14 @@ class Dictionary(nn.Module):
 
     def save(self, folder: Path, meta: dict, extra_cfg: dict | None = None) -> None:
         folder = Path(folder)
-        tensors = {k: v.detach().float() for k, v in self.state_dict().items()}
+        tensors = {k: v.detach().cpu().float() for k, v in self.state_dict().items()}  # saved from the CPU, whatever the device
         if self.cfg.layout.layered:  # per-layer encoders [d_in_l, d_sae_l], decoders [d_sae_l, n_targets, d_out_l]
             n = self.cfg.n_layers
             i, f = self.cfg.d_in // n, self.cfg.d_sae // n
             del tensors["W_enc"], tensors["W_dec"]
             for layer, dec in enumerate(self.layer_decoders()):
-                tensors[f"W_enc.{layer}"] = self.W_enc.detach()[layer * i:(layer + 1) * i, layer * f:(layer + 1) * f].float().contiguous()
-                tensors[f"W_dec.{layer}"] = dec.float().contiguous()
+                tensors[f"W_enc.{layer}"] = self.W_enc.detach()[layer * i:(layer + 1) * i, layer * f:(layer + 1) * f].cpu().float().contiguous()
+                tensors[f"W_dec.{layer}"] = dec.cpu().float().contiguous()
         save_safetensors(folder / WEIGHTS, tensors, metadata={"spec_hash": meta.get("spec_hash", "")})
         write_json(folder / CONFIG, {**asdict(self.cfg), "apply_b_dec_to_input": self.cfg.apply_b_dec_to_input,
                                      "space": "normalized; *_mean / *_scale map to raw activations", **(extra_cfg or {}), "meta": meta})

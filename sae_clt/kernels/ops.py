@@ -216,7 +216,7 @@ def latent_grads(idx: torch.Tensor, wa: torch.Tensor, xa: torch.Tensor, wb: torc
 
 def latent_grads_torch(idx, wa, xa, wb, xb, n_latents):
     pattern = LatentRows(idx, n_latents)
-    bias_grad = torch.zeros(n_latents, dtype=wa.dtype).index_add_(0, idx.reshape(-1), wa.reshape(-1))
+    bias_grad = torch.zeros(n_latents, dtype=wa.dtype, device=wa.device).index_add_(0, idx.reshape(-1), wa.reshape(-1))
     fired = torch.bincount(idx[wb != 0], minlength=n_latents)
     return pattern.matmul(wa, xa).t().contiguous(), pattern.matmul(wb, xb), bias_grad, fired
 
@@ -277,7 +277,7 @@ class LatentRows:
         flat = idx.reshape(-1)
         self.order = flat.argsort(stable=True)
         self.rows = self.order // k
-        self.crow = torch.zeros(n_latents + 1, dtype=torch.long)
+        self.crow = torch.zeros(n_latents + 1, dtype=torch.long, device=idx.device)
         self.crow[1:] = torch.bincount(flat, minlength=n_latents).cumsum(0)
         self.shape = (n_latents, n_rows)
 
@@ -290,8 +290,9 @@ class LatentRows:
 def sampled_rows(g: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """[B, k]: g[b] · rows[idx[b, j]] (a sampled dense-dense product, no [B, n] intermediate)."""
     n_rows, k = idx.shape
-    crow = torch.arange(0, n_rows * k + 1, k)
-    mask = torch.sparse_csr_tensor(crow, idx.reshape(-1), torch.zeros(n_rows * k, dtype=g.dtype), (n_rows, rows.shape[0]))
+    crow = torch.arange(0, n_rows * k + 1, k, device=idx.device)
+    mask = torch.sparse_csr_tensor(crow, idx.reshape(-1), torch.zeros(n_rows * k, dtype=g.dtype, device=g.device),
+                                   (n_rows, rows.shape[0]))
     return torch.sparse.sampled_addmm(mask, g, rows.t()).values().reshape(n_rows, k)
 
 

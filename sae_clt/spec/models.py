@@ -42,6 +42,10 @@ MAX_WIDTH = 2**24  # latents of a dictionary
 MAX_INSTANCES = 2**32
 MAX_STEPS = 10**9
 MAX_ROWS = 2**62
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
+# Settings that say where the work runs, not what it computes: left out of spec hashes, so that
+# moving a run to another device neither invalidates its outputs nor changes their metadata.
+UNHASHED_FIELDS = ("device",)
 
 
 class StrictModel(BaseModel):
@@ -199,6 +203,9 @@ class CollectSection(StrictModel):
     text: TextSection | None = Field(None, description="Text windows (required for hf subjects).")
     tensors: TensorInputs | None = Field(None, description="Input tensors (required for torch subjects).")
     drop_nonfinite: bool = Field(False, description="Drop rows with NaN/inf at any hook point (counted in the manifest) instead of stopping.")
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="Where the subject runs: auto (a GPU when torch sees "
+                        "one, else the CPU), cpu, cuda (under torchrun each process's own GPU), cuda:N. Collection runs on "
+                        "the CPU today whatever this says. Not part of the spec hash.")
 
     @field_validator("hook_points")
     def _unique(cls, value: list[str]) -> list[str]:
@@ -338,6 +345,10 @@ class TrainSection(StrictModel):
                         "unless WANDB_API_KEY or WANDB_MODE says otherwise. The run id is kept in train_log.json.")
     wandb_project: str = Field("saeclt", description="Weights & Biases project.")
     log_every: int = Field(10, ge=1, le=MAX_STEPS, description="Training curves get a row every this many steps.")
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="Where training runs: auto (a GPU when torch sees "
+                        "one, else the CPU), cpu, cuda (under torchrun each process's own GPU: cuda:LOCAL_RANK), cuda:N. A "
+                        "GPU that is not there is refused. The dictionary is saved on the CPU either way; the device "
+                        "used is recorded in train.json. Not part of the spec hash.")
     checkpoint_every: int = Field(50, ge=0, le=MAX_STEPS, description="Steps between resumable checkpoints (0 = none); a killed run resumes from the last one.")
 
 
@@ -753,6 +764,10 @@ def spec_hash(spec: BaseModel, sections: list[str] | None = None) -> str:
     data = spec.model_dump(mode="json")
     if sections is not None:
         data = {k: data[k] for k in sections}
+    for value in data.values():
+        if isinstance(value, dict):
+            for name in UNHASHED_FIELDS:
+                value.pop(name, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -43,13 +43,14 @@ class TrainState:
 
     def save(self, model: Dictionary, opt: torch.optim.Optimizer, rows_since_fired: torch.Tensor, step: int,
              epoch: int, batch_in_epoch: int, curves: "CurveWriter", extra: dict[str, torch.Tensor] | None = None) -> None:
-        tensors = {f"model.{k}": v.detach() for k, v in model.state_dict().items()}
+        # every tensor saved from the CPU (a checkpoint does not depend on the device it was saved on)
+        tensors = {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
         opt_state = opt.state_dict()["state"]
         for idx, state in opt_state.items():
             for name, value in state.items():
-                tensors[f"opt.{idx}.{name}"] = value.detach().reshape(-1) if name == "step" else value.detach()
-        tensors["rows_since_fired"] = rows_since_fired
-        tensors.update({f"extra.{k}": v for k, v in (extra or {}).items()})
+                tensors[f"opt.{idx}.{name}"] = (value.detach().reshape(-1) if name == "step" else value.detach()).cpu()
+        tensors["rows_since_fired"] = rows_since_fired.cpu()
+        tensors.update({f"extra.{k}": v.cpu() for k, v in (extra or {}).items()})
         meta = {"fingerprint": self.fingerprint, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                 "curves": curves.rows}
         # The tensors carry their own step (one atomic file): a kill between this write and the
@@ -72,7 +73,7 @@ class TrainState:
             with safe_open(str(file), framework="pt") as f:
                 own = (f.metadata() or {}).get("checkpoint")
             meta = json.loads(own) if own else read_json(meta_path)  # (checkpoints before the tensors carried it)
-            tensors = load_file(file)
+            tensors = load_file(file, device=str(rows_since_fired.device))  # onto the device training runs on
         except Exception:  # noqa: BLE001 - a damaged checkpoint is discarded, never trusted
             return None
         if meta.get("fingerprint") != self.fingerprint:

@@ -1,5 +1,6 @@
-"""Data-parallel training across processes (`torchrun`): gloo for tensors on the CPU (where
-training runs today, whether or not the machine has a GPU), nccl for tensors on GPUs.
+"""Data-parallel training across processes (`torchrun`): gloo for tensors on the CPU, nccl for
+tensors on GPUs (``train.device``: each rank on its own GPU, cuda:LOCAL_RANK), whether or not
+the machine has a GPU being beside the point.
 
     torchrun --standalone --nproc_per_node 2 -m sae_clt stage train specs/minilm_sae_L2.yaml
 
@@ -29,6 +30,7 @@ class World:
     rank: int = 0
     size: int = 1
     owns_group: bool = field(default=False, compare=False)  # joined by from_env: close() leaves it
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"), compare=False)  # where the collectives' tensors live
 
     @property
     def is_main(self) -> bool:
@@ -39,18 +41,21 @@ class World:
         return self.size > 1
 
     @classmethod
-    def from_env(cls, device_type: str = "cpu") -> "World":
+    def from_env(cls, device: torch.device | str = "cpu") -> "World":
         """Join the process group torchrun set up (WORLD_SIZE > 1), or a world of one. The
-        backend follows where the tensors are (``device_type``), not which hardware exists."""
+        backend follows where the tensors are (``device``, or its type), not which hardware exists."""
+        device = torch.device(device)
         size = int(os.environ.get("WORLD_SIZE", "1"))
         if size <= 1:
-            return cls()
+            return cls(device=device)
         import torch.distributed as dist
 
         owns = not dist.is_initialized()
         if owns:
-            dist.init_process_group(backend=backend_for(device_type))
-        return cls(dist.get_rank(), dist.get_world_size(), owns)
+            if device.type == "cuda":  # nccl: this rank's GPU is the current one
+                torch.cuda.set_device(device)
+            dist.init_process_group(backend=backend_for(device.type))
+        return cls(dist.get_rank(), dist.get_world_size(), owns, device)
 
     def close(self) -> None:
         """Wait for every rank (rank 0 may still be writing the outputs), then leave the process
@@ -104,7 +109,7 @@ class World:
         import torch.distributed as dist
 
         keys = sorted(values)
-        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return {k: float(v) / self.size for k, v in zip(keys, t)}
 
@@ -113,7 +118,7 @@ class World:
             return value
         import torch.distributed as dist
 
-        t = torch.tensor([value], dtype=torch.int64)
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t)
 

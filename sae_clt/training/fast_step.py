@@ -65,7 +65,7 @@ def _aux_k(w_dead: torch.Tensor, pre_dead: torch.Tensor, g_main: torch.Tensor, m
         values, local = topk_rows(pre_dead, aux_k)
     acts = torch.relu(values.to(g_main.dtype)).contiguous()
     variance = max(variance, 1e-12)
-    zero = torch.zeros(g_main.shape[1], dtype=g_main.dtype)
+    zero = torch.zeros(g_main.shape[1], dtype=g_main.dtype, device=g_main.device)
     low = x_in.dtype == torch.bfloat16
     # A row where no dead latent is active reconstructs nothing: its gradients are zero and its loss
     # is the residual's |y - ŷ|². Dead latents fire on few rows (in MiniLM training 0.3-0.6
@@ -172,7 +172,7 @@ class FastTopKStep:
             weight = getattr(model, name)
             state = self.opt.state[weight]
             if not state:  # as torch.optim.Adam initialises it (fused: a float32 step count)
-                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["step"] = torch.zeros((), dtype=torch.float32, device=weight.device)
                 state["exp_avg"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
             state["step"] += 1
@@ -180,7 +180,7 @@ class FastTopKStep:
             if self.bf16 and weight.dim() == 2:
                 low = self._low.get(name, (None, None))[0]
                 if low is None or low.shape != weight.shape:
-                    low = torch.empty(weight.shape, dtype=torch.bfloat16)
+                    low = torch.empty(weight.shape, dtype=torch.bfloat16, device=weight.device)
             as_rows = (lambda t: t.view(1, -1)) if weight.dim() == 1 else (lambda t: t)  # biases: one row
             adam_update(as_rows(weight), as_rows(weight.grad), as_rows(state["exp_avg"]), as_rows(state["exp_avg_sq"]),
                         group["lr"], beta1, beta2, group["eps"], float(state["step"]), project=project, normalize=project,
@@ -218,9 +218,9 @@ class FastTopKStep:
         n_rows, k, n_latents = x.shape[0], model.cfg.k, model.cfg.d_sae
         sae = model.cfg.apply_b_dec_to_input
         dtype = torch.bfloat16 if self.bf16 else W_enc.dtype
-        if self._pre is None or self._pre.shape != (n_rows, n_latents) or self._pre.dtype != dtype:
-            self._pre = torch.empty(n_rows, n_latents, dtype=dtype)
-            self._x_low = torch.empty(n_rows, x.shape[1], dtype=dtype)
+        if self._pre is None or self._pre.shape != (n_rows, n_latents) or self._pre.dtype != dtype or self._pre.device != x.device:
+            self._pre = torch.empty(n_rows, n_latents, dtype=dtype, device=x.device)
+            self._x_low = torch.empty(n_rows, x.shape[1], dtype=dtype, device=x.device)
         per_row = min(n_latents, 4 * k) if self.batch_topk else k  # batchtopk: a row may keep more than k
         # AuxK's candidates: the latents that will count as dead unless they fire in this batch (a
         # superset of the dead set found later); the top-k kernel copies their pre-activations out

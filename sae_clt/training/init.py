@@ -112,7 +112,8 @@ def resample_dead(model: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor
     weights = err**2 / (err**2).sum().clamp_min(1e-30)
     # Distinct rows: latents aimed at the same row would fire together and overshoot it.
     distinct = idx.numel() <= int((weights > 0).sum())
-    rows = torch.multinomial(weights, idx.numel(), replacement=not distinct, generator=gen)
+    # (drawn on the CPU, where the generator is, whatever the device)
+    rows = torch.multinomial(weights.cpu(), idx.numel(), replacement=not distinct, generator=gen).to(x.device)
     x_in = x[rows] - model.b_dec if model.cfg.apply_b_dec_to_input else x[rows]
     residual = y[rows] - y_hat[rows]
     # Scaled so the new latent's activation on its row is that row's residual norm (alone, it would

@@ -20,6 +20,7 @@ import torch
 from ..data.loader import PairLoader
 from ..data.normalize import Normalization
 from ..data.store import ActivationStore
+from ..devices import resolve_device
 from ..errors import PipelineError
 from ..io import read_json, write_json
 from ..progress import progress_bar
@@ -48,17 +49,20 @@ class Position:
 
 def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out_dir: Path, curves_dir: Path,
           metrics_path: Path, log=print, checkpoint_dir: Path | None = None) -> dict:
-    cfg = spec.train.model_copy(update={"precision": resolve_precision(spec.train.precision)})
+    device = resolve_device(spec.train.device, "train.device")
+    cfg = spec.train.model_copy(update={"precision": resolve_precision(spec.train.precision, device.type)})
     torch.manual_seed(cfg.seed)
-    world = World.from_env()  # torchrun: each rank reads its own shards, gradients are averaged
+    world = World.from_env(device)  # torchrun: each rank reads its own shards, gradients are averaged
     loader, total_steps = _batches(spec, store, norm, cfg, world)
 
-    # The dictionary, its optimiser and the dead-latent clock (rows since each latent last fired)
+    # The dictionary (made and initialised on the CPU, then moved), its optimiser and the
+    # dead-latent clock (rows since each latent last fired), all on the device
     model = make_dictionary(spec, store, norm)
     initialise(model, spec, loader)
+    model.to(device)
     world.broadcast_params(model)  # initialisation sampled rank-local rows: rank 0's wins
     opt = make_optimizer(model, cfg)
-    clock = torch.zeros(model.cfg.d_sae, dtype=torch.long)
+    clock = torch.zeros(model.cfg.d_sae, dtype=torch.long, device=device)
     curves = CurveWriter(curves_dir, CURVES)
 
     # A checkpoint of the same inputs resumes (weights, optimiser, clock, curves, the stepper's state)
@@ -85,7 +89,7 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
         if cfg.unit_norm_decoder:
             model.normalize_decoder()
     stepper.finish()
-    calibration = model.cfg.act.after_training(model, lambda: [x for _, (x, _) in zip(range(8), loader.epoch(0))])
+    calibration = model.cfg.act.after_training(model, lambda: [to_device(x, device) for _, (x, _) in zip(range(8), loader.epoch(0))])
     if calibration:
         world.broadcast_params(model)
     if not world.is_main:
@@ -94,7 +98,7 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
     rate = (at.step - steps_at_start) * cfg.batch_size / max(seconds, 1e-9)
     summary = _write_outputs(spec, cfg, model, curves, out_dir, metrics_path, total_steps, at.last, calibration,
                              {"seconds": seconds, "rows_per_second": rate, "rows_read_per_second": rate / cfg.echo,
-                              "resumed_at_step": steps_at_start}, tracker)
+                              "resumed_at_step": steps_at_start}, tracker, device)
     if state is not None:
         state.clear()
     log(f"trained {spec.id}: {total_steps} steps, {rate:,.0f} rows/s, last batch FVU {at.last.get('fvu', float('nan')):.4f}")
@@ -118,9 +122,16 @@ def _batches(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, 
     return loader, max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
 
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A loader batch (a CPU tensor) on ``device``: itself on the CPU; on a GPU an asynchronous
+    copy (the loader's buffers are pageable, so the host side of the copy still waits for it)."""
+    return batch if batch.device == device else batch.to(device, non_blocking=True)
+
+
 def _loop(spec, cfg, loader, model, opt, stepper, clock, curves, state, tracker, world, at: Position, total_steps: int, log) -> None:
     """The training loop: one stepper call per batch, from ``at`` to ``total_steps``; logs curves
     every ``train.log_every`` steps and saves a checkpoint every ``train.checkpoint_every``."""
+    device = clock.device
     warmup = int(cfg.warmup_frac * total_steps)
     resample_steps = {int(f * total_steps) for f in cfg.resample_at}
     with progress_bar(total_steps, desc=f"train {spec.id}", unit="step") as bar:
@@ -131,7 +142,7 @@ def _loop(spec, cfg, loader, model, opt, stepper, clock, curves, state, tracker,
                     continue
                 if at.step >= total_steps:
                     break
-                step = at.step
+                x, y, step = to_device(x, device), to_device(y, device), at.step
                 lr = cfg.lr * lr_factor(step, total_steps, warmup, cfg.decay)
                 if step in resample_steps:
                     n = resample_dead(model, opt, x, y, clock >= cfg.dead_after_rows, clock, cfg.seed + step)
@@ -139,6 +150,7 @@ def _loop(spec, cfg, loader, model, opt, stepper, clock, curves, state, tracker,
                     log(f"train {spec.id}: step {step}: resampled {n} dead latents")
                 metrics = stepper(x, y, lr, step)
                 firing = metrics.pop(FIRING, None)
+                firing = firing.cpu() if firing is not None else None
                 if not math.isfinite(metrics["loss"]):
                     kept = f"; the checkpoint of step {read_json(state.folder / state.META)['step']} is kept" if state and (state.folder / state.META).exists() else ""
                     raise PipelineError(f"train {spec.id}: loss became {metrics['loss']} at step {step}; lower train.lr (now {cfg.lr}){kept}")
@@ -158,7 +170,7 @@ def _loop(spec, cfg, loader, model, opt, stepper, clock, curves, state, tracker,
 
 
 def _write_outputs(spec, cfg, model, curves, out_dir: Path, metrics_path: Path, total_steps: int, last: dict,
-                   calibration: dict, run_log: dict, tracker) -> dict:
+                   calibration: dict, run_log: dict, tracker, device: torch.device) -> dict:
     """The curves, the dictionary with its config, the training summary (rank 0). Timings vary run
     to run, so they go beside the dictionary (train_log.json), not in it: the cached output is
     byte-identical for the same spec and seed."""
@@ -170,6 +182,6 @@ def _write_outputs(spec, cfg, model, curves, out_dir: Path, metrics_path: Path, 
     write_json(out_dir.parent / "train_log.json", run_log)
     rows_seen = total_steps * cfg.batch_size
     summary = {"steps": total_steps, "precision": cfg.precision, "rows_seen": rows_seen, "rows_read": rows_seen // cfg.echo,
-               "final": last, "meta": meta, **calibration}
+               "final": last, "meta": meta, "device": str(device), **calibration}
     write_json(metrics_path, summary)
     return summary

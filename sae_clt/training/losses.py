@@ -14,8 +14,8 @@ class UsageKL:
     mean_b σ((pre_bi - θ_i) / T), so the gradient reaches silent latents through their
     pre-activations (θ = 0 for relu kinds, the learned threshold for jumprelu)."""
 
-    def __init__(self, d_sae: int, target: float, decay: float, temperature: float):
-        self.frequency = torch.full((d_sae,), target, dtype=torch.float64)  # starts at the target: no early push
+    def __init__(self, d_sae: int, target: float, decay: float, temperature: float, device: torch.device | str = "cpu"):
+        self.frequency = torch.full((d_sae,), target, dtype=torch.float64, device=device)  # starts at the target: no early push
         self.target, self.decay, self.temperature = target, decay, temperature
 
     def loss(self, model: Dictionary, pre: torch.Tensor) -> torch.Tensor:

@@ -18,10 +18,10 @@ from ..kernels.ops import gram_accumulate, latent_grads
 
 
 class DecoderRefit:
-    def __init__(self, d_sae: int, d_out: int):
+    def __init__(self, d_sae: int, d_out: int, device: torch.device | str = "cpu"):
         self.n = d_sae + 1  # the last index is the bias column (a constant 1)
-        self.gram = torch.zeros(self.n * self.n, dtype=torch.float64)
-        self.cross = torch.zeros(self.n, d_out, dtype=torch.float64)
+        self.gram = torch.zeros(self.n * self.n, dtype=torch.float64, device=device)
+        self.cross = torch.zeros(self.n, d_out, dtype=torch.float64, device=device)
         self.rows = 0
 
     @torch.no_grad()
@@ -38,7 +38,7 @@ class DecoderRefit:
         # one: no transposed write, and a contiguous add below); the code sums for the bias
         # row and column
         _, zty, _, _ = latent_grads(idx, torch.zeros_like(acts), y, acts, y, d_sae)
-        sums = torch.zeros(d_sae, dtype=acts.dtype).index_add_(0, idx.reshape(-1), acts.reshape(-1)).double() * weight
+        sums = torch.zeros(d_sae, dtype=acts.dtype, device=acts.device).index_add_(0, idx.reshape(-1), acts.reshape(-1)).double() * weight
         gram[:d_sae, d_sae] += sums
         gram[d_sae, :d_sae] += sums
         gram[d_sae, d_sae] += weight * b
@@ -51,8 +51,8 @@ class DecoderRefit:
         return {"refit_gram": self.gram, "refit_cross": self.cross, "refit_rows": torch.tensor([self.rows])}
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor]) -> "DecoderRefit":
-        refit = cls(state["refit_cross"].shape[0] - 1, state["refit_cross"].shape[1])
+    def from_state(cls, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> "DecoderRefit":
+        refit = cls(state["refit_cross"].shape[0] - 1, state["refit_cross"].shape[1], device)
         refit.gram.copy_(state["refit_gram"])
         refit.cross.copy_(state["refit_cross"])
         refit.rows = int(state["refit_rows"][0])
@@ -65,7 +65,7 @@ class DecoderRefit:
             return
         gram = self.gram.view(self.n, self.n)
         scale = gram.diagonal().mean().clamp_min(1e-12)
-        solution = torch.linalg.solve(gram + ridge * scale * torch.eye(self.n, dtype=torch.float64), self.cross)
+        solution = torch.linalg.solve(gram + ridge * scale * torch.eye(self.n, dtype=torch.float64, device=gram.device), self.cross)
         old_b_dec = model.b_dec.detach().clone()
         model.W_dec.copy_(solution[:-1].to(model.W_dec.dtype))
         model.b_dec.copy_(solution[-1].to(model.b_dec.dtype))

@@ -47,7 +47,7 @@ class _Forward:
 
 def _forward(model: Dictionary, x: torch.Tensor, cfg, sparse: bool) -> _Forward:
     """Encoder (optionally bf16), activation, decoder; ``sparse``: keep a top-k code as [B, k]."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         pre = model.pre_acts(x)  # [B, d_sae]
     pre = pre.to(model.W_dec.dtype)  # back from bf16 (fp32 master weights)
     skip = x @ model.W_skip if model.cfg.layout.skip_path else 0
@@ -160,7 +160,8 @@ class AutogradStepper:
         self.total = total_steps
         self.prefixes = tuple(spec.model.matryoshka_prefixes)
         self.penalty_steps = int(cfg.l1_warmup_frac * total_steps)
-        self.usage = UsageKL(model.cfg.d_sae, cfg.usage_target, cfg.usage_ema, cfg.usage_temperature) if cfg.usage_kl_coeff else None
+        self.usage = UsageKL(model.cfg.d_sae, cfg.usage_target, cfg.usage_ema, cfg.usage_temperature,
+                            model.W_dec.device) if cfg.usage_kl_coeff else None
         self.usage_warmup = int(cfg.usage_warmup_frac * total_steps)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, step: int) -> dict:
@@ -192,7 +193,7 @@ class FastStepper:
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, step: int) -> dict:
         fast = self.fast
         if self.refit_from is not None and step >= self.refit_from and fast.refit is None:
-            fast.refit = DecoderRefit(self.model.cfg.d_sae, self.model.cfg.d_out)
+            fast.refit = DecoderRefit(self.model.cfg.d_sae, self.model.cfg.d_out, self.model.W_dec.device)
         if fast.refit is not None:  # later codes are closer to the final encoder's: weigh them more
             fast.refit_weight = float((step - self.refit_from + 1) ** 2)
         fast.want_metrics = step % self.cfg.log_every == 0 or step == self.total - 1
@@ -203,7 +204,7 @@ class FastStepper:
 
     def restore(self, saved: dict[str, torch.Tensor]) -> None:
         if saved:  # resumed mid-accumulation: continue from the saved sums
-            self.fast.refit = DecoderRefit.from_state(saved)
+            self.fast.refit = DecoderRefit.from_state(saved, self.model.W_dec.device)
 
     def finish(self) -> None:
         """Solve the refit (every rank's codes count: the accumulators are summed first)."""

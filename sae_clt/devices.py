@@ -1,5 +1,5 @@
-"""Where a stage's tensors live: the spec's ``device`` setting (``train.device``,
-``collect.device``) resolved to a ``torch.device``.
+"""Where a stage's tensors live: the spec's ``device`` setting (``train.device``)
+resolved to a ``torch.device`` (collection on a GPU is not built yet).
 
     auto     cuda when torch sees a GPU, else cpu
     cpu      the CPU (the compiled kernels run only there)

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import TINY_SAE, TINY_TC, write_project
 from typer.testing import CliRunner
 
-from conftest import TINY_SAE, TINY_TC, write_project
 from sae_clt.cli import app
 from sae_clt.devices import resolve_device
 from sae_clt.errors import SpecError
@@ -48,8 +48,8 @@ def test_auto_and_cpu_resolve_to_the_cpu_without_a_gpu(monkeypatch):
 @pytest.mark.parametrize("setting", ["cuda", "cuda:0", "cuda:3"])
 def test_cuda_is_refused_without_a_gpu_naming_the_field(monkeypatch, setting):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SpecError, match="collect.device") as err:
-        resolve_device(setting, "collect.device")
+    with pytest.raises(SpecError, match="train.device") as err:
+        resolve_device(setting, "train.device")
     assert err.value.exit_code == 2
 
 

@@ -203,9 +203,6 @@ class CollectSection(StrictModel):
     text: TextSection | None = Field(None, description="Text windows (required for hf subjects).")
     tensors: TensorInputs | None = Field(None, description="Input tensors (required for torch subjects).")
     drop_nonfinite: bool = Field(False, description="Drop rows with NaN/inf at any hook point (counted in the manifest) instead of stopping.")
-    device: str = Field("auto", pattern=DEVICE_PATTERN, description="Where the subject runs: auto (a GPU when torch sees "
-                        "one, else the CPU), cpu, cuda (under torchrun each process's own GPU), cuda:N. Collection runs on "
-                        "the CPU today whatever this says. Not part of the spec hash.")
 
     @field_validator("hook_points")
     def _unique(cls, value: list[str]) -> list[str]:

@@ -190,11 +190,11 @@ def test_no_change_without_error_equals_evaluates_dictionary_variant(loaded, eid
 
 
 def test_clt_no_change_without_error_equals_evaluates_replacement_model(loaded):
-    from sae_clt.evaluation.evaluate import causal_check_layers
+    from sae_clt.evaluation.evaluate import causal_check
 
     exp, subject, dictionary, norm = loaded["tiny_clt"]
     w_lin = torch.zeros(dictionary.cfg.d_in + 1, dictionary.cfg.d_out)
-    evaluated = causal_check_layers(subject, dictionary, w_lin, norm, exp)["mean_tour_length"]["values"]["dictionary"]
+    evaluated = causal_check(subject, dictionary, w_lin, norm, exp)["mean_tour_length"]["values"]["dictionary"]
     effects = measure(subject, dictionary, norm, exp, {"name": "plain", "mode": "no_change", "keep_error": False})
     assert effects["mean_tour_length"] == pytest.approx(evaluated, abs=1e-6)
 

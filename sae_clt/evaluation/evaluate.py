@@ -13,16 +13,15 @@
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
-from ..data.hooks import patching
 from ..data.loader import PairLoader
 from ..data.normalize import Normalization
 from ..data.store import ActivationStore
 from ..dictionaries.dictionary import Dictionary
+from ..interventions.splice import splicing
 from ..io import save_safetensors, write_json
 from ..progress import progress_bar
 from ..provenance import output_meta
@@ -124,101 +123,37 @@ def _recovered(ablated: float, patched: float, clean: float) -> float | None:
 
 
 def causal_check(subject, model: Dictionary, w_lin: torch.Tensor, norm: Normalization, spec: ExperimentSpec) -> dict:
-    """Run the subject's task clean and with its target hook point replaced."""
-    source, target = spec.source_key, spec.target_key
-    available = subject.hook_points()
+    """Run the subject's task clean and with its target hook point(s) replaced (the splice of
+    ``interventions.splice``; a clt replaces every target layer at once, each computed from the
+    sources recorded in the same, already patched, forward pass: the replacement model)."""
+    source, target, layered = spec.source_key, spec.target_key, model.cfg.layout.layered
 
-    def flat(fn):
-        def replace(original: torch.Tensor, recorded: dict) -> torch.Tensor:
-            x = recorded.get(source, original) if source != target else original
-            out = fn(x.reshape(-1, x.shape[-1]))
-            return out.reshape(*original.shape[:-1], out.shape[-1]).to(original.dtype)
-        return replace
-
-    def linear(x):
+    def linear(x: torch.Tensor) -> torch.Tensor:
         return norm.invert(target, apply_linear(w_lin, norm.apply(source, x)))
 
-    variants = {
-        "dictionary": flat(model.predict_raw),
-        "linear_baseline": flat(linear),
-        "zero_ablation": lambda original, recorded: torch.zeros_like(original),
-        "mean_ablation": lambda original, recorded: norm.raw_mean[target].to(original.dtype).expand_as(original).clone(),
+    variants = {  # (raw source rows, the subject's target rows, the target's columns) -> new target rows
+        "dictionary": lambda x, y, cols: model.predict_raw(x)[:, cols],
+        "linear_baseline": lambda x, y, cols: linear(x)[:, cols],
+        "zero_ablation": lambda x, y, cols: torch.zeros_like(y),
+        "mean_ablation": lambda x, y, cols: norm.raw_mean[target][cols].to(y.dtype).expand_as(y).clone(),
     }
     clean = subject.task_metric()
     results = {"clean": clean}
-    for name, replace in variants.items():
-        with patching(subject.model, target, replace, available, read=[source]):
-            results[name] = subject.task_metric()
-
-    out: dict = {}
-    for metric, clean_value in clean.items():
-        values = {name: r[metric] for name, r in results.items()}
-        block = {"values": values, "pct_change_vs_clean": {n: _pct(v, clean_value) for n, v in values.items() if n != "clean"}}
-        block["fraction_recovered"] = {
-            "vs_zero_ablation": _recovered(values["zero_ablation"], values["dictionary"], clean_value),
-            "vs_mean_ablation": _recovered(values["mean_ablation"], values["dictionary"], clean_value),
-            "vs_linear_baseline": _recovered(values["linear_baseline"], values["dictionary"], clean_value),
-        }
-        out[metric] = block
-    return out
-
-
-def causal_check_layers(subject, model: Dictionary, w_lin: torch.Tensor, norm: Normalization, spec: ExperimentSpec) -> dict:
-    """A clt's causal check: every target layer replaced at once by the dictionary's output for
-    it, computed from the sources recorded in the same, already patched, forward pass (the
-    replacement model: a layer's reconstruction feeds the later layers' sources)."""
-
-    sources, targets = spec.source_key.members, spec.target_key.members
-    available = subject.hook_points()
-    width_in, width_out = model.cfg.d_in // len(sources), model.cfg.d_out // len(targets)
-
-    def linear(x_raw: torch.Tensor) -> torch.Tensor:
-        return norm.invert(spec.target_key, apply_linear(w_lin, norm.apply(spec.source_key, x_raw)))
-
-    def reconstruct(j: int, predict):
-        def replace(original: torch.Tensor, recorded: dict) -> torch.Tensor:
-            rows = original.numel() // original.shape[-1]
-            parts = []
-            for i, hook in enumerate(sources):
-                if i > j:  # later layers' sources cannot reach target j (zero decoders): zeros
-                    parts.append(torch.zeros(rows, width_in))
-                else:
-                    x = original if hook == targets[j] else recorded[hook]
-                    parts.append(x.reshape(rows, -1).float())
-            y = predict(torch.cat(parts, dim=1))[:, j * width_out:(j + 1) * width_out]
-            return y.reshape(*original.shape[:-1], width_out).to(original.dtype)
-        return replace
-
-    def everywhere(make):
-        stack = ExitStack()
-        for j, target in enumerate(targets):  # registered in layer order: later reads see earlier patches
-            stack.enter_context(patching(subject.model, target, make(j, target), available, read=sources[: j + 1]))
-        return stack
-
-    variants = {
-        "dictionary": lambda j, target: reconstruct(j, model.predict_raw),
-        "linear_baseline": lambda j, target: reconstruct(j, linear),
-        "zero_ablation": lambda j, target: (lambda original, recorded: torch.zeros_like(original)),
-        "mean_ablation": lambda j, target: (lambda original, recorded:
-                                            norm.raw_mean[target].to(original.dtype).expand_as(original).clone()),
-    }
-    clean = subject.task_metric()
-    results = {"clean": clean}
-    for name, make in variants.items():
-        with everywhere(make):
+    for name, rows in variants.items():
+        with splicing(subject, spec, layered, model.cfg.d_in, model.cfg.d_out, rows):
             results[name] = subject.task_metric()
     out: dict = {}
     for metric, clean_value in clean.items():
         values = {name: r[metric] for name, r in results.items()}
         out[metric] = {
             "values": values,
-            "pct_change_vs_clean": {k: _pct(v, clean_value) for k, v in values.items() if k != "clean"},
+            "pct_change_vs_clean": {n: _pct(v, clean_value) for n, v in values.items() if n != "clean"},
             "fraction_recovered": {
                 "vs_zero_ablation": _recovered(values["zero_ablation"], values["dictionary"], clean_value),
                 "vs_mean_ablation": _recovered(values["mean_ablation"], values["dictionary"], clean_value),
                 "vs_linear_baseline": _recovered(values["linear_baseline"], values["dictionary"], clean_value),
             },
-            "targets_replaced": targets,
+            **({"targets_replaced": list(target.members)} if layered else {}),
         }
     return out
 
@@ -279,10 +214,7 @@ def evaluate(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, 
     if per_layer:
         metrics["reconstruction"]["per_target_layer"] = {h: m.summary()["fvu"] for h, m in per_layer.items()}
     if cfg.causal and getattr(subject, "model", None) is not None:
-        if model.cfg.layout.layered:
-            metrics["causal"] = causal_check_layers(subject, model, w_lin, norm, spec)
-        else:
-            metrics["causal"] = causal_check(subject, model, w_lin, norm, spec)
+        metrics["causal"] = causal_check(subject, model, w_lin, norm, spec)
     elif cfg.causal:
         metrics["causal_skipped"] = "the dataset's activations were imported: there is no model to patch"
     metrics["meta"] = output_meta(spec, spec.train.seed, EVAL_SECTIONS)

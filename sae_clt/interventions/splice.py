@@ -21,7 +21,7 @@ replacement model of ``causal_check_layers``).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -69,34 +69,40 @@ def splice_rows(dictionary, norm, exp, x_raw: torch.Tensor, y_raw: torch.Tensor,
     return norm.invert(exp.target_key, dictionary.decode(z_edit, x))[:, cols]
 
 
-def _single(subject, dictionary, norm, exp, mode, edits, keep_error):
-    """SAE or transcoder: one target hook point, its source read in the same forward pass."""
-    source, target = str(exp.source_key), str(exp.target_key)
-
-    def replace(original: torch.Tensor, recorded: dict) -> torch.Tensor:
-        x = recorded.get(source, original) if source != target else original
-        out = splice_rows(dictionary, norm, exp, x.reshape(-1, x.shape[-1]), original.reshape(-1, original.shape[-1]),
-                          mode, edits, keep_error)
-        return out.reshape(*original.shape[:-1], out.shape[-1]).to(original.dtype)
-
-    return patching(subject.model, target, replace, subject.hook_points(), read=[source])
+# The new target rows for raw source rows x [rows, d_in], the subject's own target rows y
+# [rows, d] and the columns of the dictionary's output that target takes (a clt's layer j).
+RowsFn = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
 
 
-def _layered(subject, dictionary, norm, exp, mode, edits, keep_error):
-    """clt: every target layer patched, layer j from the sources of layers 0..j (zeros for later
-    ones, which cannot reach target j)."""
-    sources, targets = exp.source_key.members, exp.target_key.members
+def splicing(subject, exp, layered: bool, d_in: int, d_out: int, rows: RowsFn) -> contextlib.AbstractContextManager:
+    """The subject with the experiment's target hook point(s) replaced by ``rows(x, y, cols)``;
+    the one splice behind interventions and the evaluate stage's causal check.
+
+    An SAE or transcoder: one target, its source read in the same forward pass. A clt (``layered``):
+    every target layer at once, layer j from the sources of layers 0..j recorded in the same,
+    already patched, pass (zeros for later sources, which cannot reach target j): the replacement
+    model."""
     available = subject.hook_points()
-    width_in, width_out = dictionary.cfg.d_in // len(sources), dictionary.cfg.d_out // len(targets)
+    if not layered:
+        source, target = str(exp.source_key), str(exp.target_key)
+
+        def replace(original: torch.Tensor, recorded: dict) -> torch.Tensor:
+            x = recorded.get(source, original) if source != target else original
+            out = rows(x.reshape(-1, x.shape[-1]), original.reshape(-1, original.shape[-1]), slice(None))
+            return out.reshape(*original.shape[:-1], out.shape[-1]).to(original.dtype)
+
+        return patching(subject.model, target, replace, available, read=[source])
+
+    sources, targets = exp.source_key.members, exp.target_key.members
+    width_in, width_out = d_in // len(sources), d_out // len(targets)
 
     def make(j: int):
         def replace(original: torch.Tensor, recorded: dict) -> torch.Tensor:
-            rows = original.numel() // original.shape[-1]
-            parts = [torch.zeros(rows, width_in) if i > j else
-                     (original if hook == targets[j] else recorded[hook]).reshape(rows, -1).float()
+            n = original.numel() // original.shape[-1]
+            parts = [torch.zeros(n, width_in, device=original.device) if i > j else
+                     (original if hook == targets[j] else recorded[hook]).reshape(n, -1).float()
                      for i, hook in enumerate(sources)]
-            out = splice_rows(dictionary, norm, exp, torch.cat(parts, dim=1), original.reshape(rows, -1), mode, edits,
-                              keep_error, slice(j * width_out, (j + 1) * width_out))
+            out = rows(torch.cat(parts, dim=1), original.reshape(n, -1), slice(j * width_out, (j + 1) * width_out))
             return out.reshape(*original.shape[:-1], width_out).to(original.dtype)
         return replace
 
@@ -132,6 +138,9 @@ def intervene(subject, dictionary, norm, exp, mode: str = "edit", edits=(), keep
     if getattr(subject, "model", None) is None:
         raise DataError(f"experiment '{exp.id}': the subject has no model to patch (its activations were imported)")
     check_normalization(dictionary, norm, exp)
-    patch = _layered if dictionary.cfg.layout.layered else _single
-    with torch.no_grad(), patch(subject, dictionary, norm, exp, mode, edits, keep_error):
+    def rows(x: torch.Tensor, y: torch.Tensor, cols: slice) -> torch.Tensor:
+        return splice_rows(dictionary, norm, exp, x, y, mode, edits, keep_error, cols)
+
+    cfg = dictionary.cfg
+    with torch.no_grad(), splicing(subject, exp, cfg.layout.layered, cfg.d_in, cfg.d_out, rows):
         yield

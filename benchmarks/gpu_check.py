@@ -44,7 +44,10 @@ the peers' wheels too if they are to run):
         .whl/*.whl && export PYTHONPATH=/tmp/site || exit
     set -o pipefail; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.log
 Here, without a GPU (tiny shapes, a few steps; under a minute):
-    python benchmarks/gpu_check.py --dry-run --device cpu
+    python benchmarks/gpu_check.py --dry-run --device cpu --profile 5
+--profile STEPS adds a torch.profiler table of saeclt's step per shape (where the time goes, for
+the GPU-speed work). benchmarks/gpu_session.sh runs this, the CUDA tests and the MiniLM pipeline
+(benchmarks/gpu_pipeline.py) on the GPU machine.
 """
 
 from __future__ import annotations
@@ -313,6 +316,38 @@ def run_saelens(shape, train, val, steps: int, warmup: int, device: torch.device
     return {"precision": "bf16" if bf16 else "fp32", "seconds": seconds, "finish_s": 0.0, "run": run}
 
 
+def profile_saeclt(shape, train, steps: int, device: torch.device, precision: str, rows: int = 25) -> str:
+    """Where saeclt's step spends its time: ``steps`` steps (after 3 untimed) under torch's
+    profiler, the operators with the most device time (CPU time on the CPU) as a table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sae_clt.dictionaries.dictionary import Dictionary, DictionaryConfig
+    from sae_clt.spec.models import TrainSection
+    from sae_clt.training.optim import make_optimizer
+    from sae_clt.training.precision import resolve_precision
+    from sae_clt.training.step import FastStepper
+
+    d, d_sae, k, batch = shape
+    cfg = TrainSection(precision=precision, device=str(device), echo=1)
+    cfg = cfg.model_copy(update={"precision": resolve_precision(cfg.precision, device.type)})
+    model = Dictionary(DictionaryConfig("sae", d, d, d_sae, "topk", k, "x", "x"), seed=cfg.seed).to(device)
+    opt = make_optimizer(model, cfg)
+    clock = torch.full((d_sae,), cfg.dead_after_rows, dtype=torch.long, device=device)  # every latent dead: AuxK at work
+    clock[: d_sae // 2] = 0
+    stepper = FastStepper(None, model, opt, cfg, clock, steps + 3, None)
+    for step in range(3):
+        stepper(train[step % len(train)], train[step % len(train)], cfg.lr, step)
+    synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for step in range(3, steps + 3):
+            x = train[step % len(train)]
+            stepper(x, x, cfg.lr, step)
+        synchronize(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
 # ---------------------------------------------------------------------------------------- one measurement
 
 
@@ -355,7 +390,14 @@ def measure(name: str, shape, data, args, device: torch.device) -> dict:
     step_ms = 1000 * result["seconds"] / timed
     mm = (before + after) / 2
     quality = fvu_and_dead(result["run"], val)
-    return {"trainer": name, "device": str(where), "precision": result["precision"], "steps": args.steps, "timed_steps": timed,
+    extra = {}
+    if args.profile and name == "saeclt":
+        try:
+            extra["profile"] = profile_saeclt(shape, train, args.profile, where, precision)
+            say(f"  saeclt's step at {d} -> {d_sae}, {args.profile} steps profiled:\n{extra['profile']}")
+        except Exception as exc:  # noqa: BLE001 - a profiler failure must not lose the measurement
+            extra["profile"] = f"profiling failed: {type(exc).__name__}: {exc}"
+    return extra | {"trainer": name, "device": str(where), "precision": result["precision"], "steps": args.steps, "timed_steps": timed,
             "tokens_per_s": timed * batch / result["seconds"], "step_ms": step_ms, "matmul_ms": mm,
             "matmul_ms_before_after": [before, after], "step_over_matmul": step_ms / mm, "fvu": quality["fvu"],
             "dead_fraction": quality["dead_fraction"], "l0": quality["l0"], "peak_gib": peak, "finish_s": result["finish_s"]}
@@ -435,6 +477,8 @@ def main() -> None:
     parser.add_argument("--matmul-repeats", type=int, help="matmuls per timing group (default 20 on a GPU, 5 on the CPU)")
     parser.add_argument("--out", default="gpu_check.json", help="the JSON report (rewritten after each measurement)")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes and a few steps (a check of the script, on the CPU by default)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS", help="also profile saeclt's step for STEPS steps at "
+                        "each shape (half its latents dead, so AuxK runs) and print the operators with the most device time")
     args = parser.parse_args()
 
     faulthandler.dump_traceback_later(args.time_limit + WATCHDOG_GRACE_S, exit=True)  # never hang

@@ -1,13 +1,15 @@
-"""Where a stage's tensors live: the spec's ``device`` setting (``train.device``)
-resolved to a ``torch.device`` (collection on a GPU is not built yet).
+"""Where a stage's tensors live: the spec's ``device`` settings resolved to a ``torch.device``.
 
+``train.device`` (an experiment's train, evaluate, analyze and steer) and ``collect.device`` (a
+dataset's subject during collection) take:
     auto     cuda when torch sees a GPU, else cpu
     cpu      the CPU (the compiled kernels run only there)
     cuda     a GPU: under torchrun (LOCAL_RANK set) this process's own, cuda:LOCAL_RANK; else cuda:0
     cuda:N   GPU N
 
 A setting the machine cannot honour (no GPU, N out of range) is refused as a spec error naming
-the field, before any work starts.
+the field, before any work starts. Every output records where it was made (``meta.device``);
+what it holds does not depend on it (tensors are saved from the CPU, metrics are plain numbers).
 """
 
 from __future__ import annotations
@@ -42,3 +44,47 @@ def resolve_device(setting: str, field: str) -> torch.device:
         raise SpecError(field, [f"{field}: {setting!r}{where} asks for GPU {index} but this machine has {count} "
                                 f"(cuda:0 to cuda:{count - 1})"])
     return torch.device("cuda", index)
+
+
+def experiment_device(exp) -> torch.device:
+    """Where an experiment's stages run (train, evaluate, analyze, steer): its ``train.device``."""
+    return resolve_device(exp.train.device, "train.device")
+
+
+def describe(device: torch.device | str) -> str:
+    """The device as outputs record it: ``cpu``, or ``cuda:N (card name)``."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
+def move(value, device: torch.device, non_blocking: bool = False):
+    """``value`` with every tensor in it (in dicts, lists and tuples too) on ``device``; tensors
+    already there are returned as they are."""
+    if isinstance(value, torch.Tensor):
+        return value if value.device == device else value.to(device, non_blocking=non_blocking)
+    if isinstance(value, dict):
+        return {k: move(v, device, non_blocking) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(move(v, device, non_blocking) for v in value)
+    return value
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a no-op on the CPU): for timings."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def configure_determinism(deterministic: bool, device: torch.device) -> None:
+    """``train.deterministic``: on a GPU, only deterministic algorithms (torch refuses an operation
+    that has none, naming it) and cuBLAS with a fixed workspace, so that the same spec and seed,
+    and a run resumed from a checkpoint, give the same bits. The CPU steps are deterministic
+    either way. Applies to this process from here on."""
+    if not deterministic or torch.device(device).type != "cuda":
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False

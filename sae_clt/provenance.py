@@ -9,6 +9,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import __version__
+from .devices import describe
 from .spec.models import spec_hash
 
 
@@ -31,10 +32,13 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def output_meta(spec, seed: int, sections: list[str] | None = None) -> dict:
-    """The `meta` block of a metrics or config JSON file."""
-
-    return {"spec_id": spec.id, "spec_hash": spec_hash(spec, sections), "seed": seed, "versions": versions()}
+def output_meta(spec, seed: int, sections: list[str] | None = None, device=None) -> dict:
+    """The `meta` block of a metrics or config JSON file; ``device``: where the output was made
+    (recorded as ``devices.describe`` writes it)."""
+    meta = {"spec_id": spec.id, "spec_hash": spec_hash(spec, sections), "seed": seed, "versions": versions()}
+    if device is not None:
+        meta["device"] = describe(device)
+    return meta
 
 
 @functools.cache

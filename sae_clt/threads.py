@@ -1,5 +1,5 @@
-"""Background threads (the loader's prefetch) that use torch without competing with the main
-thread's parallel work.
+"""Background threads (the loader's prefetch, the GPU staging's copies: ``prefetched``) that use
+torch without competing with the main thread's parallel work.
 
 torch's CPU build runs parallel ops on OpenMP. An op called from a second Python thread starts a
 second OpenMP team of its own, sized like the main one: on a 2-core machine the prefetch thread's
@@ -15,8 +15,11 @@ is small and can run on the thread itself.
 from __future__ import annotations
 
 import ctypes
+import queue
 import re
+import threading
 from functools import lru_cache
+from typing import Iterator
 
 
 @lru_cache(maxsize=1)
@@ -55,3 +58,49 @@ def use_one_torch_thread() -> bool:
         if torch.get_num_threads() == 1:  # the runtime torch uses
             return True
     return False
+
+
+def prefetched(items: Iterator, depth: int = 1) -> Iterator:
+    """Iterate ``items`` on a background thread, preparing at most ``depth`` items beyond the
+    one being consumed (so memory holds depth + 1 items). Errors raised there are raised
+    here; stopping early stops the thread."""
+
+    ready: queue.Queue = queue.Queue()
+    permits = threading.Semaphore(depth)  # released when the consumer takes an item
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            use_one_torch_thread()  # its indexing ops must not start a second OpenMP team beside the step's
+            iterator = iter(items)
+            while True:
+                while not permits.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
+                if stop.is_set():
+                    return
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    ready.put(("end", None))
+                    return
+                ready.put(("item", item))
+                del item
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            ready.put(("error", exc))
+
+    thread = threading.Thread(target=produce, name="saeclt-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = ready.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            permits.release()
+            yield value
+            del value
+    finally:
+        stop.set()
+        thread.join(timeout=5)

@@ -7,10 +7,17 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+# Device-agnostic tests take a `device` parameter from this list: the CPU always; CUDA where torch
+# sees a GPU (skipped, and shown as skipped, elsewhere). On a GPU machine `pytest -k cuda` runs them.
+_HAS_CUDA = torch.cuda.is_available()
+DEVICES = [pytest.param("cpu", id="cpu"),
+           pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not _HAS_CUDA, reason="torch sees no GPU here"))]
 
 TINY_SUBJECT = """\
 id: tiny

@@ -1,22 +1,29 @@
-"""train.device: its resolution, its refusal where the machine cannot honour it, and training on
-every available device to the CPU's weights (CUDA cases skip on a machine without a GPU)."""
+"""Devices: train.device and collect.device resolved or refused, and every stage on every
+available device (the CPU always, CUDA where torch sees a GPU, skipped elsewhere) giving the CPU's
+results: training to the CPU's weights, collection to the CPU's store, evaluation, analysis and
+interventions to the CPU's metrics; each output recording where it was made (meta.device)."""
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
 import torch
-from conftest import TINY_SAE, TINY_TC, write_project
+from conftest import DEVICES, TINY_DATASET, TINY_SAE, TINY_TC, write_project
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from sae_clt.cli import app
+from sae_clt.data.staging import to_device
+from sae_clt.data.store import ActivationStore
 from sae_clt.devices import resolve_device
 from sae_clt.errors import SpecError
+from sae_clt.interventions.steer import steer
 from sae_clt.io import read_json
+from sae_clt.spec.project import Paths
 from sae_clt.stages.table import run_stage
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 EXPERIMENTS = {"tiny_sae": TINY_SAE, "tiny_tc": TINY_TC}  # the fast TopK step and the autograd step
 
 
@@ -35,7 +42,8 @@ def collected(tmp_path_factory):
     run_stage("normalize", root / "specs/datasets/tiny_acts.yaml")
     for eid, text in EXPERIMENTS.items():
         (root / f"specs/{eid}_ref.yaml").write_text(_with_device(text, eid, f"{eid}_ref", "cpu"))
-        run_stage("train", root / f"specs/{eid}_ref.yaml")
+        for stage in ("train", "evaluate", "analyze"):
+            run_stage(stage, root / f"specs/{eid}_ref.yaml")
     return root
 
 
@@ -67,12 +75,15 @@ def test_a_gpu_index_out_of_range_is_refused(monkeypatch):
         resolve_device("cuda", "train.device")
 
 
-def test_the_device_is_left_out_of_the_spec_hash(collected):
+def test_where_the_work_runs_is_left_out_of_the_spec_hash(collected):
     from sae_clt.spec.models import load_spec, spec_hash
 
     cpu = load_spec(collected / "specs/tiny_sae_ref.yaml")
-    auto = cpu.model_copy(update={"train": cpu.train.model_copy(update={"device": "auto"})})
+    auto = cpu.model_copy(update={"train": cpu.train.model_copy(update={"device": "auto", "deterministic": True})})
     assert spec_hash(cpu) == spec_hash(auto) and spec_hash(cpu, ["train"]) == spec_hash(auto, ["train"])
+    dataset = load_spec(collected / "specs/datasets/tiny_acts.yaml")
+    moved = dataset.model_copy(update={"collect": dataset.collect.model_copy(update={"device": "cuda:1"})})
+    assert spec_hash(dataset) == spec_hash(moved)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: train.device cuda is honoured")
@@ -88,8 +99,6 @@ def test_train_device_cuda_is_refused_at_the_train_stage_with_exit_code_2(collec
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("eid", sorted(EXPERIMENTS))
 def test_training_on_each_device_gives_the_cpu_weights(collected, eid, device):
-    from safetensors.torch import load_file
-
     new_id = f"{eid}_{device}"
     (collected / f"specs/{new_id}.yaml").write_text(_with_device(EXPERIMENTS[eid], eid, new_id, device))
     run_stage("train", collected / f"specs/{new_id}.yaml")
@@ -101,8 +110,89 @@ def test_training_on_each_device_gives_the_cpu_weights(collected, eid, device):
         rel = float((got[name] - tensor).norm() / tensor.norm().clamp_min(1e-12))
         assert rel <= 1e-4, f"{name}: relative difference {rel:.2e} on {device}"
     summary = read_json(collected / f"metrics/{new_id}/train.json")
-    assert summary["device"] == str(resolve_device(device, "train.device"))
-    ref_summary = read_json(collected / f"metrics/{eid}_ref/train.json")
-    assert ref_summary["device"] == "cpu"
+    assert summary["meta"]["device"].startswith(str(resolve_device(device, "train.device")))
+    assert read_json(collected / f"metrics/{eid}_ref/train.json")["meta"]["device"] == "cpu"
     assert summary["precision"] == "fp32"
     shutil.rmtree(collected / f"runs/experiments/{new_id}")
+
+
+def _numbers(value, path=""):
+    """Every number in a metrics document by its path (meta left out: it names the device)."""
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() if key != "meta" for k, v in _numbers(item, f"{path}.{key}").items()}
+    if isinstance(value, list):
+        return {k: v for i, item in enumerate(value) for k, v in _numbers(item, f"{path}[{i}]").items()}
+    return {path: value} if isinstance(value, (int, float)) and not isinstance(value, bool) else {}
+
+
+def _assert_close(got: dict, ref: dict, rel: float, what: str) -> None:
+    a, b = _numbers(got), _numbers(ref)
+    assert a.keys() == b.keys(), what
+    for key, expected in b.items():
+        if expected is None or (isinstance(expected, float) and math.isnan(expected)):
+            continue
+        assert got is not None and abs(a[key] - expected) <= rel * max(abs(expected), 1e-3), f"{what} {key}: {a[key]} vs {expected}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("eid", sorted(EXPERIMENTS))
+def test_evaluate_analyze_and_steer_on_each_device_give_the_cpu_metrics(collected, eid, device):
+    """The CPU-trained dictionary evaluated, analysed and steered with train.device set: the same
+    metrics as on the CPU (1e-4 relative), each file saying where it was made."""
+    new_id = f"{eid}_eval_{device}"
+    spec = collected / f"specs/{new_id}.yaml"
+    spec.write_text(_with_device(EXPERIMENTS[eid], eid, new_id, device))
+    p = Paths(collected)
+    shutil.copytree(p.dictionary_dir(f"{eid}_ref"), p.dictionary_dir(new_id))
+    run_stage("evaluate", spec)
+    run_stage("analyze", spec)
+    for name in ("eval.json", "analysis.json"):
+        got, ref = read_json(collected / f"metrics/{new_id}/{name}"), read_json(collected / f"metrics/{eid}_ref/{name}")
+        _assert_close(got, ref, 1e-4, f"{name} on {device}:")
+        assert got["meta"]["device"].startswith(device) and ref["meta"]["device"] == "cpu"
+    edits = [{"feature": 0, "op": "scale", "value": 0.0}]
+    on_device = steer(spec, "edit", edits, keep_error=True)["effects"]
+    on_cpu = steer(collected / f"specs/{eid}_ref.yaml", "edit", edits, keep_error=True)["effects"]
+    _assert_close(on_device, on_cpu, 1e-4, f"steer on {device}:")
+    shutil.rmtree(p.dictionary_dir(new_id).parent)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_collection_on_each_device_gives_the_cpu_store(collected, device):
+    """collect.device: the subject runs there and its activations come back (through pinned memory
+    on a GPU) as the CPU computes them, in the same order; the manifest names the device."""
+    did = f"tiny_acts_{device}"
+    text = TINY_DATASET.replace("id: tiny_acts", f"id: {did}").replace("  seed: 1\n", f"  seed: 1\n  device: {device}\n")
+    spec = collected / f"specs/datasets/{did}.yaml"
+    spec.write_text(text)
+    run_stage("collect", spec)
+    p = Paths(collected)
+    got, ref = ActivationStore.open(p.store_dir(did)), ActivationStore.open(p.store_dir("tiny_acts"))
+    assert got.n_shards == ref.n_shards and got.hook_dims == ref.hook_dims
+    names = [*ref.hook_dims, "instance_id", "position"]
+    for i in range(ref.n_shards):
+        a, b = got.read_shard(i, names), ref.read_shard(i, names)
+        assert a.keys() == b.keys()
+        for name in b:
+            if device == "cpu":
+                assert torch.equal(a[name], b[name]), name
+            else:
+                torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    manifest = read_json(p.store_dir(did) / "manifest.json")
+    assert manifest["meta"]["device"].startswith(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batches_reach_the_device_with_their_values_and_an_sae_s_y_still_its_x(device):
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(5):
+        x = torch.randn(8, 4, generator=gen)
+        batches.append((x, x) if len(batches) % 2 else (x, torch.randn(8, 3, generator=gen)))
+    moved = list(to_device(iter(batches), torch.device(device)))
+    assert len(moved) == len(batches)
+    for (x, y), (mx, my) in zip(batches, moved):
+        assert mx.device.type == device and torch.equal(mx.cpu(), x) and torch.equal(my.cpu(), y)
+        assert (my is mx) == (y is x)
+        if device == "cpu":
+            assert mx is x  # the CPU gets the loader's own tensors: no copy

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from conftest import DEVICES
 
 from sae_clt.dictionaries.dictionary import Dictionary, DictionaryConfig
 from sae_clt.kernels import ops as kernels
@@ -31,23 +32,29 @@ def _pair(architecture: str, d_in: int, d_out: int, activation: str = "topk"):
 @pytest.mark.parametrize("architecture, d_in, d_out", [("sae", 10, 10), ("transcoder", 6, 12)])
 @pytest.mark.parametrize("aux_k", [0, 2, 8])  # 2: some rows have more dead latents active than aux_k (a top-k)
 @pytest.mark.parametrize("aux_path", ["sparse", "dense"])  # AuxK through the gather/scatter kernels or dense matmuls
-def test_fast_step_matches_plain_autograd_step_in_float64(architecture, d_in, d_out, aux_k, activation, aux_path, monkeypatch):
+@pytest.mark.parametrize("device", [*DEVICES, "cpu-torch"])  # a GPU, and cpu-torch, take the torch versions of the kernels
+def test_fast_step_matches_plain_autograd_step_in_float64(architecture, d_in, d_out, aux_k, activation, aux_path, device, monkeypatch):
     if aux_path == "dense" and not aux_k:
         pytest.skip("no AuxK")
     from sae_clt.training import fast_step as fast_step_module
 
+    if device == "cpu-torch":  # the operations a GPU runs, on the CPU
+        monkeypatch.setattr(kernels, "_use_kernel", lambda *t: False)
+        device = "cpu"
+
     monkeypatch.setattr(fast_step_module, "DENSE_AUX_RATIO", 0.0 if aux_path == "sparse" else float("inf"))
-    plain, fast = _pair(architecture, d_in, d_out, activation)
+    plain, fast = (m.to(device) for m in _pair(architecture, d_in, d_out, activation))
     # dead_after_rows small so AuxK has dead latents to work with from the second step.
     cfg = TrainSection(aux_k=aux_k, dead_after_rows=1, grad_clip=0.5)  # silent in a step = dead: AuxK always has work
     opts = [torch.optim.Adam(m.parameters(), lr=1e-2, fused=True) for m in (plain, fast)]
     fast_step = FastTopKStep(fast, opts[1], cfg)
-    clocks = [torch.zeros(48, dtype=torch.long) for _ in range(2)]
+    clocks = [torch.zeros(48, dtype=torch.long, device=device) for _ in range(2)]
     gen = torch.Generator().manual_seed(1)
     aux_seen = False
     for _ in range(6):
         x = torch.randn(64, d_in, generator=gen, dtype=torch.float64)
         y = x[:, :d_out] if architecture == "sae" else torch.randn(64, d_out, generator=gen, dtype=torch.float64) + x.sum(1, keepdim=True)
+        x, y = x.to(device), y.to(device)
         m_plain = train_step(plain, opts[0], x, y, clocks[0], cfg, True, 1e-2)
         m_fast = fast_step(x, y, clocks[1], 1e-2)
         assert m_fast["loss"] == pytest.approx(m_plain["loss"], rel=1e-10, abs=1e-12)
@@ -271,24 +278,28 @@ def test_fused_weight_update_equals_projection_adam_and_renormalisation(use_kern
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_fast_step_with_fused_update_tracks_the_plain_step_in_float32(precision):
+@pytest.mark.parametrize("device", [*DEVICES, "cpu-torch"])
+def test_fast_step_with_fused_update_tracks_the_plain_step_in_float32(precision, device, monkeypatch):
     """Without clipping the fast step updates W_enc and W_dec in one fused pass (and keeps their
     bf16 copies between steps): the weights follow the plain autograd step's."""
-    plain, fast = (m.float() for m in _pair("sae", 10, 10))
+    if device == "cpu-torch":  # the operations a GPU runs (the bias in the matmul, top-k in bf16), on the CPU
+        monkeypatch.setattr(kernels, "_use_kernel", lambda *t: False)
+        device = "cpu"
+    plain, fast = (m.float().to(device) for m in _pair("sae", 10, 10))
     cfg = TrainSection(aux_k=8, dead_after_rows=1, precision=precision)
     opts = [torch.optim.Adam(m.parameters(), lr=1e-2, fused=True) for m in (plain, fast)]
     step = FastTopKStep(fast, opts[1], cfg)
     assert step._adam_group is not None, "plain Adam without clipping should take the fused update"
-    clocks = [torch.zeros(48, dtype=torch.long) for _ in range(2)]
+    clocks = [torch.zeros(48, dtype=torch.long, device=device) for _ in range(2)]
     gen = torch.Generator().manual_seed(4)
     # bf16: Adam's first steps are about lr whatever the gradient's size, so bf16 rounding moves
     # weights by ~lr·steps here (the unfused bf16 step differs from the plain one as much)
     tol = {"rtol": 1e-4, "atol": 1e-5} if precision == "fp32" else {"rtol": 0, "atol": 0.05}
     for i in range(5):
-        x = torch.randn(64, 10, generator=gen)
+        x = torch.randn(64, 10, generator=gen).to(device)
         if precision == "bf16" and i == 2:  # an outside write (as dead-latent resampling does) refreshes the copy
             with torch.no_grad():
-                fast.W_dec[0] = plain.W_dec[0] = torch.nn.functional.normalize(torch.randn(10, generator=gen), dim=0)
+                fast.W_dec[0] = plain.W_dec[0] = torch.nn.functional.normalize(torch.randn(10, generator=gen), dim=0).to(device)
         train_step(plain, opts[0], x, x, clocks[0], cfg, True, 1e-2)
         step(x, x, clocks[1], 1e-2)
         if precision == "bf16":

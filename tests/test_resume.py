@@ -1,5 +1,5 @@
 """A training run killed with SIGKILL resumes from its last checkpoint and ends with exactly
-the weights and curves of an uninterrupted run (same machine, CPU)."""
+the weights and curves of an uninterrupted run (same machine; on a GPU with train.deterministic)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from conftest import DEVICES
 
 from sae_clt.spec.project import Paths
 
@@ -34,9 +35,12 @@ def _train(root):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
 
 
+@pytest.mark.parametrize("device", DEVICES)  # on a GPU with train.deterministic (the CPU's steps are deterministic as they are)
 @pytest.mark.parametrize("recipe", ["", " l1_coeff: 0.001, usage_kl_coeff: 0.1,", " echo: 3,"],
                          ids=["topk_fast_step", "relu_l1_usage_kl", "topk_data_echoing"])
-def test_killed_training_resumes_to_identical_weights(built_project, tmp_path, recipe):
+def test_killed_training_resumes_to_identical_weights(built_project, tmp_path, recipe, device):
+    if device != "cpu":
+        recipe += f" device: {device}, deterministic: true,"
     whole = _prepare(built_project, tmp_path / "whole", recipe)
     killed = _prepare(built_project, tmp_path / "killed", recipe)
 

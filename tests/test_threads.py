@@ -8,8 +8,7 @@ import threading
 import pytest
 import torch
 
-from sae_clt.data.loader import prefetched
-from sae_clt.threads import _openmp_runtimes, use_one_torch_thread
+from sae_clt.threads import _openmp_runtimes, prefetched, use_one_torch_thread
 
 needs_openmp = pytest.mark.skipif("OpenMP" not in torch.__config__.parallel_info() or not _openmp_runtimes(),
                                   reason="torch here does not parallelise with a findable OpenMP runtime")

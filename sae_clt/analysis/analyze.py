@@ -40,7 +40,7 @@ def read_codes(exp: ExperimentSpec, store: ActivationStore, norm: Normalization,
     return collect_codes(model, loader, cfg.rows, desc=f"analyze {exp.id}", where=f"experiment '{exp.id}'")
 
 
-def summary(exp: ExperimentSpec, stats: dict[str, torch.Tensor], codes: SparseCodes) -> dict:
+def summary(exp: ExperimentSpec, stats: dict[str, torch.Tensor], codes: SparseCodes, device=None) -> dict:
     """metrics/<id>/analysis.json (the keys "ablations" and "interventions" are added by their own code)."""
     freq, score = stats["frequency"], stats["score"]
     alive = int((freq > 0).sum())
@@ -55,7 +55,7 @@ def summary(exp: ExperimentSpec, stats: dict[str, torch.Tensor], codes: SparseCo
         "frequency_quantiles": {k: float(torch.quantile(freq.double(), q)) for k, q in FREQUENCY_QUANTILES.items()},
         "top_by_score": [{"feature": f, "score": float(score[f]), "frequency": float(freq[f]),
                           "magnitude": float(stats["magnitude"][f])} for f in ranked],
-        "meta": output_meta(exp, exp.train.seed, ANALYSIS_SECTIONS),
+        "meta": output_meta(exp, exp.train.seed, ANALYSIS_SECTIONS, device),
     }
 
 
@@ -75,10 +75,11 @@ def examples_document(exp: ExperimentSpec, dataset: DatasetSpec, subject, codes:
 
 @torch.no_grad()
 def analyze(exp: ExperimentSpec, dataset: DatasetSpec, store: ActivationStore, norm: Normalization, dictionary_dir: Path,
-            subject, out_dir: Path, metrics_path: Path) -> dict:
+            subject, out_dir: Path, metrics_path: Path, device: torch.device | str = "cpu") -> dict:
     """Analyse every latent on the validation rows; write the analysis folder and the metrics file;
-    return the metrics."""
-    model = Dictionary.load(dictionary_dir)
+    return the metrics. The codes and the interventions are computed on ``device`` (the subject
+    should be there too), the statistics on the CPU."""
+    model = Dictionary.load(dictionary_dir).to(device)
     codes = read_codes(exp, store, norm, model)
     decoder = raw_decoder(model)
     stats = feature_stats(codes, decoder, exp.analyze)
@@ -87,8 +88,8 @@ def analyze(exp: ExperimentSpec, dataset: DatasetSpec, store: ActivationStore, n
     # compact (the file is read by the dashboard, not by people) and sorted: the same bytes each run
     atomic_write_text(Path(out_dir) / EXAMPLES_FILE,
                       json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False) + "\n")
-    metrics = summary(exp, stats, codes)
-    metrics.update(interventions(exp, subject, model, norm, stats))
+    metrics = summary(exp, stats, codes, torch.device(device))
+    metrics.update(interventions(exp, subject, model, norm.to(device), stats))
     write_json(metrics_path, metrics)
     return metrics
 

@@ -71,15 +71,15 @@ def collect_codes(model, loader, max_rows: int | None, desc: str, where: str = "
             if seen >= total:
                 break
             take = min(x.shape[0], total - seen)
-            z = model.encode(x[:take])
+            z = model.encode(x[:take].to(model.W_enc.device))  # on the dictionary's device; what is kept comes back
             fires = z > 0
-            where_nz = fires.nonzero()  # row-major: rows ascending, then features
+            where_nz = fires.nonzero().cpu()  # row-major: rows ascending, then features
             kept += where_nz.shape[0]
             if kept * BYTES_PER_ENTRY > budget:
                 raise _too_many(kept * total // (seen + take), total, budget, where)
             rows.append((where_nz[:, 0] + seen).int())
             features.append(where_nz[:, 1].int())
-            values.append(z[fires])
+            values.append(z[fires].cpu())
             instances.append(instance_id[:take].long())
             positions.append(position[:take].long())
             seen += take
@@ -212,7 +212,7 @@ def raw_decoder(model) -> torch.Tensor:
     """Decoder rows [F, d_out] in raw activation space: saeclt keeps W_dec in the target's
     normalised space, x_norm = (x - mean) / scale, so a direction maps to raw space times scale
     (a clt's rows are its per-layer decoders side by side)."""
-    return (model.W_dec.detach().double() * model.target_scale.double()[None, :]).float()
+    return (model.W_dec.detach().double() * model.target_scale.double()[None, :]).float().cpu()
 
 
 def feature_stats(codes: SparseCodes, decoder: torch.Tensor, cfg) -> dict[str, torch.Tensor]:

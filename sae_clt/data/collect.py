@@ -28,6 +28,7 @@ from ..provenance import output_meta
 from ..spec.models import DatasetSpec, spec_hash
 from ..stages.table import stage
 from .hooks import StopForward, expand_hook_points, recording
+from .staging import HostStaging
 from .store import MANIFEST, PROGRESS, RunningStats, StoreWriter, read_progress, store_owned
 
 STORE_ROLE = "an activation store"
@@ -80,7 +81,31 @@ def recorded_batches(subject, points: list[str], available: list[str], n_instanc
     """Run a module subject batch by batch and yield (activations [rows, d] per hook point,
     provenance per row, keep mask or None, inputs in the batch). Batches wholly within the
     first ``skip`` inputs are generated but not run (a resumed collection); batches from input
-    ``stop`` on are not run either (a worker's part)."""
+    ``stop`` on are not run either (a worker's part).
+
+    On a GPU the activations come back through pinned host buffers (``staging.HostStaging``): a
+    batch's copies are queued and the next batch's forward pass runs before they are waited for,
+    so each batch is yielded one forward pass late (same order, same rows)."""
+    staging = HostStaging() if getattr(subject, "device", torch.device("cpu")).type == "cuda" else None
+    late = None  # (host activations, provenance, keep, n_inputs, slot): queued, not yet yielded
+    for item in _recorded(subject, points, available, n_instances, seed, batch_size, skip, stop):
+        if staging is None:
+            yield item
+            continue
+        acts, *rest = item
+        host, slot = staging.copy(acts)
+        if late is not None:
+            staging.ready(late[-1])
+            yield late[:-1]
+        late = (host, *rest, slot)
+    if late is not None:
+        staging.ready(late[-1])
+        yield late[:-1]
+
+
+def _recorded(subject, points: list[str], available: list[str], n_instances: int, seed: int, batch_size: int,
+              skip: int, stop: int | None):
+    """``recorded_batches`` as computed, activations on the subject's device."""
     done = 0
     for inputs, provenance, keep in subject.input_batches(n_instances, seed, batch_size):
         if stop is not None and done >= stop:
@@ -153,7 +178,7 @@ class _Collection:
         meta = {
             "subject": {"id": subject.spec.id, "kind": subject.kind, "fingerprint": subject.fingerprint()},
             "n_instances": cfg.n_instances,
-            "meta": output_meta(self.dataset, cfg.seed, list(stage("collect").sections)),
+            "meta": output_meta(self.dataset, cfg.seed, list(stage("collect").sections), getattr(subject, "device", None)),
         }
         if getattr(subject, "input_fingerprint", None):
             meta["inputs"] = subject.input_fingerprint

@@ -4,14 +4,12 @@ and data echoing."""
 
 from __future__ import annotations
 
-import queue
-import threading
 from typing import Iterator
 
 import torch
 
 from ..kernels.ops import gather_normalize, take_rows
-from ..threads import use_one_torch_thread
+from ..threads import prefetched
 from .hook_groups import HookGroup
 from .normalize import Normalization
 from .store import ActivationStore
@@ -230,49 +228,3 @@ def echoed(batches: Iterator[tuple[torch.Tensor, ...]], echo: int, gen: torch.Ge
             window = []
     if window:
         yield from serve()
-
-
-def prefetched(items: Iterator, depth: int = 1) -> Iterator:
-    """Iterate ``items`` on a background thread, preparing at most ``depth`` items beyond the
-    one being consumed (so memory holds depth + 1 items). Errors raised there are raised
-    here; stopping early stops the thread."""
-
-    ready: queue.Queue = queue.Queue()
-    permits = threading.Semaphore(depth)  # released when the consumer takes an item
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            use_one_torch_thread()  # its indexing ops must not start a second OpenMP team beside the step's
-            iterator = iter(items)
-            while True:
-                while not permits.acquire(timeout=0.1):
-                    if stop.is_set():
-                        return
-                if stop.is_set():
-                    return
-                try:
-                    item = next(iterator)
-                except StopIteration:
-                    ready.put(("end", None))
-                    return
-                ready.put(("item", item))
-                del item
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            ready.put(("error", exc))
-
-    thread = threading.Thread(target=produce, name="saeclt-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, value = ready.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            permits.release()
-            yield value
-            del value
-    finally:
-        stop.set()
-        thread.join(timeout=5)

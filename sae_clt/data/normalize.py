@@ -104,6 +104,18 @@ class Normalization:
         return cls(GroupDict({h: t[f"{h}.mean"] for h in hooks}), GroupDict({h: t[f"{h}.scale"] for h in hooks}),
                    t["val_instances"], GroupDict({h: t[f"{h}.raw_mean"] for h in hooks}), sha256_file(path))
 
+    def to(self, device: torch.device | str) -> "Normalization":
+        """This normalisation with its statistics on ``device`` (a copy; itself when they are there
+        already). The split stays on the CPU, where the loader reads it."""
+        device = torch.device(device)
+        if all(t.device == device for t in self.mean.values()):
+            return self
+
+        def moved(table: dict) -> GroupDict:
+            return GroupDict({h: t.to(device) for h, t in table.items()})
+
+        return Normalization(moved(self.mean), moved(self.scale), self.val_instances, moved(self.raw_mean), self.digest)
+
     def apply(self, hook: str, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean[hook]) / self.scale[hook]
 

@@ -36,25 +36,25 @@ class TopActivations:
     """The ``n`` largest activations of every latent over the evaluation rows, with the rows'
     provenance, kept as a running top-n (no per-row Python loop)."""
 
-    def __init__(self, d_sae: int, n: int = 5):
+    def __init__(self, d_sae: int, n: int = 5, device: torch.device | str = "cpu"):
         self.n = n
-        self.values = torch.full((n, d_sae), -1.0)
-        self.instance = torch.zeros((n, d_sae), dtype=torch.long)
-        self.position = torch.zeros((n, d_sae), dtype=torch.long)
+        self.values = torch.full((n, d_sae), -1.0, device=device)
+        self.instance = torch.zeros((n, d_sae), dtype=torch.long, device=device)
+        self.position = torch.zeros((n, d_sae), dtype=torch.long, device=device)
 
     def update(self, z: torch.Tensor, instance_id: torch.Tensor, position: torch.Tensor) -> None:
         k = min(self.n, z.shape[0])
         values, rows = z.topk(k, dim=0)  # [k, d_sae]
         values = torch.cat([self.values, values])
-        instance = torch.cat([self.instance, instance_id.long()[rows]])
-        pos = torch.cat([self.position, position.long()[rows]])
+        instance = torch.cat([self.instance, instance_id.to(rows.device).long()[rows]])
+        pos = torch.cat([self.position, position.to(rows.device).long()[rows]])
         best, order = values.topk(self.n, dim=0)
         self.values, self.instance, self.position = best, instance.gather(0, order), pos.gather(0, order)
 
     def contexts(self, subject, n_features: int) -> list[dict]:
         """The ``n_features`` latents with the largest activations, each with its top rows
         described by the subject (text around the token, or the TSP instance and city)."""
-        peak = self.values[0]
+        peak = self.values[0].cpu()
         features = [int(f) for f in peak.argsort(descending=True)[:n_features] if peak[f] > 0]
         out = []
         for f in features:
@@ -160,9 +160,13 @@ def causal_check(subject, model: Dictionary, w_lin: torch.Tensor, norm: Normaliz
 
 @torch.no_grad()
 def evaluate(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, dictionary_dir: Path, subject,
-             out_dir: Path, metrics_path: Path) -> dict:
+             out_dir: Path, metrics_path: Path, device: torch.device | str = "cpu") -> dict:
+    """The metrics of the module docstring, written to ``metrics_path`` (and the per-dim tensors and
+    top contexts to ``out_dir``). The dictionary's passes run on ``device`` (the subject should be
+    there too, for the causal check); the linear baseline is fitted on the CPU (float64 normal equations)."""
     cfg = spec.evaluate
-    model = Dictionary.load(dictionary_dir)
+    device = torch.device(device)
+    model = Dictionary.load(dictionary_dir).to(device)
     source, target = spec.source_key, spec.target_key
     train_loader = PairLoader(store, norm, source, target, "train", cfg.batch_size, seed=0, shuffle=False)
     val_loader = PairLoader(store, norm, source, target, "val", cfg.batch_size, seed=0, shuffle=False)
@@ -171,20 +175,22 @@ def evaluate(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, 
     if is_sae:  # a dense code with as many numbers per row as the dictionary's L0
         l0 = model.cfg.k
         if not model.cfg.act.exact_k:  # the measured L0 on the validation rows
-            counts = [(model.encode(x) > 0).sum(-1).float() for x, _ in val_loader.epoch(0)]
+            counts = [(model.encode(x.to(device)) > 0).sum(-1).float().cpu() for x, _ in val_loader.epoch(0)]
             l0 = round(float(torch.cat(counts).mean())) if counts else 1
         baseline_rank = max(1, min(l0, store.hook_dims[source]))
-    w_lin = fit_linear_baseline(train_loader, rank=baseline_rank, layers=spec.n_layers)
+    w_lin = fit_linear_baseline(train_loader, rank=baseline_rank, layers=spec.n_layers).to(device)
+    norm = norm.to(device)  # (the loaders keep the CPU copy: they normalise on the CPU)
 
     d_out = store.hook_dims[target]
-    recon, linear = ReconstructionMeter(d_out), ReconstructionMeter(d_out)
+    recon, linear = ReconstructionMeter(d_out, device), ReconstructionMeter(d_out, device)
     # clt: the reconstruction of each target layer too
     layers = target.members if model.cfg.layout.layered else []
-    per_layer = {h: ReconstructionMeter(d_out // len(layers)) for h in layers}
-    sparsity = SparsityMeter(model.cfg.d_sae)
-    top = TopActivations(model.cfg.d_sae, n=5)
+    per_layer = {h: ReconstructionMeter(d_out // len(layers), device) for h in layers}
+    sparsity = SparsityMeter(model.cfg.d_sae, device)
+    top = TopActivations(model.cfg.d_sae, n=5, device=device)
     with progress_bar(val_loader.steps_per_epoch(), desc=f"evaluate {spec.id}", unit="batch") as bar:
         for x, y, instance_id, position in val_loader.epoch(0, with_provenance=True):
+            x, y = x.to(device), y.to(device)
             y_hat, z = model(x)
             top.update(z, instance_id, position)
             y_raw = norm.invert(target, y)
@@ -217,14 +223,14 @@ def evaluate(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, 
         metrics["causal"] = causal_check(subject, model, w_lin, norm, spec)
     elif cfg.causal:
         metrics["causal_skipped"] = "the dataset's activations were imported: there is no model to patch"
-    metrics["meta"] = output_meta(spec, spec.train.seed, EVAL_SECTIONS)
+    metrics["meta"] = output_meta(spec, spec.train.seed, EVAL_SECTIONS, device)
 
     save_safetensors(out_dir / EVAL_TENSORS, {
-        "r2_per_dim": recon.r2_per_dim().float(),
-        "linear_r2_per_dim": linear.r2_per_dim().float(),
-        "feature_density": density.float(),
+        "r2_per_dim": recon.r2_per_dim().float().cpu(),
+        "linear_r2_per_dim": linear.r2_per_dim().float().cpu(),
+        "feature_density": density.float().cpu(),
         "l0_counts": torch.tensor([sparsity.l0_hist.get(i, 0) for i in range(max(sparsity.l0_hist, default=0) + 1)]),
-        "linear_W": w_lin,
+        "linear_W": w_lin.cpu(),
     })
     write_json(out_dir / "top_contexts.json", top.contexts(subject, n_features=16))
     write_json(metrics_path, metrics)

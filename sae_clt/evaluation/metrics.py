@@ -12,11 +12,11 @@ import torch
 class ReconstructionMeter:
     """Streams (y, ŷ) batches; sums are exact to float64 so batch size does not change results."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, device: torch.device | str = "cpu"):
         self.n = 0
-        self.sum_y = torch.zeros(dim, dtype=torch.float64)
-        self.sum_yy = torch.zeros(dim, dtype=torch.float64)
-        self.sse = torch.zeros(dim, dtype=torch.float64)
+        self.sum_y = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.sum_yy = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.sse = torch.zeros(dim, dtype=torch.float64, device=device)
         self.cos_sum = 0.0
 
     def update(self, y: torch.Tensor, y_hat: torch.Tensor) -> None:
@@ -52,9 +52,9 @@ class ReconstructionMeter:
 class SparsityMeter:
     """L0 per row and firing counts per latent."""
 
-    def __init__(self, d_sae: int):
+    def __init__(self, d_sae: int, device: torch.device | str = "cpu"):
         self.n = 0
-        self.fires = torch.zeros(d_sae, dtype=torch.float64)
+        self.fires = torch.zeros(d_sae, dtype=torch.float64, device=device)
         self.l0_hist: dict[int, int] = {}
         self.l0_sum = 0
 

@@ -118,7 +118,7 @@ def intervene(subject, dictionary, norm, exp, mode: str = "edit", edits=(), keep
     target hook point(s).
 
     ``subject``: a loaded subject (``sae_clt.subjects.load_subject``) with ``prepare_task`` done;
-    ``dictionary``: a trained ``Dictionary``; ``norm``: the dataset's ``Normalization``; ``exp``:
+    ``dictionary``: a trained ``Dictionary`` (moved to the subject's device, ``subject.to(device)``); ``norm``: the dataset's ``Normalization``; ``exp``:
     the ``ExperimentSpec``. ``mode``: bypass | no_change | edit; ``edits``: ``LatentEdit`` objects
     or dicts (edit mode only); ``keep_error``: add the reconstruction error back.
 
@@ -137,7 +137,10 @@ def intervene(subject, dictionary, norm, exp, mode: str = "edit", edits=(), keep
         return
     if getattr(subject, "model", None) is None:
         raise DataError(f"experiment '{exp.id}': the subject has no model to patch (its activations were imported)")
+    device = getattr(subject, "device", torch.device("cpu"))  # where the subject runs, the splice computes
+    dictionary, norm = dictionary.to(device), norm.to(device)
     check_normalization(dictionary, norm, exp)
+
     def rows(x: torch.Tensor, y: torch.Tensor, cols: slice) -> torch.Tensor:
         return splice_rows(dictionary, norm, exp, x, y, mode, edits, keep_error, cols)
 

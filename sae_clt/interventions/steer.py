@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..devices import experiment_device
 from ..dictionaries.dictionary import CONFIG, WEIGHTS, Dictionary
 from ..errors import DataError, SpecError
 from ..spec.project import resolve_experiment
@@ -59,10 +60,11 @@ def load_for_intervention(spec_path: Path):
                         f"train it with `saeclt run {spec_path}` (or `saeclt stage train {spec_path}` once its "
                         "dataset is collected and normalized)")
     resolved, _, norm = experiment_inputs(spec_path)
-    dictionary = Dictionary.load(folder)
-    subject = load_subject(resolved.subject, p.subject_dir(resolved.subject.id), p.root)
+    device = experiment_device(exp)  # train.device: where the experiment's stages run
+    dictionary = Dictionary.load(folder).to(device)
+    subject = load_subject(resolved.subject, p.subject_dir(resolved.subject.id), p.root).to(device)
     subject.prepare_task(resolved.dataset)
-    return exp, subject, dictionary, norm
+    return exp, subject, dictionary, norm.to(device)
 
 
 def steer(spec_path: Path, mode: str, edits: list[dict], keep_error: bool) -> dict:

@@ -50,6 +50,12 @@ def _use_kernel(*tensors: torch.Tensor):
     return _load_kernel()
 
 
+def kernels_run_on(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled kernels take these tensors (CPU tensors, kernels built and not turned
+    off); where not, every operation here runs its torch version (on a GPU, always)."""
+    return bool(_use_kernel(*tensors))
+
+
 def topk_rows(x: torch.Tensor, k: int, bias: torch.Tensor | None = None, columns: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, ...]:
     """(values, indices) of the k largest entries of each row of ``x (+ bias)``, unsorted.
@@ -65,6 +71,12 @@ def topk_rows(x: torch.Tensor, k: int, bias: torch.Tensor | None = None, columns
 
 def topk_rows_torch(x: torch.Tensor, k: int, bias: torch.Tensor | None = None, columns: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, ...]:
+    if bias is None and x.dtype in (torch.bfloat16, torch.float16):
+        # selected in the stored dtype, only what is returned converted: the same result (the
+        # conversion to float32 is exact and keeps the order), without a float32 copy of x
+        values, indices = x.topk(k, dim=-1, sorted=False)
+        out = (values.float(), indices)
+        return out if columns is None else (*out, x.index_select(1, columns).float())
     scores = x.double() if x.dtype == torch.float64 else x.float()
     if bias is not None:
         scores = scores + bias

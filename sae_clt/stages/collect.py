@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..data.collect import check_activations_root, collect, complete_parts, merge_parts, part_status
 from ..data.store import write_pointer
+from ..devices import resolve_device
 from ..errors import DataError
 from ..subjects import load_subject
 from .common import dataset_specs, log
@@ -30,6 +31,7 @@ def run(spec_path: Path, shard: tuple[int, int] | None = None) -> None:
         log(f"[collect] {dataset.id}: merged {n_parts} worker parts")
     else:
         subject = load_subject(subject_spec, paths.subject_dir(subject_spec.id), paths.root)
+        subject.to(resolve_device(dataset.collect.device, "collect.device"))
         subject.configure(dataset)
         manifest = collect(dataset, subject, target, part=shard)
         if shard is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..devices import experiment_device
 from ..evaluation.evaluate import evaluate
 from ..subjects import load_subject
 from .common import log
@@ -16,9 +17,10 @@ def run(spec_path: Path) -> None:
     p, exp = resolved.paths, resolved.experiment
     check_fits_in_memory(exp, store, spec_path, exp.evaluate.batch_size, "evaluate.batch_size")
     # The subject runs the causal check and describes the top-activating rows.
-    subject = load_subject(resolved.subject, p.subject_dir(resolved.subject.id), p.root)
+    device = experiment_device(exp)
+    subject = load_subject(resolved.subject, p.subject_dir(resolved.subject.id), p.root).to(device)
     subject.prepare_task(resolved.dataset)
-    m = evaluate(exp, store, norm, p.dictionary_dir(exp.id), subject, p.eval_dir(exp.id), p.eval_metrics(exp.id))
+    m = evaluate(exp, store, norm, p.dictionary_dir(exp.id), subject, p.eval_dir(exp.id), p.eval_metrics(exp.id), device)
     line = (f"[evaluate] {exp.id}: FVU {m['reconstruction']['fvu']:.4f} (linear {m['linear_baseline']['fvu']:.4f}), "
             f"L0 {m['sparsity']['l0']:.1f}, dead {m['sparsity']['dead_fraction']:.3f}")
     for metric, block in m.get("causal", {}).items():

@@ -23,6 +23,7 @@ from ..io import write_json
 from ..provenance import output_meta
 from ..spec.models import FilesSubjectSpec
 from ..spec.project import Paths
+from .placement import OnDevice
 
 
 @dataclass
@@ -116,7 +117,7 @@ def read_rows(src: _Source, start: int, stop: int) -> torch.Tensor:
         return f.get_slice(src.name)[start:stop].float()
 
 
-class FilesSubject:
+class FilesSubject(OnDevice):
     kind = "files"
     model = None
 

@@ -22,6 +22,7 @@ from ..data.hooks import module_hook_points
 from ..errors import DataError, SpecError
 from ..spec.models import HFSubjectSpec
 from .loaded import record_loaded_model
+from .placement import OnDevice
 
 
 def model_folder(spec: HFSubjectSpec, root: Path) -> Path:
@@ -40,7 +41,7 @@ def model_folder(spec: HFSubjectSpec, root: Path) -> Path:
     return folder
 
 
-class HFSubject:
+class HFSubject(OnDevice):
     kind = "hf"
 
     def __init__(self, spec: HFSubjectSpec, model, tokenizer, folder: Path, root: Path):
@@ -61,7 +62,8 @@ class HFSubject:
         hf_logging.disable_progress_bar()
 
         folder = model_folder(spec, root)
-        model = getattr(transformers, spec.auto_class).from_pretrained(folder, local_files_only=True, trust_remote_code=False).float()
+        model = getattr(transformers, spec.auto_class).from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        model = model.to(getattr(torch, spec.dtype))  # the spec's dtype (float32 unless it says float16 / bfloat16)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         return cls(spec, model, tokenizer, folder, root)
 
@@ -76,7 +78,7 @@ class HFSubject:
             h.update(name.encode())
             # a sample of each tensor, its first 1,024 values as float32 bytes (converting only
             # those: the whole model's bytes took ~30 ms a call, and collect calls it thrice)
-            h.update(tensor.detach().reshape(-1)[:1024].float().numpy().tobytes())
+            h.update(tensor.detach().reshape(-1)[:1024].float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
     def configure(self, dataset) -> None:
@@ -133,7 +135,7 @@ class HFSubject:
             yield {"input_ids": batch, "attention_mask": torch.ones_like(batch)}, provenance, keep
 
     def forward(self, inputs: dict) -> None:
-        self.model(**inputs)
+        self.model(**self.on_device(inputs))
 
     def describe_row(self, instance_id: int, position: int, width: int = 8) -> str:
         """The text around a token of a collected window, the token itself in «»."""
@@ -167,7 +169,7 @@ class HFSubject:
             run, reference = self._lm_pass(ids, self._clean_lm)
             self._clean_lm = reference
             return {"cross_entropy": run["cross_entropy"], "kl_from_clean": run["kl"], "top1_agreement": run["top1_agreement"]}
-        pooled = torch.cat([self._pool(self.model(input_ids=batch).last_hidden_state) for batch in ids.split(16)])
+        pooled = self._pooled(ids)
         if self._clean_pooled is None:  # the first call runs with no patch: it is the reference
             self._clean_pooled = pooled
         cos = torch.nn.functional.cosine_similarity(pooled, self._clean_pooled, dim=-1)
@@ -187,6 +189,7 @@ class HFSubject:
         losses, kls, agree, prob_sum = [], [], [], None
         positions = ids.shape[0] * (ids.shape[1] - 1)
         for b, batch in enumerate(ids.split(16)):
+            batch = self.on_device(batch)
             logits = self.model(input_ids=batch).logits
             losses.append(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="none"))
             logp = logits[:, :-1].flatten(0, 1).float().log_softmax(dim=-1)  # [positions, vocab]
@@ -210,7 +213,7 @@ class HFSubject:
         ids = self._eval_ids()
         if self.causal_lm:
             return self._lm_pass(ids, None)[1]
-        return {"pooled": torch.cat([self._pool(self.model(input_ids=batch).last_hidden_state) for batch in ids.split(16)])}
+        return {"pooled": self._pooled(ids)}
 
     @torch.no_grad()
     def task_effects(self, reference: dict, top_tokens: int = 10) -> dict:
@@ -220,7 +223,7 @@ class HFSubject:
         ([[token, change], ...], largest |change| first). Encoders: the pooled-output cosine."""
         ids = self._eval_ids()
         if not self.causal_lm:
-            pooled = torch.cat([self._pool(self.model(input_ids=batch).last_hidden_state) for batch in ids.split(16)])
+            pooled = self._pooled(ids)
             return {"pooled_cosine": float(torch.nn.functional.cosine_similarity(pooled, reference["pooled"], dim=-1).mean())}
         run, _ = self._lm_pass(ids, reference)
         moved = run["mean_probs"] - reference["mean_probs"]
@@ -232,6 +235,10 @@ class HFSubject:
 
     def _pool(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden[:, 0] if self.spec.evaluate.pooling == "cls" else hidden.mean(dim=1)
+
+    def _pooled(self, ids: torch.Tensor) -> torch.Tensor:
+        """The encoder's pooled outputs [n, d] (float32, on the subject's device) over windows ``ids``."""
+        return torch.cat([self._pool(self.model(input_ids=self.on_device(batch)).last_hidden_state).float() for batch in ids.split(16)])
 
     def prepare_task(self, dataset) -> None:
         """The causal check uses the windows right after the collected ones: never trained on."""

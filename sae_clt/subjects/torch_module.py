@@ -22,6 +22,7 @@ from ..data.hooks import module_hook_points
 from ..errors import DataError, SpecError
 from ..spec.models import TorchSubjectSpec
 from .loaded import record_loaded_model
+from .placement import OnDevice
 
 
 def _resolve(root: Path, name: str) -> Path:
@@ -109,7 +110,7 @@ def read_input_tensors(path: Path, keys: list[str]) -> list[torch.Tensor]:
     return tensors
 
 
-class TorchSubject:
+class TorchSubject(OnDevice):
     kind = "torch"
 
     def __init__(self, spec: TorchSubjectSpec, model: torch.nn.Module, root: Path):
@@ -142,7 +143,7 @@ class TorchSubject:
         h = hashlib.sha256()
         for name, tensor in sorted(self.model.state_dict().items()):
             h.update(name.encode())
-            h.update(tensor.detach().float().contiguous().numpy().tobytes())
+            h.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
     def configure(self, dataset) -> None:
@@ -167,7 +168,7 @@ class TorchSubject:
             yield tuple(t[start:stop].float() if t.is_floating_point() else t[start:stop] for t in self.inputs), provenance, None
 
     def forward(self, inputs: tuple) -> torch.Tensor:
-        out = self.model(*inputs)
+        out = self.model(*self.on_device(inputs))
         return out[0] if isinstance(out, (tuple, list)) else out
 
     def describe_row(self, instance_id: int, position: int) -> str:

@@ -17,6 +17,7 @@ from ..errors import DataError
 from ..io import read_json, save_safetensors, write_json
 from ..provenance import output_meta
 from ..spec.models import TSPSubjectSpec
+from .placement import OnDevice
 from .tsp_policy import PolicyConfig, TSPPolicy
 from .tsp_problem import (
     best_nn_two_opt_tours,
@@ -82,7 +83,7 @@ def train_subject(spec: TSPSubjectSpec, out_dir: Path, metrics_path: Path, log=p
     return metrics | {"train_seconds": seconds}
 
 
-class TSPSubject:
+class TSPSubject(OnDevice):
     """A trained policy loaded for collection and patching."""
 
     kind = "tsp"
@@ -112,7 +113,7 @@ class TSPSubject:
         h = hashlib.sha256()
         for name, tensor in sorted(self.model.state_dict().items()):
             h.update(name.encode())
-            h.update(tensor.numpy().tobytes())
+            h.update(tensor.cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
     def hook_points(self) -> list[str]:
@@ -138,19 +139,19 @@ class TSPSubject:
             yield batch, provenance, None  # every row is kept
 
     def forward(self, inputs: torch.Tensor) -> None:
-        self.model.encoder(inputs)
+        self.model.encoder(self.on_device(inputs))
 
     @torch.no_grad()
     def task_metric(self) -> dict:
         """Mean greedy tour length on the held-out instances (under whatever patches are active)."""
-        coords = eval_instances(self.spec)
+        coords = self.on_device(eval_instances(self.spec))
         return {"mean_tour_length": float(tour_length(coords, self.model.greedy_tours(coords)).mean())}
 
     @torch.no_grad()
     def task_reference(self) -> dict:
         """The clean greedy tours on the held-out instances (run with nothing patched), for
         ``task_effects``."""
-        coords = eval_instances(self.spec)
+        coords = self.on_device(eval_instances(self.spec))
         tours = self.model.greedy_tours(coords)
         return {"coords": coords, "tours": tours, "lengths": tour_length(coords, tours)}
 

@@ -125,8 +125,8 @@ class TSPPolicy(nn.Module):
         first = nodes[:, :1].expand(-1, n - 1, -1)
         # visited[b, t, c]: city c is among tours[b, :t+1]
         order = torch.empty_like(tours)
-        order.scatter_(1, tours, torch.arange(n).expand(b, -1))  # position of each city in the tour
-        visited = order.unsqueeze(1) <= torch.arange(n - 1).view(1, -1, 1)
+        order.scatter_(1, tours, torch.arange(n, device=tours.device).expand(b, -1))  # position of each city in the tour
+        visited = order.unsqueeze(1) <= torch.arange(n - 1, device=tours.device).view(1, -1, 1)
         logp = self.decoder.logits(cache, first, last, visited)  # [B, N-1, N]
         return logp.gather(2, tours[:, 1:].unsqueeze(-1)).squeeze(-1).sum(dim=1)
 
@@ -136,9 +136,9 @@ class TSPPolicy(nn.Module):
         nodes = self.encoder(coords)
         cache = self.decoder.precompute(nodes)
         b, n, _ = nodes.shape
-        rows = torch.arange(b)
-        current = torch.zeros(b, dtype=torch.long)
-        visited = torch.zeros(b, n, dtype=torch.bool)
+        rows = torch.arange(b, device=coords.device)
+        current = torch.zeros(b, dtype=torch.long, device=coords.device)
+        visited = torch.zeros(b, n, dtype=torch.bool, device=coords.device)
         visited[:, 0] = True
         first = nodes[:, :1]
         tours = [current]

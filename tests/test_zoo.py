@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import DEVICES
 
 from sae_clt.data.loader import PairLoader
 from sae_clt.data.normalize import Normalization
@@ -238,3 +239,21 @@ def test_resampling_does_not_make_the_reconstruction_worse_from_a_transposed_sta
     dead[:15] = True
     resample_dead(model, torch.optim.Adam(model.parameters(), lr=1e-3), x, x, dead, torch.zeros(40, dtype=torch.long), seed=0)
     assert fvu() <= before
+
+
+@pytest.mark.parametrize("eid", [*CASES, "z_clt_topk"])
+@pytest.mark.parametrize("device", [p for p in DEVICES if p.id != "cpu"])  # the zoo above is the CPU's
+def test_every_kind_trains_and_evaluates_on_a_gpu_to_the_cpu_s_fit(zoo, eid, device):
+    """Every architecture and activation on the GPU (the fast step's torch operations, or the
+    autograd step): the held-out FVU within 5 % of the CPU's, the dictionary saved on the CPU."""
+    text = (zoo / f"specs/{eid}.yaml").read_text().replace(f"id: {eid}", f"id: {eid}_gpu")
+    text = text.replace("train: {", f"train: {{device: {device}, ")
+    spec = zoo / "specs" / f"{eid}_gpu.yaml"
+    spec.write_text(text)
+    for stage in ("train", "evaluate"):
+        run_stage(stage, spec)
+    got = json.loads((zoo / f"metrics/{eid}_gpu/eval.json").read_text())
+    ref = json.loads((zoo / f"metrics/{eid}/eval.json").read_text())
+    assert got["meta"]["device"].startswith("cuda") and ref["meta"]["device"] == "cpu"
+    assert got["reconstruction"]["fvu"] == pytest.approx(ref["reconstruction"]["fvu"], rel=0.05)
+    Dictionary.load(zoo / f"runs/experiments/{eid}_gpu/dictionary")  # loads on the CPU

@@ -140,9 +140,12 @@ class FastTopKStep:
 
     def _fused_adam_group(self) -> dict | None:
         """The param group of the four parameters when their update can run fused (torch's Adam
-        without weight decay, amsgrad or clipping, float32 parameters, all in one group), else None."""
+        without weight decay, amsgrad or clipping, float32 parameters on the CPU, all in one
+        group), else None. (On a GPU torch's own fused Adam is one pass over every parameter; the
+        projection and renormalisation around it are two more over W_dec.)"""
         model, opt = self.model, self.opt
-        if type(opt) is not torch.optim.Adam or self.cfg.grad_clip is not None or model.W_enc.dtype != torch.float32:
+        if type(opt) is not torch.optim.Adam or self.cfg.grad_clip is not None or model.W_enc.dtype != torch.float32 \
+                or model.W_enc.device.type != "cpu":
             return None
         for group in opt.param_groups:
             ids = {id(p) for p in group["params"]}

@@ -18,6 +18,6 @@ def render(subject, dataset, instance_ids: list[int]) -> dict[int, dict]:
     if not instance_ids:
         return {}
     coords = random_instances(dataset.collect.n_instances, subject.spec.n_nodes, dataset.collect.seed)[torch.tensor(instance_ids)]
-    tours = torch.cat([subject.model.greedy_tours(chunk) for chunk in coords.split(BATCH)])
+    tours = torch.cat([subject.model.greedy_tours(subject.on_device(chunk)).cpu() for chunk in coords.split(BATCH)])
     return {i: {"coords": [[sig(x), sig(y)] for x, y in c.double().tolist()], "tour": t}
             for i, c, t in zip(instance_ids, coords, tours.tolist())}

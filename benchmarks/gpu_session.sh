@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_session.sh throughput   carry: .gpu/wheels-base .gpu/wheels-peers   (~5 min)
 #       nvidia-smi; the device-agnostic tests' CUDA cases (pytest -k cuda, capped at 150 s);
 #       benchmarks/gpu_check.py: saeclt against sparsify and SAELens at 384 -> 3,072 and
-#       768 -> 24,576 (k 32, batch 4,096), with a profile of saeclt's step
+#       768 -> 24,576 (k 32, batch 4,096), with a profile of saeclt's step; benchmarks/gpu_ops.py:
+#       each operation of the step beside an alternative
 #   bash benchmarks/gpu_session.sh pipeline     carry: .gpu/wheels-base .gpu/minilm         (~5 min)
 #       benchmarks/gpu_pipeline.py: the MiniLM pipeline on the GPU and on the CPU, compared; each
 #       dictionary evaluated on the other device
@@ -33,6 +34,7 @@ case "$part" in
   throughput)
     timeout 150 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_devices.py tests/test_fast_step.py 2>&1 | tail -40
     python3 benchmarks/gpu_check.py --out "$OUT/gpu_check.json" --time-limit 200 --profile 20
+    timeout 60 python3 benchmarks/gpu_ops.py --device cuda
     ;;
   pipeline)
     timeout 420 python3 benchmarks/gpu_pipeline.py --device cuda --model-folder .gpu/minilm --out "$OUT/gpu_pipeline.json"

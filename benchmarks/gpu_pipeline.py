@@ -130,6 +130,9 @@ def headline(root: Path) -> dict:
         except (KeyError, TypeError):
             out[label] = None
     out["device"] = docs["eval.json"]["meta"].get("device")
+    run_log = json.loads((root / "runs" / "experiments" / EXPERIMENT / "train_log.json").read_text())
+    for key in ("rows_per_second", "waited_for_batches_seconds", "gpu_utilisation_percent", "seconds"):
+        out[f"train_{key}"] = run_log.get(key)
     return out
 
 
@@ -215,6 +218,12 @@ def table(report: dict) -> str:
     for c in report["cross"]:
         lines.append(f"trained on {c['trained_on']}, evaluated on {c['evaluated_on']}: max relative difference "
                      f"{c['max_relative_difference']:.2e} over {c['numbers']} numbers ({c['where']}): {'ok' if c['ok'] else 'NOT within'}")
+    for name in ("gpu", "cpu"):
+        r = report[name]
+        busy = r.get("train_gpu_utilisation_percent")
+        lines.append(f"training on {r['device']}: {r['train_rows_per_second'] or 0:,.0f} rows/s, waited for batches "
+                     f"{r['train_waited_for_batches_seconds'] or 0:.2f} of {r['train_seconds'] or 0:.1f} s"
+                     + (f", GPU utilisation {busy:.0f} %" if busy is not None else ""))
     lines.append("seconds per stage, GPU: " + ", ".join(f"{k} {v}" for k, v in report["seconds_gpu"].items()))
     lines.append("seconds per stage, CPU: " + ", ".join(f"{k} {v}" for k, v in report["seconds_cpu"].items()))
     return "\n".join(lines)

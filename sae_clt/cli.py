@@ -343,6 +343,8 @@ def steer(
     mode: str = typer.Option(None, "--mode", help="bypass | no-change | edit; default: edit when latents are named, else no-change."),
     no_error: bool = typer.Option(False, "--no-error", help="Drop the reconstruction error term (the output is the "
                                   "dictionary's reconstruction itself, not the original plus the edit)."),
+    intervention: str = typer.Option(None, "--intervention", "-i", help="Run one of the spec's own `interventions:` by name "
+                                     "(instead of --feature and an operation)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Splice an experiment's trained dictionary into its subject, change latents, and measure the effect.
@@ -362,16 +364,24 @@ def steer(
       saeclt steer specs/sae_L2.yaml --feature 3 --clamp 1.5 --low 0.5
 
       saeclt steer specs/sae_L2.yaml --mode no-change --no-error
+
+      saeclt steer specs/clt_L0_L2.yaml --intervention NAME   # one of the spec's interventions:
     """
     try:
         import json
 
-        from .interventions.steer import edits_from_options, effects_table
+        from .interventions.steer import edits_from_options, effects_table, named_intervention
         from .interventions.steer import steer as run_steer
 
         ops = {"scale": scale, "set": set_value, "clamp": clamp, "add": add}
-        name, edits, keep_error = edits_from_options(list(feature or []), ops, low, mode, no_error)
-        result = run_steer(spec, name, edits, keep_error)
+        if intervention is not None:
+            given = [f"--{k}" for k, v in {**ops, "feature": feature or None, "low": low, "mode": mode}.items() if v is not None]
+            given += ["--no-error"] if no_error else []
+            name, edits, keep_error = named_intervention(spec, intervention, given)
+            result = run_steer(spec, name, edits, keep_error, name=intervention)
+        else:
+            name, edits, keep_error = edits_from_options(list(feature or []), ops, low, mode, no_error)
+            result = run_steer(spec, name, edits, keep_error)
         typer.echo(json.dumps(result, indent=2) if as_json else effects_table(result))
     except BaseException as exc:  # noqa: BLE001
         _fail(exc)

@@ -452,3 +452,27 @@ def test_torch_subject_effects_are_the_output_cosine_with_clean_and_change(tmp_p
     assert plain["output_cosine"] < same["output_cosine"]
     assert set(plain) == {"output_cosine", "output_cosine_clean", "output_cosine_change"}
     assert plain["output_cosine_change"] == pytest.approx(plain["output_cosine"] - plain["output_cosine_clean"])
+
+
+def test_steer_runs_the_spec_s_named_intervention_with_the_analysis_effects(project, monkeypatch):
+    """`saeclt steer SPEC --intervention NAME` runs one of the spec's `interventions:` as written:
+    the effects the analyze stage records for it; an unknown name or added edit options exit 2."""
+    from typer.testing import CliRunner
+
+    from sae_clt.cli import app
+
+    monkeypatch.chdir(project)
+    run_stage("analyze", project / "specs/tiny_clt.yaml")
+    recorded = json.loads((project / "metrics/tiny_clt/analysis.json").read_text())["interventions"]
+    expected = next(i for i in recorded if i["name"] == "ablate_two")
+    result = CliRunner().invoke(app, ["steer", "specs/tiny_clt.yaml", "--intervention", "ablate_two", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["intervention"] == "ablate_two" and data["edits"] == expected["edits"] and data["mode"] == "edit"
+    assert data["effects"] == pytest.approx(expected["effects"], rel=1e-9)
+    table = CliRunner().invoke(app, ["steer", "specs/tiny_clt.yaml", "-i", "plain"])
+    assert table.exit_code == 0 and "tiny_clt (the spec's intervention 'plain'): no_change, error term dropped" in table.output
+    unknown = CliRunner().invoke(app, ["steer", "specs/tiny_clt.yaml", "-i", "nope"])
+    assert unknown.exit_code == 2 and "its interventions: ablate_two, plain" in unknown.output
+    mixed = CliRunner().invoke(app, ["steer", "specs/tiny_clt.yaml", "-i", "plain", "--feature", "1", "--no-error"])
+    assert mixed.exit_code == 2 and "drop --feature / --no-error" in mixed.output

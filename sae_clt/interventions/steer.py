@@ -48,6 +48,22 @@ def edits_from_options(features: list[int], ops: dict, low: float | None, mode: 
     return name, edits, not no_error
 
 
+def named_intervention(spec_path: Path, name: str, other_options: list[str]) -> tuple[str, list[dict], bool]:
+    """(mode, edits, keep_error) of the experiment's own intervention ``name`` (its
+    ``interventions:`` list), for ``saeclt steer --intervention NAME``; refused beside options
+    that would change it (``other_options``, as the command line spells them)."""
+    if other_options:
+        raise SpecError("saeclt steer", [f"--intervention {name}: runs the spec's intervention as it is written; "
+                                         f"drop {' / '.join(other_options)} (or give the edits without --intervention)"])
+    exp = resolve_experiment(spec_path).experiment
+    for inter in exp.interventions:
+        if inter.name == name:
+            return inter.mode, [e.model_dump(exclude_none=True) for e in inter.edits], inter.keep_error
+    names = [inter.name for inter in exp.interventions]
+    raise SpecError("--intervention", [f"--intervention {name!r}: {spec_path} has no intervention of that name; "
+                                       + (f"its interventions: {', '.join(names)}" if names else "its interventions: list is empty")])
+
+
 def load_for_intervention(spec_path: Path):
     """(experiment spec, subject ready for its task, trained dictionary, normalisation) of an
     experiment spec file; a clear error, naming the command that trains it, when the dictionary is missing."""
@@ -67,8 +83,9 @@ def load_for_intervention(spec_path: Path):
     return exp, subject, dictionary, norm.to(device)
 
 
-def steer(spec_path: Path, mode: str, edits: list[dict], keep_error: bool) -> dict:
-    """Run one intervention on the experiment of ``spec_path``: {experiment, mode, keep_error, edits, effects}."""
+def steer(spec_path: Path, mode: str, edits: list[dict], keep_error: bool, name: str = "steer") -> dict:
+    """Run one intervention on the experiment of ``spec_path``: {experiment, mode, keep_error, edits, effects}
+    (and its ``name`` when it is one of the spec's)."""
 
     exp, subject, dictionary, norm = load_for_intervention(Path(spec_path))
     parsed = parse_edits(edits, "--feature")
@@ -77,9 +94,9 @@ def steer(spec_path: Path, mode: str, edits: list[dict], keep_error: bool) -> di
     if outside:
         raise SpecError("--feature", [f"--feature {f}: out of range: the dictionary of '{exp.id}' has {width} latents "
                                       f"(0 to {width - 1})" for f in outside])
-    intervention = {"name": "steer", "mode": mode, "keep_error": keep_error, "edits": edits}
+    intervention = {"name": name, "mode": mode, "keep_error": keep_error, "edits": edits}
     effects = measure(subject, dictionary, norm, exp, intervention)
-    return {"experiment": exp.id, "mode": mode, "keep_error": keep_error,
+    return {"experiment": exp.id, **({"intervention": name} if name != "steer" else {}), "mode": mode, "keep_error": keep_error,
             "edits": [e.model_dump(exclude_none=True) for e in parsed], "effects": effects}
 
 
@@ -93,7 +110,8 @@ def effects_table(result: dict) -> str:
     what = ", ".join(f"feature {e['feature']} {e['op']} {_number(e['value'])}" + (f" (low {_number(e['low'])})" if "low" in e else "")
                      for e in result["edits"])
     error = "" if result["mode"] == "bypass" else (", error term kept" if result["keep_error"] else ", error term dropped")
-    lines = [f"{result['experiment']}: {result['mode']}{error}" + (f"; {what}" if what else "")]
+    named = f" (the spec's intervention {result['intervention']!r})" if "intervention" in result else ""
+    lines = [f"{result['experiment']}{named}: {result['mode']}{error}" + (f"; {what}" if what else "")]
     scalars = {k: v for k, v in result["effects"].items() if not isinstance(v, list)}
     width = max([len("metric"), *map(len, scalars)])
     lines.append(f"{'metric':<{width}}  value")

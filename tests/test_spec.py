@@ -99,3 +99,18 @@ def test_hook_point_patterns_take_one_path_component():
     assert expand_hook_points(["encoder.layer.*:input", "encoder.layer.1"], available) == [
         "encoder.layer.0:input", "encoder.layer.1:input", "encoder.layer.1"]
     assert matches("encoder.layer.7", "encoder.layer.*") and not matches("encoder.layer.7.attention", "encoder.layer.*")
+
+
+def test_yes_no_on_off_stay_strings_where_a_string_is_expected_and_still_read_as_booleans(tmp_path):
+    """YAML 1.2 booleans only: an intervention named `off` keeps its name (YAML 1.1 would make it
+    False), while a boolean field still takes on / off."""
+    from sae_clt.spec.models import load_spec
+
+    (tmp_path / "specs").mkdir()
+    path = tmp_path / "specs" / "x.yaml"
+    path.write_text("id: x\ndataset: d\nsource: a\ntarget: a\nmodel: {architecture: sae, d_sae: 8, activation: topk, k: 2}\n"
+                    "train: {}\nexport: {}\nevaluate: {causal: off}\ninterventions:\n  - {name: off, edits: [{feature: 1, op: set, value: 0}]}\n"
+                    "  - {name: yes, mode: no_change}\n")
+    spec = load_spec(path)
+    assert [i.name for i in spec.interventions] == ["off", "yes"]
+    assert spec.evaluate.causal is False

@@ -548,6 +548,15 @@ class _SpecLoader(yaml.SafeLoader):
             raise yaml.constructor.ConstructorError(None, None, f"cannot read {quote(node.value)}: {exc}", node.start_mark) from None
 
 
+# YAML 1.2's booleans only: true / false. YAML 1.1 (PyYAML's default) also reads yes, no, on and
+# off as booleans, which turns an intervention named `off` or a hook point named `no` into False;
+# here they stay strings (a boolean field still accepts them: Pydantic reads "on"/"off"/"yes"/"no").
+_BOOL = "tag:yaml.org,2002:bool"
+_SpecLoader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+                                       for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_SpecLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
 def _key_of(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
     """A mapping key as the constructed document will hold it (None where it is not hashable)."""
     try:

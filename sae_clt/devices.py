@@ -7,8 +7,10 @@ dataset's subject during collection) take:
     cuda     a GPU: under torchrun (LOCAL_RANK set) this process's own, cuda:LOCAL_RANK; else cuda:0
     cuda:N   GPU N
 
-A setting the machine cannot honour (no GPU, N out of range) is refused as a spec error naming
-the field, before any work starts. Every output records where it was made (``meta.device``);
+``$SAECLT_DEVICE`` (cpu, cuda, cuda:N), when set, is what ``auto`` means: e.g. ``cpu`` keeps every
+spec on the CPU of a GPU machine (the test suite sets it, so that its reference figures are the
+CPU's everywhere). A setting the machine cannot honour (no GPU, N out of range) is refused as a
+spec error naming the field, before any work starts. Every output records where it was made (``meta.device``);
 what it holds does not depend on it (tensors are saved from the CPU, metrics are plain numbers).
 """
 
@@ -22,6 +24,8 @@ import torch
 from .errors import SpecError
 from .spec.models import DEVICE_PATTERN
 
+AUTO_ENV = "SAECLT_DEVICE"  # when set (cpu, cuda, cuda:N), what `auto` means on this machine
+
 
 def resolve_device(setting: str, field: str) -> torch.device:
     """The device ``setting`` names on this machine; ``field`` (e.g. ``train.device``) is named in
@@ -29,6 +33,8 @@ def resolve_device(setting: str, field: str) -> torch.device:
     match = re.match(DEVICE_PATTERN, setting)
     if match is None:
         raise SpecError(field, [f"{field}: {setting!r} is not a device; allowed: auto, cpu, cuda, cuda:N"])
+    if setting == "auto" and os.environ.get(AUTO_ENV, "auto") != "auto":  # the machine's own choice for every `auto`
+        return resolve_device(os.environ[AUTO_ENV], f"{field} (auto, from ${AUTO_ENV})")
     if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():

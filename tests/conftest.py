@@ -12,6 +12,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# Specs that say `device: auto` (the tiny projects' own, most of the suite) run on the CPU on every
+# machine, so the reference figures are the CPU's; the device-parametrised tests name their device.
+os.environ["SAECLT_DEVICE"] = "cpu"
 
 # Device-agnostic tests take a `device` parameter from this list: the CPU always; CUDA where torch
 # sees a GPU (skipped, and shown as skipped, elsewhere). On a GPU machine `pytest -k cuda` runs them.

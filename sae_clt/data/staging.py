@@ -100,12 +100,14 @@ class HostStaging:
         self.count += 1
         self.pool.wait(slot)
         host = {}
-        for i, (name, tensor) in enumerate(tensors.items()):
-            pinned = self.pool.take(slot, i, tensor)
-            pinned.copy_(tensor, non_blocking=True)
-            host[name] = pinned
+        stream = torch.cuda.current_stream(next(iter(tensors.values())).device)  # the tensors' GPU's, not the current GPU's
+        with torch.cuda.stream(stream):
+            for i, (name, tensor) in enumerate(tensors.items()):
+                pinned = self.pool.take(slot, i, tensor)
+                pinned.copy_(tensor, non_blocking=True)
+                host[name] = pinned
         event = torch.cuda.Event()
-        event.record()
+        event.record(stream)
         self.pool.events[slot] = event
         return host, slot
 

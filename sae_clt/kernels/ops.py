@@ -300,12 +300,16 @@ class LatentRows:
 
 
 def sampled_rows(g: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """[B, k]: g[b] · rows[idx[b, j]] (a sampled dense-dense product, no [B, n] intermediate)."""
+    """[B, k]: g[b] · rows[idx[b, j]] (a sampled dense-dense product, no [B, n] intermediate). The
+    mask's columns are sorted within each row (cuSPARSE expects sorted CSR columns; top-k leaves
+    them unsorted) and the products put back in ``idx``'s order."""
     n_rows, k = idx.shape
+    columns, order = idx.sort(dim=1)
     crow = torch.arange(0, n_rows * k + 1, k, device=idx.device)
-    mask = torch.sparse_csr_tensor(crow, idx.reshape(-1), torch.zeros(n_rows * k, dtype=g.dtype, device=g.device),
+    mask = torch.sparse_csr_tensor(crow, columns.reshape(-1), torch.zeros(n_rows * k, dtype=g.dtype, device=g.device),
                                    (n_rows, rows.shape[0]))
-    return torch.sparse.sampled_addmm(mask, g, rows.t()).values().reshape(n_rows, k)
+    products = torch.sparse.sampled_addmm(mask, g, rows.t()).values().reshape(n_rows, k)
+    return torch.empty_like(products).scatter_(1, order, products)
 
 
 def _load_kernel():

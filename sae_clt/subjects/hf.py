@@ -191,8 +191,8 @@ class HFSubject(OnDevice):
         for b, batch in enumerate(ids.split(16)):
             batch = self.on_device(batch)
             logits = self.model(input_ids=batch).logits
-            losses.append(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="none"))
-            logp = logits[:, :-1].flatten(0, 1).float().log_softmax(dim=-1)  # [positions, vocab]
+            logp = logits[:, :-1].flatten(0, 1).float().log_softmax(dim=-1)  # [positions, vocab], float32 whatever the model's dtype
+            losses.append(-logp.gather(1, batch[:, 1:].reshape(-1, 1)).squeeze(1))  # next-token cross-entropy
             if build:
                 reference["batches"].append(lm_reference_batch(logp, positions))
             ref = reference["batches"][b]
@@ -234,11 +234,12 @@ class HFSubject(OnDevice):
                 "top_tokens_moved": [[self.tokenizer.decode([int(t)]), float(moved[t])] for t in order]}
 
     def _pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.float()  # (a float16 / bfloat16 model: pooled in float32)
         return hidden[:, 0] if self.spec.evaluate.pooling == "cls" else hidden.mean(dim=1)
 
     def _pooled(self, ids: torch.Tensor) -> torch.Tensor:
         """The encoder's pooled outputs [n, d] (float32, on the subject's device) over windows ``ids``."""
-        return torch.cat([self._pool(self.model(input_ids=self.on_device(batch)).last_hidden_state).float() for batch in ids.split(16)])
+        return torch.cat([self._pool(self.model(input_ids=self.on_device(batch)).last_hidden_state) for batch in ids.split(16)])
 
     def prepare_task(self, dataset) -> None:
         """The causal check uses the windows right after the collected ones: never trained on."""

@@ -66,22 +66,16 @@ def describe(device: torch.device | str) -> str:
     return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
 
 
-def move(value, device: torch.device, non_blocking: bool = False):
+def move(value, device: torch.device):
     """``value`` with every tensor in it (in dicts, lists and tuples too) on ``device``; tensors
     already there are returned as they are."""
     if isinstance(value, torch.Tensor):
-        return value if value.device == device else value.to(device, non_blocking=non_blocking)
+        return value if value.device == device else value.to(device)
     if isinstance(value, dict):
-        return {k: move(v, device, non_blocking) for k, v in value.items()}
+        return {k: move(v, device) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(move(v, device, non_blocking) for v in value)
+        return type(value)(move(v, device) for v in value)
     return value
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the work queued on ``device`` (a no-op on the CPU): for timings."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def configure_determinism(deterministic: bool, device: torch.device) -> None:

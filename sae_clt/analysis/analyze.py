@@ -88,8 +88,8 @@ def analyze(exp: ExperimentSpec, dataset: DatasetSpec, store: ActivationStore, n
     # compact (the file is read by the dashboard, not by people) and sorted: the same bytes each run
     atomic_write_text(Path(out_dir) / EXAMPLES_FILE,
                       json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False) + "\n")
-    metrics = summary(exp, stats, codes, torch.device(device))
-    metrics.update(interventions(exp, subject, model, norm.to(device), stats))
+    metrics = summary(exp, stats, codes, device)
+    metrics.update(interventions(exp, subject, model, norm, stats))  # (intervene places them on the subject's device)
     write_json(metrics_path, metrics)
     return metrics
 

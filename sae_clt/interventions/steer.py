@@ -80,7 +80,7 @@ def load_for_intervention(spec_path: Path):
     dictionary = Dictionary.load(folder).to(device)
     subject = load_subject(resolved.subject, p.subject_dir(resolved.subject.id), p.root).to(device)
     subject.prepare_task(resolved.dataset)
-    return exp, subject, dictionary, norm.to(device)
+    return exp, subject, dictionary, norm
 
 
 def steer(spec_path: Path, mode: str, edits: list[dict], keep_error: bool, name: str = "steer") -> dict:

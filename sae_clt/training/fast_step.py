@@ -30,6 +30,8 @@ float64); ``benchmarks/train_throughput.py`` measures both.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..dictionaries.dictionary import Dictionary
@@ -328,18 +330,18 @@ class FastTopKStep:
         if self.world is not None:  # data-parallel: combine across ranks
             fired = self.world.any(fired)
         rows_since_fired += n_rows * (self.world.size if self.world is not None else 1)
-        rows_since_fired[fired] = 0
+        rows_since_fired.masked_fill_(fired, 0)  # (a boolean index would wait for the GPU)
         dead = rows_since_fired >= cfg.dead_after_rows
         grads = (g_W_enc, g_b_enc, g_W_dec, g_b_dec)
         aux = self._add_aux_k(grads, x, x_in, dead, candidates, pre_candidates, g_yhat, sq_err, mse, scale)
         if model.cfg.apply_b_dec_to_input:  # b_dec is also subtracted from the input: its gradient there is -W_enc · Σ_rows ∂L/∂pre
             g_b_dec -= W_enc @ g_b_enc
-        loss = mse + cfg.aux_coeff * aux
-        if not torch.isfinite(loss):
-            return {"loss": float(loss)}
+        loss = float(mse + cfg.aux_coeff * aux)  # (one wait for the device a step, where there is one)
+        if not math.isfinite(loss):
+            return {"loss": loss}
         self._apply(grads)
         if not self.want_metrics:  # steps that are not logged skip the metrics' extra passes
-            return {"loss": float(loss)}
-        return {"loss": float(loss), "mse": float(mse), "aux_loss": float(aux),
+            return {"loss": loss}
+        return {"loss": loss, "mse": float(mse), "aux_loss": float(aux),
                 "fvu": float(mse) / _mean_variance(y), "l0": float((acts > 0).sum(-1).to(torch.float32).mean()),
                 "dead_fraction": float(dead.double().mean()), FIRING: counts.double() / n_rows}

@@ -124,7 +124,7 @@ def train_step(model: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, y
     if world is not None:
         fired = world.any(fired)
     rows_since_fired += x.shape[0] * (world.size if world is not None else 1)
-    rows_since_fired[fired] = 0
+    rows_since_fired.masked_fill_(fired, 0)  # (a boolean index would wait for the GPU)
     dead = rows_since_fired >= cfg.dead_after_rows
     use_aux = model.cfg.act.aux_k and cfg.aux_k
     aux = aux_k_loss(model, f.pre, y - f.y_hat, dead, cfg.aux_k) if use_aux else f.pre.new_zeros(())

@@ -388,3 +388,36 @@ def test_synthetic_dashboard_rebuilds_byte_identical(tmp_path):
     assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     assert {"data/chunk_000.js", "data/chunk_002.js", "data/inst_000.js", "index.html"} <= {str(p) for p in files}
     assert all((a / p).read_bytes() == (b / p).read_bytes() for p in files)
+
+
+TSP_EFFECTS = {"mean_tour_length": 4.0, "mean_tour_length_clean": 3.9, "mean_tour_length_change_pct": 2.5, "decisions_changed": 0.3}
+LM_EFFECTS = {"cross_entropy": 3.2, "cross_entropy_clean": 3.0, "cross_entropy_change": 0.2, "kl_clean_edited": 0.4,
+              "top1_agreement": 0.9, "top_tokens_moved": [["a", 0.01]]}
+
+
+@pytest.mark.parametrize("effects, name, size", [
+    (TSP_EFFECTS, "mean_tour_length_change_pct", 2.5),
+    (LM_EFFECTS, "cross_entropy_change", 0.2),
+    ({"pooled_cosine": 0.75}, "pooled_cosine", 0.25),
+    ({"output_cosine": 0.8, "output_cosine_clean": 1.0, "output_cosine_change": -0.2}, "output_cosine_change", 0.2),
+    ({"some_metric": -3.0, "flag": True}, "some_metric", 3.0),
+    ({"top_tokens_moved": []}, None, 0.0),
+])
+def test_dashboard_column_and_report_ranking_read_the_same_effect(effects, name, size):
+    from sae_clt.report.dashboard import effect_column
+    from sae_clt.report.headline import effect_size, headline_effect
+    from sae_clt.report.render import interventions_context
+
+    assert headline_effect(effects) == name
+    assert effect_size(effects) == pytest.approx(size)
+    ablations = [{"feature": f, "score": 1.0, "effects": effects} for f in range(2)]
+    column, values = effect_column(ablations, 3)
+    assert column == name
+    assert values[2] is None and (values[0] is None) == (name is None)
+    if name is not None:  # the report ranks ablations by the size of the same effect, largest first
+        weaker = {k: (v / 2 if k == name else v) for k, v in effects.items()}
+        if name == "pooled_cosine":
+            weaker[name] = 1 - size / 2
+        ranked = interventions_context({"ablations": [{"feature": 0, "score": 1.0, "effects": weaker},
+                                                      {"feature": 1, "score": 1.0, "effects": effects}]})
+        assert [a["feature"] for a in ranked["ablations"]] == [1, 0]

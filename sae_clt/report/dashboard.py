@@ -37,15 +37,13 @@ from typing import Any
 
 from ..errors import DataError
 from ..io import atomic_write_text, read_json
+from .headline import headline_effect
 
 CHUNK = 64  # features per chunk file
 BUCKET = 64  # instances per instance file
 DATA_FILES = ("dashboard/index.html", "dashboard/app.js", "dashboard/style.css")  # the static assets (DVC dependencies)
 STATS_KEYS = ("frequency", "magnitude", "max_activation", "score", "in_band", "hist_counts", "neighbours",
               "neighbour_cosine", "decoder_dims", "decoder_values", "cofire_features", "cofire_counts")
-# The ablation metric shown as a table column: the first of these an ablation reports, else its first number.
-HEADLINE_EFFECTS = ("mean_tour_length_change_pct", "cross_entropy_change", "kl_clean_edited", "output_cosine_change",
-                    "pooled_cosine")
 
 
 def _r(value: float, digits: int = 4) -> float | int | None:
@@ -90,14 +88,6 @@ def _band_of(stats: dict, low: float, i: int) -> int:
     return 0 if stats["frequency"][i] < low else 2
 
 
-def _headline_effect(ablations: list[dict]) -> str | None:
-    keys = [k for a in ablations for k, v in a.get("effects", {}).items() if isinstance(v, (int, float))]
-    for name in HEADLINE_EFFECTS:
-        if name in keys:
-            return name
-    return keys[0] if keys else None
-
-
 def _search_text(examples: list, instances: dict, kind: str) -> str:
     """The firing tokens of a feature's top examples (text subjects), for the table's search."""
     if kind != "text":
@@ -114,17 +104,23 @@ def _search_text(examples: list, instances: dict, kind: str) -> str:
     return "\n".join(seen[:20])
 
 
-def _index_payload(eid: str, stats: dict, examples: dict, metrics: dict) -> dict:
-    n = len(stats["frequency"])
-    band = metrics.get("band", {})
-    low = float(band.get("low", 0.0))
-    ablations = metrics.get("ablations") or []
-    headline = _headline_effect(ablations)
+def effect_column(ablations: list[dict], n: int) -> tuple[str | None, list]:
+    """The table's ablation column: the headline effect's name (one for every row) and its value
+    per latent (None where the latent was not ablated)."""
+    headline = next((name for a in ablations if (name := headline_effect(a.get("effects", {})))), None)
     effect = [None] * n
     for a in ablations:
         value = a.get("effects", {}).get(headline)
         if isinstance(value, (int, float)) and 0 <= a["feature"] < n:
             effect[a["feature"]] = _r(value)
+    return headline, effect
+
+
+def _index_payload(eid: str, stats: dict, examples: dict, metrics: dict) -> dict:
+    n = len(stats["frequency"])
+    band = metrics.get("band", {})
+    low = float(band.get("low", 0.0))
+    headline, effect = effect_column(metrics.get("ablations") or [], n)
     features, instances, kind = examples["features"], examples["instances"], examples["subject_kind"]
     return {
         "experiment": eid, "kind": kind, "latents": n, "chunk": CHUNK, "bucket": BUCKET,

@@ -15,6 +15,7 @@ import torch
 
 from ..io import atomic_write_text, read_json
 from ..spec.models import ExperimentSpec, dump_spec_yaml
+from .headline import effect_size
 
 DATA_FILES = ("templates/report.md.j2", "templates/report.html.j2")  # read by the report stage (a DVC dependency)
 
@@ -111,18 +112,6 @@ def _fmt(value) -> str:
 def effects_text(effects: dict) -> str:
     """An EFFECTS dict (interventions.effects) as one line: its numbers, named."""
     return ", ".join(f"{k} {_fmt(v)}" for k, v in effects.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-
-
-def effect_size(effects: dict) -> float:
-    """How much an intervention moved the subject's task: the first relative change it reports,
-    else 1 − the output cosine with the clean run."""
-    for key, value in effects.items():
-        if key.endswith(("_change_pct", "_change")) and isinstance(value, (int, float)):
-            return abs(float(value))
-    for key in ("pooled_cosine", "output_cosine"):
-        if isinstance(effects.get(key), (int, float)):
-            return 1.0 - float(effects[key])
-    return 0.0
 
 
 def interventions_context(analysis: dict | None, n_ablations: int = 8) -> dict | None:

@@ -25,6 +25,7 @@ app = typer.Typer(
         "  saeclt convert specs/minilm_sae_L2.yaml --to saelens   # load it with SAELens (or --to sparsify)\n\n"
         "  saeclt compare specs/minilm_sae_L2.yaml other_sae/    # beside a SAELens / sparsify dictionary\n\n"
         "  saeclt steer specs/clt_L0_L2.yaml --feature 17 --scale 0   # ablate a latent, measure the effect\n\n"
+        "  saeclt sweep specs/sae_L2.yaml --grid model.k=16,32,64   # a grid of variants and their FVU-L0 frontier\n\n"
         "  dvc repro                            # every experiment listed in params.yaml"
     ),
     no_args_is_help=True,
@@ -383,6 +384,38 @@ def steer(
             name, edits, keep_error = edits_from_options(list(feature or []), ops, low, mode, no_error)
             result = run_steer(spec, name, edits, keep_error)
         typer.echo(json.dumps(result, indent=2) if as_json else effects_table(result))
+    except BaseException as exc:  # noqa: BLE001
+        _fail(exc)
+
+
+@app.command()
+def sweep(
+    spec: Path = typer.Argument(..., help="The base experiment spec, e.g. specs/sae_L2.yaml."),
+    grid: List[str] = typer.Option(None, "--grid", "-g", help="FIELD=V1,V2,...: a spec field's dotted path and the values "
+                                   "to try (repeatable; every combination runs)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the variants and check their specs; write and run nothing."),
+) -> None:
+    """Run a grid of variants of an experiment and summarise them (the FVU–L0 frontier).
+
+    Each combination becomes an ordinary experiment spec beside the base, specs/<base>-<name><value>.yaml, run through DVC like any other (the subject and dataset are shared; a variant already run is skipped), and listed in params.yaml. The summary goes to reports/sweeps/<base>-<names>/: sweep.md (a table of FVU, L0, dead and dense fractions, the causal check), sweep.json and frontier.svg.
+
+    Exit codes: 2 for a grid value the spec does not accept (named by its --grid key) or a variant file that was not written by a sweep; a failing variant's own code otherwise (the variants before it are summarised).
+
+    Examples:
+
+      saeclt sweep specs/sae_L2.yaml --grid model.k=16,32,64
+
+      saeclt sweep specs/sae_L2.yaml -g model.k=16,64 -g train.lr=3e-3,1e-2   # four variants
+
+      saeclt sweep specs/minilm_sae_L2.yaml -g model.activation=topk,batchtopk --dry-run
+    """
+    try:
+        import shlex
+
+        from .sweeps import run_sweep
+
+        command = shlex.join(["saeclt", "sweep", str(spec), *(f"--grid={g}" for g in grid or [])])
+        run_sweep(spec, list(grid or []), command, dry_run=dry_run, log=lambda line: typer.echo(line, err=True))
     except BaseException as exc:  # noqa: BLE001
         _fail(exc)
 

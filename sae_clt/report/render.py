@@ -20,7 +20,7 @@ from .headline import effect_size
 DATA_FILES = ("templates/report.md.j2", "templates/report.html.j2")  # read by the report stage (a DVC dependency)
 
 
-def _svg(fig) -> str:
+def svg_text(fig) -> str:
     import matplotlib.pyplot as plt
 
     buf = io.StringIO()
@@ -57,7 +57,7 @@ def make_plots(curves_dir: Path, eval_tensors: dict[str, torch.Tensor]) -> dict[
         if name in ("loss", "fvu") and min(values) > 0:
             ax.set_yscale("log")
     fig.tight_layout()
-    plots["curves"] = _svg(fig)
+    plots["curves"] = svg_text(fig)
 
     usage = curves_dir / "usage_histogram.tsv"
     if usage.exists():  # latents per decade of firing frequency, per logged step (a training batch)
@@ -71,7 +71,7 @@ def make_plots(curves_dir: Path, eval_tensors: dict[str, torch.Tensor]) -> dict[
             ax.set_xlabel("step")
             ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
             fig.tight_layout()
-            plots["usage"] = _svg(fig)
+            plots["usage"] = svg_text(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 2.6))
     counts = eval_tensors["l0_counts"].double()
@@ -85,7 +85,7 @@ def make_plots(curves_dir: Path, eval_tensors: dict[str, torch.Tensor]) -> dict[
         axes[1].hist(alive.log10().tolist(), bins=50)
     axes[1].set_title(f"log10 feature density ({dead} dead not shown)")
     fig.tight_layout()
-    plots["histograms"] = _svg(fig)
+    plots["histograms"] = svg_text(fig)
 
     fig, ax = plt.subplots(figsize=(9, 2.6))
     r2 = eval_tensors["r2_per_dim"].double()
@@ -97,7 +97,7 @@ def make_plots(curves_dir: Path, eval_tensors: dict[str, torch.Tensor]) -> dict[
     ax.set_xlabel("target dim (sorted)")
     ax.legend()
     fig.tight_layout()
-    plots["r2"] = _svg(fig)
+    plots["r2"] = svg_text(fig)
     return plots
 
 

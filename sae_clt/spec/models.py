@@ -670,7 +670,7 @@ def _allowed_range(model: type[BaseModel], loc: tuple) -> str | None:
     return what + (" " + " and ".join(parts) if parts else "")
 
 
-def _describe(err: dict, model: type[BaseModel]) -> str:
+def describe_error(err: dict, model: type[BaseModel]) -> str:
     loc = tuple(err["loc"])
     given = err.get("input")
     if err["type"] == "extra_forbidden":
@@ -762,7 +762,7 @@ def load_spec(path: str | Path, kind: str | None = None) -> AnySpec:
             loc = tuple(err["loc"])
             line = next((lines[loc[:i]] for i in range(len(loc), -1, -1) if loc[:i] in lines), 1)
             field = cap(".".join(str(p) for p in loc), QUOTE_LIMIT) or "(top level)"
-            problems.append(f"{path}:{line}: {field}: {_describe(err, model)}")
+            problems.append(f"{path}:{line}: {field}: {describe_error(err, model)}")
         raise SpecError(str(path), problems) from None
     missing = [key for key in TRACKED_SECTIONS[kind] if key not in data]
     if missing:

@@ -26,6 +26,7 @@ app = typer.Typer(
         "  saeclt compare specs/minilm_sae_L2.yaml other_sae/    # beside a SAELens / sparsify dictionary\n\n"
         "  saeclt steer specs/clt_L0_L2.yaml --feature 17 --scale 0   # ablate a latent, measure the effect\n\n"
         "  saeclt sweep specs/sae_L2.yaml --grid model.k=16,32,64   # a grid of variants and their FVU-L0 frontier\n\n"
+        "  saeclt trace specs/clt_L0_L2.yaml specs/sae_L2.yaml   # which transcoder features make each SAE feature\n\n"
         "  dvc repro                            # every experiment listed in params.yaml"
     ),
     no_args_is_help=True,
@@ -416,6 +417,45 @@ def sweep(
 
         command = shlex.join(["saeclt", "sweep", str(spec), *(f"--grid={g}" for g in grid or [])])
         run_sweep(spec, list(grid or []), command, dry_run=dry_run, log=lambda line: typer.echo(line, err=True))
+    except BaseException as exc:  # noqa: BLE001
+        _fail(exc)
+
+
+@app.command()
+def trace(
+    upstream: Path = typer.Argument(..., help="Experiment spec of the dictionary that writes the hook point, e.g. specs/clt_L0_L2.yaml."),
+    downstream: Path = typer.Argument(..., help="Experiment spec of the dictionary that reads it, e.g. specs/sae_L2.yaml."),
+    features: int = typer.Option(16, "--features", min=1, help="Downstream features shown (the highest-scoring that fire)."),
+    inputs: int = typer.Option(8, "--inputs", min=1, help="Upstream inputs listed per downstream feature (the largest by |contribution|)."),
+    rows: int = typer.Option(4096, "--rows", min=1, help="Held-out rows traced (the first N of the validation split)."),
+    as_json: bool = typer.Option(False, "--json", help="Print trace.json instead of the table."),
+) -> None:
+    """Feature-to-feature edges between two dictionaries in series: which upstream features make up each downstream feature.
+
+    The upstream dictionary must write the hook point the downstream one reads (its target, or one layer of a CLT's targets), on the same dataset. With the upstream reconstruction standing in for that activation, each downstream pre-activation splits exactly into upstream features (activation x virtual weight W_dec_up . W_enc_down), the upstream error and the biases; averaged over the held-out rows where the downstream feature fires.
+
+    Writes reports/traces/<up>--<down>/: trace.md (a table), trace.json (per feature, and as nodes and links), trace.svg (the strongest edges).
+
+    Exit codes: 2 when the two do not connect (hook points, datasets); 3 when a dictionary is not trained yet.
+
+    Examples:
+
+      saeclt trace specs/clt_L0_L2.yaml specs/sae_L2.yaml   # transcoder layer 0->2 features into layer-2 SAE features
+
+      saeclt trace specs/clt_L0_L1_L2.yaml specs/sae_L2.yaml --features 8 --inputs 4
+    """
+    try:
+        import json
+
+        from .circuits import run_trace
+        from .circuits.graph import table
+
+        out, doc = run_trace(upstream, downstream, features, inputs, rows)
+        if as_json:
+            typer.echo(json.dumps(doc, indent=2))
+        else:
+            typer.echo(table(doc))
+            typer.echo(f"\nwritten: {out / 'trace.md'}, {out / 'trace.json'}, {out / 'trace.svg'}", err=True)
     except BaseException as exc:  # noqa: BLE001
         _fail(exc)
 

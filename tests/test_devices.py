@@ -109,6 +109,25 @@ def test_train_device_cuda_is_refused_at_the_train_stage_with_exit_code_2(collec
     assert not (collected / "runs/experiments/tiny_sae_gpu/dictionary").exists()
 
 
+def test_run_and_steer_refuse_an_absent_gpu_before_any_work_naming_file_and_line(tiny_project, monkeypatch):
+    from sae_clt.interventions.steer import load_for_intervention
+    from sae_clt.stages.run import run_experiment
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    spec = tiny_project / "specs/tiny_sae_gpu.yaml"
+    spec.write_text(_with_device(TINY_SAE, "tiny_sae", "tiny_sae_gpu", "cuda"))
+    line = next(n for n, text in enumerate(spec.read_text().splitlines(), start=1) if "device" in text)
+    for call in (run_experiment, load_for_intervention):
+        with pytest.raises(SpecError) as err:
+            call(spec)
+        assert f"{spec}:{line}: train.device: 'cuda' but torch sees no CUDA device" in str(err.value)
+    dataset = tiny_project / "specs/datasets/tiny_acts.yaml"
+    dataset.write_text(dataset.read_text().replace("  seed: 1\n", "  seed: 1\n  device: cuda:1\n"))
+    with pytest.raises(SpecError, match=rf"{dataset}:\d+: collect.device: 'cuda:1' but torch sees no CUDA"):
+        run_experiment(tiny_project / "specs/tiny_sae.yaml")
+    assert not (tiny_project / "runs/subjects").exists() and not (tiny_project / "params.yaml").exists()  # nothing ran
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("eid", sorted(EXPERIMENTS))
 def test_training_on_each_device_gives_the_cpu_weights(collected, eid, device):

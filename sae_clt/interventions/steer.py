@@ -9,6 +9,7 @@ from ..devices import experiment_device
 from ..dictionaries.dictionary import CONFIG, WEIGHTS, Dictionary
 from ..errors import DataError, SpecError
 from ..spec.project import resolve_experiment
+from ..spec.validation import check_devices
 from ..stages.inputs import experiment_inputs
 from ..subjects import load_subject
 from .edits import parse_edits
@@ -69,6 +70,7 @@ def load_for_intervention(spec_path: Path):
     experiment spec file; a clear error, naming the command that trains it, when the dictionary is missing."""
 
     resolved = resolve_experiment(spec_path)
+    check_devices(resolved)
     p, exp = resolved.paths, resolved.experiment
     folder = p.dictionary_dir(exp.id)
     if not (folder / CONFIG).exists() or not (folder / WEIGHTS).exists():

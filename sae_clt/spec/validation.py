@@ -230,3 +230,21 @@ def validate_files(files: list[Path], check_index: bool = True, import_subjects:
     if notes is not None:
         notes[:] = list(dict.fromkeys(notes))
     return list(dict.fromkeys(problems))  # a dataset problem reported once, not per experiment
+
+
+def check_devices(resolved, collect: bool = False) -> None:
+    """Refuse a device this machine cannot honour, before any work: the experiment's
+    ``train.device`` (where its stages and ``saeclt steer`` run) and, with ``collect``, its
+    dataset's ``collect.device``; a SpecError naming file, line and field. (Imports torch.)"""
+    from ..devices import resolve_device
+
+    paths = resolved.paths
+    checks = [(paths.experiment_spec(resolved.experiment.id), "train", resolved.experiment.train.device)]
+    if collect:
+        checks.append((paths.dataset_spec(resolved.dataset.id), "collect", resolved.dataset.collect.device))
+    for spec_path, section, value in checks:
+        try:
+            resolve_device(value, f"{section}.device")
+        except SpecError as exc:
+            line = read_yaml(spec_path)[1].get((section, "device"), 1)
+            raise SpecError(str(spec_path), [f"{spec_path}:{line}: {problem}" for problem in exc.problems]) from None

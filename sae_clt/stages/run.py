@@ -23,7 +23,7 @@ from pathlib import Path
 from ..errors import DataError, PipelineError, SpecError
 from ..io import atomic_write_text
 from ..spec.project import Paths, read_index, resolve_experiment, write_index
-from ..spec.validation import validate_files
+from ..spec.validation import check_devices, validate_files
 from .table import refuse_linked_outputs, run_targets
 
 
@@ -466,6 +466,7 @@ def run_experiment(spec_path: Path) -> None:
         raise SpecError(str(spec_path), problems)
     resolved = resolve_experiment(spec_path)
     paths = resolved.paths
+    check_devices(resolved, collect=True)
     if not (paths.root / "dvc.yaml").exists():
         raise PipelineError(f"{paths.root}: no dvc.yaml; run saeclt from a saeclt project")
     if not (paths.root / ".dvc").is_dir():

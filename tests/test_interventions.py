@@ -282,8 +282,10 @@ def test_steer_refuses_an_out_of_range_feature_with_exit_code_2(project, monkeyp
     (["--mode", "bypass", "--no-error"], "no error term to drop"),
     (["--mode", "no-change", "--feature", "1", "--set", "0"], "takes no --feature"),
     (["--feature", "1", "--set", "0", "--low", "0"], "--low: applies to --clamp only"),
+    (["--feature", "-1", "--scale", "0"], "--feature -1: a latent's index is 0 or more"),
+    (["--feature", "1", "--add", "inf"], "--add inf: not a finite number"),
 ])
-def test_steer_refuses_conflicting_options(project, monkeypatch, args, message):
+def test_steer_refuses_bad_or_conflicting_options(project, monkeypatch, args, message):
     from typer.testing import CliRunner
 
     from sae_clt.cli import app

@@ -3,6 +3,7 @@ line's options to a printed table (the CLI only parses; the work is here)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from ..devices import experiment_device
@@ -25,7 +26,8 @@ def edits_from_options(features: list[int], ops: dict, low: float | None, mode: 
     clamp / add to the value given (None when not given). Conflicts are refused, naming the options."""
 
     given = {op: v for op, v in ops.items() if v is not None}
-    problems = []
+    problems = [f"--feature {f}: a latent's index is 0 or more" for f in features if f < 0]
+    problems += [f"--{op} {v}: not a finite number" for op, v in {**given, "low": low}.items() if v is not None and not math.isfinite(v)]
     if len(given) > 1:
         problems.append(f"--{' / --'.join(given)}: give one operation (each applies to every --feature)")
     if low is not None and "clamp" not in given:

@@ -189,8 +189,9 @@ def dvc(root: Path, *args: str, check: bool = True) -> int:
     if check and proc.returncode != 0:
         err = "".join(tail)
         if "Unable to acquire lock" in err or "is locked" in err or "is busy, it is being blocked by" in err:
-            raise PipelineError("another saeclt/dvc run holds this project's lock; wait for it to finish "
-                                "(if none is running, remove the stale .dvc/tmp/lock)")
+            raise PipelineError("another saeclt or dvc run is using this project (DVC names its process above); wait "
+                                "for it to finish. No lock file needs removing by hand: `saeclt run` clears the locks "
+                                "of a run whose process has ended")
         failure = _stage_failure(err)
         if failure is not None:
             raise failure

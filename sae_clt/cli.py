@@ -143,7 +143,7 @@ def run(
 
 @app.command()
 def stage(
-    name: str = typer.Argument(..., help="subject | collect | normalize | train | evaluate | report | export (the stage table: sae_clt/stages/table.py)"),
+    name: str = typer.Argument(..., help="subject | collect | normalize | train | evaluate | analyze | report | export (the stage table: sae_clt/stages/table.py)"),
     spec: Path = typer.Argument(..., help="The spec the stage reads (subject, dataset or experiment spec)."),
     shard: str = typer.Option(None, help="collect only: 'i/n' = worker i of n (0-based) collects its own run of inputs; "
                               "the plain collect stage merges the parts once all n are complete."),
@@ -367,7 +367,7 @@ def steer(
 
       saeclt steer specs/sae_L2.yaml --mode no-change --no-error
 
-      saeclt steer specs/clt_L0_L2.yaml --intervention NAME   # one of the spec's interventions:
+      saeclt steer specs/clt_L0_L2.yaml --intervention silence_17   # one of the spec's interventions:
     """
     try:
         import json

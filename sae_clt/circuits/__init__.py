@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..dictionaries.dictionary import CONFIG, WEIGHTS, Dictionary
 from ..errors import DataError
+from ..stages.inputs import experiment_inputs
 from .graph import document, write_trace
 from .trace import trace
 
@@ -22,8 +23,6 @@ def _dictionary(resolved, spec_path: Path) -> Dictionary:
 def run_trace(upstream: Path, downstream: Path, features: int = 16, inputs: int = 8, rows: int | None = 4096) -> tuple[Path, dict]:
     """Trace the dictionary of experiment spec ``upstream`` into that of ``downstream`` on the
     held-out rows; write reports/traces/<up>--<down>/. Returns the folder and trace.json's content."""
-    from ..stages.inputs import experiment_inputs
-
     up_resolved, store, norm = experiment_inputs(Path(upstream))
     down_resolved, _, _ = experiment_inputs(Path(downstream))
     up_spec, down_spec = up_resolved.experiment, down_resolved.experiment

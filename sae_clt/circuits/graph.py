@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..io import atomic_write_text, write_json
+from ..report.render import svg_text
 from .trace import Link, Trace
 
 
@@ -82,8 +83,6 @@ def picture(doc: dict, n_edges: int = 4) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..report.render import svg_text
 
     plt.rcParams.update({"svg.hashsalt": "saeclt", "svg.fonttype": "none", "font.size": 8})
     edges = [(e["feature"], f["feature"], e["contribution"]) for f in doc["features"] for e in f["inputs"][:n_edges]]

@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+from pydantic import ValidationError
 
 from ..errors import SpecError
-from ..spec.models import LatentEdit
+from ..spec.models import LatentEdit, describe_error
 
 
 def parse_edits(edits: Iterable, where: str = "edits") -> list[LatentEdit]:
@@ -20,9 +21,10 @@ def parse_edits(edits: Iterable, where: str = "edits") -> list[LatentEdit]:
             continue
         try:
             out.append(LatentEdit.model_validate(edit))
-        except Exception as exc:  # noqa: BLE001 - pydantic's ValidationError, reworded below
-            raise SpecError(where, [f"{where}[{i}]: {edit!r} is not an edit ({exc}); expected "
-                                    "{feature: N, op: set|scale|clamp|add, value: V[, low: L]}"]) from None
+        except ValidationError as exc:
+            raise SpecError(where, [f"{where}[{i}]" + "".join(f".{p}" for p in err["loc"]) + f": {describe_error(err, LatentEdit)}"
+                                    for err in exc.errors()]
+                            + ["an edit is {feature: N, op: set|scale|clamp|add, value: V[, low: L]}"]) from None
     return out
 
 

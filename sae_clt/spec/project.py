@@ -122,12 +122,13 @@ class Resolved:
 def resolve_dataset(paths: Paths, dataset_id: str, named_in: Path | None = None) -> tuple[DatasetSpec, SubjectSpec]:
     dpath = paths.dataset_spec(dataset_id)
     if not dpath.exists():
-        where = f"{named_in}: dataset" if named_in else "dataset"
+        where = f"{named_in}:{read_yaml(named_in)[1].get(('dataset',), 1)}: dataset" if named_in else "dataset"
         raise SpecError(str(named_in or dpath), [f"{where}: no dataset spec '{dataset_id}' (expected {dpath.relative_to(paths.root)})"])
     dataset = load_spec(dpath, "datasets")
     spath = paths.subject_spec(dataset.subject)
     if not spath.exists():
-        raise SpecError(str(dpath), [f"{dpath}: subject: no subject spec '{dataset.subject}' (expected {spath.relative_to(paths.root)})"])
+        line = read_yaml(dpath)[1].get(("subject",), 1)
+        raise SpecError(str(dpath), [f"{dpath}:{line}: subject: no subject spec '{dataset.subject}' (expected {spath.relative_to(paths.root)})"])
     return dataset, load_spec(spath, "subjects")
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import SaecltError
 from ..spec.project import Paths, find_root
+from ..stages.run import run_experiment
 from .grid import parse_grid, variants, write_variants
 from .summary import table, write_summary
 
@@ -20,8 +21,6 @@ def run_sweep(base: Path, grid_items: list[str], command: str, dry_run: bool = F
     ``saeclt run`` (DVC skips what is already up to date), then write the summary. Stops at the
     first variant that fails, after summarising the ones that ran. Returns the summary folder
     (None for a dry run)."""
-    from ..stages.run import run_experiment
-
     base = Path(base)
     grid = parse_grid(grid_items)
     found = variants(base, grid)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from ..io import atomic_write_text, read_json, write_json
+from ..report.render import svg_text
 from ..spec.project import Paths
 from .grid import Variant
 
@@ -75,8 +76,6 @@ def _plot(rows: list[dict], best: list[str], grid: dict) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..report.render import svg_text
 
     plt.rcParams.update({"svg.hashsalt": "saeclt", "svg.fonttype": "none", "font.size": 9})
     fig, ax = plt.subplots(figsize=(6, 4))

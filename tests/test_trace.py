@@ -38,6 +38,8 @@ def test_the_parts_add_up_to_each_downstream_pre_activation(traced):
     assert fires.sum() > 10
     parts = result.from_features.sum(0) + result.from_error + result.from_bias
     torch.testing.assert_close(parts[fires], result.mean_pre[fires], rtol=1e-4, atol=1e-5)
+    assert (result.error_rms[fires] >= result.from_error[fires].abs() - 1e-9).all()  # a mean is at most the rms
+    assert (result.error_rms[fires] > 0).all()  # the upstream dictionary misses something on every feature's rows
 
 
 def test_removing_an_upstream_feature_moves_a_downstream_pre_activation_by_its_edge(traced):

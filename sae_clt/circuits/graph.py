@@ -38,6 +38,7 @@ def document(up_id: str, down_id: str, at: Link, trace: Trace, n_features: int, 
         features.append({
             "feature": j, "frequency": _r(trace.frequency[j]), "mean_activation": _r(trace.mean_activation[j]),
             "mean_pre_activation": _r(pre), "from_upstream": _r(column.sum()), "from_error": _r(trace.from_error[j]),
+            "error_rms": _r(trace.error_rms[j]),
             "from_bias": _r(trace.from_bias[j]), "inputs": inputs})
         down_node = f"{down_id}/{j}"
         nodes[down_node] = {"id": down_node, "dictionary": down_id, "feature": j, "kind": "feature"}
@@ -56,13 +57,13 @@ def document(up_id: str, down_id: str, at: Link, trace: Trace, n_features: int, 
 def table(doc: dict) -> str:
     """The per-feature table (markdown; also what `saeclt trace` prints)."""
     up, down = doc["upstream"], doc["downstream"]
-    lines = [f"| `{down}` feature | fires | pre-activation | strongest `{up}` inputs | all `{up}` features | error | bias |",
+    lines = [f"| `{down}` feature | fires | pre-activation | strongest `{up}` inputs | all `{up}` features | error (rms) | bias |",
              "|---|---|---|---|---|---|---|"]
     for f in doc["features"]:
         inputs = ", ".join(f"{e['feature']} {e['contribution']:+.3g}" + (f" ({100 * e['share']:.0f} %)" if e["share"] is not None else "")
                            for e in f["inputs"]) or "-"
         lines.append(f"| {f['feature']} | {100 * f['frequency']:.1f} % | {f['mean_pre_activation']:.3g} | {inputs} | "
-                     f"{f['from_upstream']:+.3g} | {f['from_error']:+.3g} | {f['from_bias']:+.3g} |")
+                     f"{f['from_upstream']:+.3g} | {f['from_error']:+.3g} ({f['error_rms']:.3g}) | {f['from_bias']:+.3g} |")
     return "\n".join(lines)
 
 
@@ -72,7 +73,7 @@ def markdown(doc: dict) -> str:
         f"# `{up}` → `{down}` at `{doc['hook_point']}`", "",
         f"Each row: a feature of `{down}` (by score, on {doc['rows']:,} held-out rows), its mean pre-activation on "
         f"the rows where it fires, and the parts that make it up exactly: features of `{up}` (activation × "
-        f"virtual weight; share of the pre-activation in brackets), `{up}`'s reconstruction error, biases.", "",
+        f"virtual weight; share of the pre-activation in brackets), `{up}`'s reconstruction error (its mean, and in brackets its root mean square: the mean of a noise-like error cancels), biases.", "",
         table(doc), "", "![the strongest edges](trace.svg)", ""])
 
 

@@ -56,6 +56,7 @@ class Trace:
     mean_pre: torch.Tensor  # [F_down] its mean pre-activation over those rows
     from_features: torch.Tensor  # [F_up, F_down] upstream feature i's mean contribution
     from_error: torch.Tensor  # [F_down] the upstream reconstruction error's
+    error_rms: torch.Tensor  # [F_down] the error's part, root mean square over those rows (its mean may cancel)
     from_bias: torch.Tensor  # [F_down] the biases' (and the upstream skip path's)
     upstream_fires: torch.Tensor  # [F_up] rows on which each upstream feature fires
 
@@ -112,7 +113,8 @@ def trace(up: Dictionary, down: Dictionary, up_spec: ExperimentSpec, down_spec: 
     f64 = dict(dtype=torch.float64)
     co = torch.zeros(f_up, f_down, **f64)  # Σ over rows of z_up[i] · [j fires]
     fires, act_sum, pre_sum = torch.zeros(f_down, **f64), torch.zeros(f_down, **f64), torch.zeros(f_down, **f64)
-    err_sum, bias_sum, up_fires = torch.zeros(f_down, **f64), torch.zeros(f_down, **f64), torch.zeros(f_up, **f64)
+    err_sum, err_sq, bias_sum = torch.zeros(f_down, **f64), torch.zeros(f_down, **f64), torch.zeros(f_down, **f64)
+    up_fires = torch.zeros(f_up, **f64)
     loader = PairLoader(store, norm, up_spec.source_key, at.hook_point, "val", batch_size, seed=0, shuffle=False)
     total = loader.rows_per_epoch if max_rows is None else min(max_rows, loader.rows_per_epoch)
     seen = 0
@@ -135,7 +137,9 @@ def trace(up: Dictionary, down: Dictionary, up_spec: ExperimentSpec, down_spec: 
             fires += on.sum(0).double()
             act_sum += (down.activate(pre) * on).sum(0).double()
             pre_sum += (pre * on).sum(0).double()
-            err_sum += (((y - y_hat) @ W_enc) * on).sum(0).double()
+            err_part = (y - y_hat) @ W_enc
+            err_sum += (err_part * on).sum(0).double()
+            err_sq += (err_part.square() * on).sum(0).double()
             bias_sum += (row_bias * on).sum(0).double() if row_bias.dim() == 2 else row_bias.double() * on.sum(0).double()
             up_fires += (z > 0).sum(0).double()
             seen += take
@@ -144,4 +148,4 @@ def trace(up: Dictionary, down: Dictionary, up_spec: ExperimentSpec, down_spec: 
         raise DataError(f"trace {up_spec.id} -> {down_spec.id}: the validation split has no rows")
     per_row = fires.clamp_min(1)
     return at, Trace(seen, fires.long(), act_sum / per_row, pre_sum / per_row, co * V.double() / per_row,
-                     err_sum / per_row, bias_sum / per_row, up_fires.long())
+                     err_sum / per_row, (err_sq / per_row).sqrt(), bias_sum / per_row, up_fires.long())

@@ -10,6 +10,7 @@ wrote by hand under the same name is refused, never overwritten.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import re
 from dataclasses import dataclass
@@ -119,8 +120,7 @@ def variants(base_path: Path, grid: dict[str, list[Any]]) -> list[Variant]:
     for combo in itertools.product(*grid.values()):
         values = dict(zip(grid, combo))
         vid = "-".join([base.id, *(f"{names[k]}{_token(v)}" for k, v in values.items())])
-        variant = yaml.safe_load(yaml.safe_dump(data))  # a deep copy of plain YAML data
-        variant["id"] = vid
+        variant = {"id": vid, **copy.deepcopy({k: v for k, v in data.items() if k != "id"})}  # the base's key order
         for key, value in values.items():
             _set(variant, key, value)
         if len(vid) > SPEC_ID_MAX_LENGTH:

@@ -55,7 +55,7 @@ def _fmt(value, digits: int = 4) -> str:
 def _markdown(name: str, command: str, grid: dict, rows: list[dict], best: list[str]) -> str:
     keys = list(grid)
     causal = next((r["causal"]["metric"] for r in rows if "causal" in r), None)
-    head = ["variant", *keys, "FVU", "L0", "dead", "dense", "FVU vs linear %"] + ([f"{causal} change %"] if causal else []) + ["frontier"]
+    head = ["variant", *keys, "FVU", "L0", "dead", "dense", "FVU vs linear baseline %"] + ([f"{causal} change %"] if causal else []) + ["frontier"]
     lines = [f"# Sweep `{name}`", "", f"`{command}`", "",
              f"{len(rows)} variants; the frontier holds those no other variant beats on both L0 and FVU. "
              "Metrics are the evaluate stage's, on the held-out rows (metrics/<variant>/eval.json).", "",

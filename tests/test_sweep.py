@@ -46,6 +46,7 @@ def test_each_combination_is_a_valid_spec_named_by_its_values(tiny_project):
     assert [v.id for v in found] == ["tiny_sae-k2-lr0p003", "tiny_sae-k2-lr0p01", "tiny_sae-k8-lr0p003", "tiny_sae-k8-lr0p01"]
     assert found[3].data["model"]["k"] == 8 and found[3].data["train"]["lr"] == 0.01
     assert found[3].data["train"]["batch_size"] == 256  # the base's other fields are kept
+    assert list(found[0].data)[:3] == ["id", "dataset", "source"]  # in the base's order, the id first
     assert all(v.path.parent == tiny_project / "specs" for v in found)
 
 

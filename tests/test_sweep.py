@@ -24,6 +24,7 @@ def test_grid_values_are_read_as_yaml_scalars():
     grid = parse_grid(["model.k=16,32", "train.lr=1e-3, 3.0e-3", "train.unit_norm_decoder=true,false", "model.activation=topk"])
     assert grid == {"model.k": [16, 32], "train.lr": [0.001, 0.003], "train.unit_norm_decoder": [True, False],
                     "model.activation": ["topk"]}
+    assert parse_grid(["evaluate.causal=True,FALSE"]) == {"evaluate.causal": [True, False]}  # YAML 1.2's spellings
 
 
 @pytest.mark.parametrize("items, message", [
@@ -56,6 +57,20 @@ def test_a_value_the_spec_refuses_names_the_grid_key(tiny_project):
     text = str(exc.value)
     assert "--grid model.k=-1: model.k:" in text and "--grid model.kk=3: model.kk: unknown key 'kk' (did you mean 'k'?)" in text
     assert not list((tiny_project / "specs").glob("tiny_sae-*.yaml"))  # nothing written
+
+
+def test_values_that_make_the_same_spec_are_refused_and_values_are_written_as_validated(tiny_project):
+    base = tiny_project / "specs/tiny_sae.yaml"
+    with pytest.raises(SpecError, match=r"--grid model.k=2.0: makes the same spec as model.k=2"):
+        variants(base, parse_grid(["model.k=2,2.0"]))
+    found = variants(base, parse_grid(["model.k=4.0", "train.lr=0.003,0.0030000001"]))
+    assert [v.id for v in found] == ["tiny_sae-k4-lr0p003", "tiny_sae-k4-lr0p0030000001"]  # no rounding in ids
+    assert found[0].data["model"]["k"] == 4 and isinstance(found[0].data["model"]["k"], int)
+
+
+def test_a_whole_spec_problem_names_every_grid_value(tiny_project):
+    with pytest.raises(SpecError, match=r"--grid source='encoder.layers.0': \(the spec as a whole\)"):
+        variants(tiny_project / "specs/tiny_sae.yaml", parse_grid(["source=encoder.layers.0"]))
 
 
 def test_a_hand_written_spec_under_a_variant_name_is_never_overwritten(tiny_project):

@@ -71,6 +71,8 @@ def test_dictionaries_that_do_not_connect_are_refused_naming_the_fields(built_pr
     with pytest.raises(SpecError) as exc:
         trace(up, down, up_spec, down_spec, store, norm)
     assert "tiny_tc.source 'encoder.layers.0' is not what tiny_sae writes (tiny_sae.target: encoder.layers.1)" in str(exc.value)
+    with pytest.raises(SpecError, match="traced into itself"):
+        trace(down, down, down_spec, down_spec, store, norm)
 
 
 def test_cli_writes_the_table_graph_and_picture_reproducibly(built_project, tmp_path):

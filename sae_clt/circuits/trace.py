@@ -34,7 +34,7 @@ from ..errors import DataError, SpecError
 from ..progress import progress_bar
 from ..spec.models import ExperimentSpec
 
-MAX_PAIRS = 64 << 20  # upstream x downstream latents held as float64 sums (512 MiB)
+MAX_PAIRS = 64 << 20  # upstream x downstream latents as float64 sums (512 MiB each; ~1.5 GiB at the peak)
 
 
 @dataclass
@@ -73,6 +73,9 @@ class Trace:
 def link(up_spec: ExperimentSpec, down_spec: ExperimentSpec, up: Dictionary, down: Dictionary) -> Link:
     """Check that ``up`` writes what ``down`` reads; errors name both specs' fields (exit code 2)."""
     where = f"{up_spec.id} -> {down_spec.id}"
+    if up_spec.id == down_spec.id:
+        raise SpecError(where, [f"{where}: a dictionary traced into itself; give the one that writes the hook point, "
+                                "then the one that reads it"])
     if up_spec.dataset != down_spec.dataset:
         raise SpecError(where, [f"{where}: dataset: '{up_spec.dataset}' and '{down_spec.dataset}' differ; the two dictionaries "
                                 "must read the same rows (one dataset)"])

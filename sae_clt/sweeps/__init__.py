@@ -12,7 +12,7 @@ from pathlib import Path
 from ..errors import SaecltError
 from ..spec.project import Paths, find_root
 from ..stages.run import run_experiment
-from .grid import parse_grid, variants, write_variants
+from .grid import check_clashes, parse_grid, short_names, variants, write_variants
 from .summary import table, write_summary
 
 
@@ -25,13 +25,14 @@ def run_sweep(base: Path, grid_items: list[str], command: str, dry_run: bool = F
     grid = parse_grid(grid_items)
     found = variants(base, grid)
     if dry_run:
+        check_clashes(found)
         for v in found:
             log(f"{v.path}  " + ", ".join(f"{k}={v.values[k]!r}" for k in grid))
         log(f"{len(found)} variants (dry run: nothing written)")
         return None
     write_variants(found, base, command)
     paths = Paths(find_root(base.resolve().parent))
-    name = "-".join([base.stem, *(k.rsplit(".", 1)[-1] for k in grid)])
+    name = "-".join([base.stem, *short_names(list(grid)).values()])
     done = []
     try:
         for i, v in enumerate(found, start=1):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,13 +40,15 @@ class Variant:
 
 def _scalar(text: str) -> Any:
     """A grid value as YAML 1.2 reads a plain scalar: an integer, a float (``1e-3`` too), true /
-    false, null, else the text."""
+    false / null in any of their spellings, else the text."""
     text = text.strip()
     if re.fullmatch(r"[-+]?\d+", text):
         return int(text)
     if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", text):
         return float(text)
-    return {"true": True, "false": False, "null": None, "~": None}.get(text, text)
+    words = {**dict.fromkeys(("true", "True", "TRUE"), True), **dict.fromkeys(("false", "False", "FALSE"), False),
+             **dict.fromkeys(("null", "Null", "NULL", "~"), None)}
+    return words.get(text, text)
 
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
@@ -82,7 +85,7 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
     return grid
 
 
-def _short_names(keys: list[str]) -> dict[str, str]:
+def short_names(keys: list[str]) -> dict[str, str]:
     """Each key's name in variant ids: its last part (``model.k`` -> ``k``), the whole path with
     ``_`` where two keys share a last part."""
     last = [k.rsplit(".", 1)[-1] for k in keys]
@@ -90,9 +93,10 @@ def _short_names(keys: list[str]) -> dict[str, str]:
 
 
 def _token(value: Any) -> str:
-    """A value as it appears in an id: ``0.003`` -> ``0p003``, ``1e-05`` -> ``1e-05``, ``True`` -> ``true``."""
+    """A value as it appears in an id: ``0.003`` -> ``0p003``, ``1e-05`` -> ``1e-05``, ``True`` -> ``true``
+    (floats in full: no two values share an id by rounding)."""
     text = "true" if value is True else "false" if value is False else "null" if value is None else (
-        f"{value:g}" if isinstance(value, float) else str(value))
+        repr(value) if isinstance(value, float) else str(value))
     return re.sub(r"[^A-Za-z0-9_-]", "_", text.replace(".", "p"))
 
 
@@ -109,32 +113,53 @@ def _set(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _get(data: dict, key: str) -> Any:
+    for part in key.split("."):
+        data = data[part]
+    return data
+
+
 def variants(base_path: Path, grid: dict[str, list[Any]]) -> list[Variant]:
-    """One validated variant per combination of the grid's values, in the grid's order. The base
-    spec is checked first; a value the spec does not accept is an error naming the --grid key."""
+    """One validated variant per combination of the grid's values, in the grid's order, each value
+    written as the spec reads it (``k: 32`` for ``32.0``). The base spec is checked first; a value
+    the spec does not accept is an error naming the --grid key, and two combinations that make the
+    same spec (or the same id) are refused."""
     base_path = Path(base_path)
     base = load_spec(base_path, "experiments")
     data, _ = read_yaml(base_path)
-    names = _short_names(list(grid))
-    out, problems = [], []
+    names = short_names(list(grid))
+    out, problems, seen = [], [], {}
     for combo in itertools.product(*grid.values()):
-        values = dict(zip(grid, combo))
-        vid = "-".join([base.id, *(f"{names[k]}{_token(v)}" for k, v in values.items())])
-        variant = {"id": vid, **copy.deepcopy({k: v for k, v in data.items() if k != "id"})}  # the base's key order
-        for key, value in values.items():
+        given = dict(zip(grid, combo))
+        variant = {"id": base.id, **copy.deepcopy({k: v for k, v in data.items() if k != "id"})}  # the base's key order
+        for key, value in given.items():
             _set(variant, key, value)
-        if len(vid) > SPEC_ID_MAX_LENGTH:
-            problems.append(f"--grid: the variant id {quote(vid)} is longer than {SPEC_ID_MAX_LENGTH} characters")
-            continue
         try:
-            ExperimentSpec.model_validate(variant)
+            resolved = ExperimentSpec.model_validate(variant).model_dump(mode="json")
         except ValidationError as exc:
             for err in exc.errors():
                 field = ".".join(str(p) for p in err["loc"])
-                key = next((k for k in grid if field == k or field.startswith(k + ".")), None)
-                where = f"--grid {key}={quote(values[key])}" if key else f"{base_path}: {field}"
-                problems.append(f"{where}: {field}: {describe_error(err, ExperimentSpec)}")
+                keys = [k for k in grid if field and (field == k or field.startswith(k + ".") or k.startswith(field + "."))]
+                keys = keys or list(grid)  # a problem of the whole spec: every value of this combination
+                where = ", ".join(f"--grid {k}={quote(given[k])}" for k in keys)
+                problems.append(f"{where}: {field or '(the spec as a whole)'}: {describe_error(err, ExperimentSpec)}")
             continue
+        values = {k: _get(resolved, k) for k in grid}  # as validated: 32.0 -> 32 for an integer field
+        for key, value in values.items():
+            _set(variant, key, value)
+        vid = "-".join([base.id, *(f"{names[k]}{_token(v)}" for k, v in values.items())])
+        variant["id"] = vid
+        if len(vid) > SPEC_ID_MAX_LENGTH:
+            problems.append(f"--grid: the variant id {quote(vid)} is longer than {SPEC_ID_MAX_LENGTH} characters")
+            continue
+        same = json.dumps({k: v for k, v in resolved.items() if k != "id"}, sort_keys=True)
+        twin = seen.get(vid) or seen.get(same)
+        if twin is not None:
+            problems.append(f"--grid {', '.join(f'{k}={quote(v)}' for k, v in given.items())}: makes the same "
+                            f"{'spec' if seen.get(same) else 'variant id'} as {', '.join(f'{k}={quote(v)}' for k, v in twin.items())}; "
+                            "give each value once")
+            continue
+        seen[vid] = seen[same] = given
         out.append(Variant(vid, base_path.parent / f"{vid}.yaml", values, variant))
     if problems:
         raise SpecError("--grid", list(dict.fromkeys(problems)))
@@ -148,13 +173,18 @@ def variant_text(variant: Variant, base_path: Path, command: str) -> str:
             + yaml.safe_dump(variant.data, sort_keys=False))
 
 
-def write_variants(found: list[Variant], base_path: Path, command: str) -> list[Path]:
-    """Write each variant's spec (unchanged files are left alone); refuse to replace a file that
-    was not written by a sweep. Returns the paths written or already up to date."""
+def check_clashes(found: list[Variant]) -> None:
+    """Refuse variants whose file exists and was not written by a sweep (it is never overwritten)."""
     clashes = [v.path for v in found if v.path.exists() and not v.path.read_text(errors="replace").startswith(HEADER)]
     if clashes:
         raise SpecError(str(clashes[0]), [f"{p}: exists and was not written by `saeclt sweep`; it is left as it is. "
                                           "Rename it, or sweep from another base spec" for p in clashes])
+
+
+def write_variants(found: list[Variant], base_path: Path, command: str) -> list[Path]:
+    """Write each variant's spec (unchanged files are left alone); refuse to replace a file that
+    was not written by a sweep. Returns the paths written or already up to date."""
+    check_clashes(found)
     for v in found:
         text = variant_text(v, base_path, command)
         if not v.path.exists() or v.path.read_text() != text:

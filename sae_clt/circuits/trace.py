@@ -135,10 +135,11 @@ def trace(up: Dictionary, down: Dictionary, up_spec: ExperimentSpec, down_spec: 
                 y_hat = y_hat + skip
                 row_bias = bias + skip @ W_enc  # [b, F_down]
             pre = down.pre_acts(y)  # [b, F_down]
-            on = (down.activate(pre) > 0).to(torch.float32)
+            act = down.activate(pre)
+            on = (act > 0).to(torch.float32)
             co += (z.t() @ on).double()
             fires += on.sum(0).double()
-            act_sum += (down.activate(pre) * on).sum(0).double()
+            act_sum += (act * on).sum(0).double()
             pre_sum += (pre * on).sum(0).double()
             err_part = (y - y_hat) @ W_enc
             err_sum += (err_part * on).sum(0).double()

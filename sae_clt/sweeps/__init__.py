@@ -41,10 +41,10 @@ def run_sweep(base: Path, grid_items: list[str], command: str, dry_run: bool = F
             done.append(v)
     except (SaecltError, KeyboardInterrupt):
         if done:
-            out = write_summary(paths, name, command, grid, done)
+            out, _ = write_summary(paths, name, command, grid, done)
             log(f"sweep {name}: stopped at variant {len(done) + 1}/{len(found)}; {out / 'sweep.md'} summarises the {len(done)} that ran")
         raise
-    out = write_summary(paths, name, command, grid, found)
-    log(table(out / "sweep.json"))
+    out, doc = write_summary(paths, name, command, grid, found)
+    log(table(doc))
     log(f"sweep {name}: {out / 'sweep.md'}, {out / 'frontier.svg'}")
     return out

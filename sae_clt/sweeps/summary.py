@@ -95,22 +95,22 @@ def _plot(rows: list[dict], best: list[str], grid: dict) -> str:
     return svg_text(fig)
 
 
-def write_summary(paths: Paths, name: str, command: str, grid: dict, found: list[Variant]) -> Path:
+def write_summary(paths: Paths, name: str, command: str, grid: dict, found: list[Variant]) -> tuple[Path, dict]:
     """reports/sweeps/<name>/{sweep.json, sweep.md, frontier.svg} from the variants' metrics.
-    Returns the folder."""
+    Returns the folder and sweep.json's content."""
     rows = [_row(paths, v) for v in found]
     best = frontier(rows)
     out = paths.root / "reports" / "sweeps" / name
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "sweep.json", {"sweep": name, "command": command, "grid": grid, "variants": rows, "frontier": best})
+    doc = {"sweep": name, "command": command, "grid": grid, "variants": rows, "frontier": best}
+    write_json(out / "sweep.json", doc)
     atomic_write_text(out / "frontier.svg", _plot(rows, best, grid))
     atomic_write_text(out / "sweep.md", _markdown(name, command, grid, rows, best))
-    return out
+    return out, doc
 
 
-def table(rows_path: Path) -> str:
-    """sweep.json as a plain text table (what `saeclt sweep` prints at the end)."""
-    data = read_json(rows_path)
+def table(data: dict) -> str:
+    """sweep.json's content as a plain text table (what `saeclt sweep` prints at the end)."""
     keys = list(data["grid"])
     head = ["variant", *(k.rsplit(".", 1)[-1] for k in keys), "FVU", "L0", "dead %", ""]
     body = [[r["id"], *(_fmt(r["values"][k]) for k in keys), _fmt(r["fvu"]), _fmt(r["l0"], 3),
